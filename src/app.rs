@@ -1,0 +1,166 @@
+//! Wiring: binds listeners, runs the proxy accept loop and the reload task, drains on shutdown.
+//!
+//! [`run`] takes already-bound listeners and a shutdown future, so tests bind `127.0.0.1:0`,
+//! pass the listeners in, and talk to the real server.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::{Config, ListenConfig};
+use crate::control::Control;
+use crate::proxy::Proxy;
+
+/// Listeners bound before [`run`] starts.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The data-plane listener.
+    pub proxy: TcpListener,
+    /// The admin listener, if the admin API is served.
+    pub admin: Option<TcpListener>,
+}
+
+/// A failure that stops canaryd.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The configured address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Signal handlers or the reload task could not be set up.
+    #[error("cannot start the config reload task: {0}")]
+    Reload(#[source] std::io::Error),
+}
+
+/// Binds the proxy and admin listeners named in the config.
+pub async fn bind(config: &Config) -> Result<Listeners, AppError> {
+    let proxy = TcpListener::bind(config.listen.addr)
+        .await
+        .map_err(|source| AppError::Bind {
+            what: "proxy",
+            addr: config.listen.addr,
+            source,
+        })?;
+    Ok(Listeners { proxy, admin: None })
+}
+
+/// Serves until `shutdown` resolves, then drains in-flight requests for up to
+/// `listen.drain_timeout`. With `config_path`, the file is watched and reloaded (also on
+/// SIGHUP).
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AppError> {
+    let listen = config.listen.clone();
+    let control = Control::new(config);
+    let reloader = match config_path {
+        Some(path) => Some(crate::reload::spawn(path, control.clone()).map_err(AppError::Reload)?),
+        None => None,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    if let Ok(addr) = listeners.proxy.local_addr() {
+        tracing::info!(addr = %addr, "proxy listening");
+    }
+    let proxy = tokio::spawn(serve_proxy(
+        listeners.proxy,
+        control.clone(),
+        listen,
+        stop_rx,
+    ));
+
+    shutdown.await;
+    tracing::info!("shutting down: no new connections; draining in-flight requests");
+    let _ = stop_tx.send(true);
+    if let Some(r) = reloader {
+        r.abort();
+    }
+    if let Err(e) = proxy.await {
+        tracing::error!(error = %e, "proxy task failed");
+    }
+    Ok(())
+}
+
+async fn serve_proxy(
+    listener: TcpListener,
+    control: Arc<Control>,
+    listen: ListenConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(listen.header_read_timeout)
+        .max_buf_size(listen.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(listen.max_header_bytes).unwrap_or(u32::MAX));
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(listen.max_connections));
+
+    loop {
+        // Waiting for a slot before accepting leaves excess clients in the kernel backlog.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stop.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning; the listener survives.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let proxy = Proxy::new(control.clone(), peer, "http");
+        let svc = service_fn(move |req| proxy.clone().serve(req));
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let open = graceful.count();
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!(connections = open, "drained"),
+        _ = tokio::time::sleep(listen.drain_timeout) => {
+            tracing::warn!(timeout = ?listen.drain_timeout, "drain timeout reached; closing remaining connections");
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! `canaryd demo`: two built-in model servers ("v1" stable, "v2" canary) behind the real proxy.
+//!
+//! The demo builds an ordinary config (TOML text, validated like any file) pointing at the two
+//! built-in upstreams and hands it to [`crate::app::run`], so it exercises the same code path as
+//! `canaryd run`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::app::{AppError, Listeners};
+use crate::config::Config;
+
+/// Options of `canaryd demo`.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Share (0..=1) of canary requests that fail with 500.
+    pub canary_error_rate: f64,
+    /// Proxy address.
+    pub listen: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+}
+
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// `--canary-error-rate` outside 0..=1.
+    #[error("--canary-error-rate must be between 0 and 1, got {0}")]
+    BadErrorRate(f64),
+    /// A built-in upstream could not bind.
+    #[error("cannot start the built-in model server: {0}")]
+    Upstream(#[source] std::io::Error),
+    /// The generated config failed validation (a bug).
+    #[error("demo config is invalid: {0}")]
+    Config(#[from] crate::config::ConfigErrors),
+    /// The proxy failed.
+    #[error(transparent)]
+    App(#[from] AppError),
+}
+
+/// Starts the model servers and the proxy; returns when `shutdown` resolves and the proxy has
+/// drained.
+pub async fn run(
+    opts: DemoOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DemoError> {
+    if !(0.0..=1.0).contains(&opts.canary_error_rate) {
+        return Err(DemoError::BadErrorRate(opts.canary_error_rate));
+    }
+    let v1 = start_model("v1", 0.87, 0.0).await?;
+    let v2 = start_model("v2", 0.91, opts.canary_error_rate).await?;
+    let config = Config::parse(&demo_config(&opts, v1, v2))?;
+    let listeners = crate::app::bind(&config).await?;
+    let proxy = listeners.proxy.local_addr().unwrap_or(opts.listen);
+    print_intro(proxy, v1, v2, &opts);
+    crate::app::run(
+        config,
+        None,
+        Listeners {
+            proxy: listeners.proxy,
+            admin: listeners.admin,
+        },
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}
+
+fn demo_config(opts: &DemoOptions, v1: SocketAddr, v2: SocketAddr) -> String {
+    format!(
+        r#"
+[listen]
+addr = "{listen}"
+access_log = true
+
+[admin]
+addr = "{admin}"
+
+[routing]
+sticky_header = "x-user-id"
+override_header = "x-canary"
+
+[[upstream]]
+name = "stable"
+url = "http://{v1}"
+weight = 90
+
+[[upstream]]
+name = "canary"
+url = "http://{v2}"
+weight = 10
+
+[rollback]
+window = "30s"
+min_requests = 20
+"#,
+        listen = opts.listen,
+        admin = opts.admin,
+    )
+}
+
+fn print_intro(proxy: SocketAddr, v1: SocketAddr, v2: SocketAddr, opts: &DemoOptions) {
+    let p = format!("http://{proxy}");
+    println!(
+        r#"canaryd demo
+  stable  = model "v1" on http://{v1}
+  canary  = model "v2" on http://{v2}  (fails {rate:.0}% of requests)
+  proxy   = {p}   90/10 sticky split on x-user-id, override with x-canary
+
+Try:
+  curl -si -H 'x-user-id: alice' -d '{{"text":"great product"}}' {p}/predict      # alice is in the canary (bucket 83)
+  curl -si -H 'x-user-id: user_123' -d '{{"text":"great product"}}' {p}/predict   # user_123 stays on stable (bucket 8884)
+  curl -si -H 'x-canary: canary' {p}/predict                                      # force the canary arm
+  for i in $(seq 1 20); do curl -s -H "x-user-id: user$i" {p}/predict; echo; done
+  cargo run --release -- route --config config/demo.toml --key alice             # explain a user's arm
+
+Ctrl-C stops the demo.
+"#,
+        rate = opts.canary_error_rate * 100.0,
+    );
+}
+
+/// Binds an ephemeral port and serves a fake model that answers JSON predictions.
+async fn start_model(
+    version: &'static str,
+    confidence: f64,
+    error_rate: f64,
+) -> Result<SocketAddr, DemoError> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(DemoError::Upstream)?;
+    let addr = listener.local_addr().map_err(DemoError::Upstream)?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let svc = service_fn(move |req| predict(req, version, confidence, error_rate));
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn predict(
+    req: Request<Incoming>,
+    version: &'static str,
+    confidence: f64,
+    error_rate: f64,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, body) = if error_rate > 0.0 && fastrand::f64() < error_rate {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"model": version, "error": "simulated model failure"}),
+        )
+    } else {
+        (
+            StatusCode::OK,
+            serde_json::json!({
+                "model": version,
+                "prediction": "positive",
+                "confidence": confidence,
+                "path": req.uri().path(),
+            }),
+        )
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}

@@ -1,0 +1,29 @@
+//! canaryd: an L7 reverse proxy that splits HTTP traffic between a stable and canary upstreams,
+//! sticky by user id, with hot-swapped weights.
+//!
+//! # Layout
+//!
+//! - [`config`]: TOML schema and validation that reports every problem with its key path.
+//! - [`routing`]: the exact bucket rule of the design (§3) and the validated weight table; pure.
+//! - [`control`]: owns the running config and publishes the immutable snapshot requests read.
+//! - [`proxy`]: the hyper service: route, forward with streaming bodies, map failures.
+//! - [`upstream`]: pooled keep-alive clients per upstream, kept across reloads.
+//! - [`reload`]: directory watch + SIGHUP → parse → validate → atomic swap.
+//! - [`app`]: binds listeners, runs the accept loop and tasks, drains on shutdown.
+//! - [`demo`]: built-in model upstreams for `canaryd demo`.
+//!
+//! A request: accept ([`app`]) → [`proxy`] loads the snapshot once → [`routing`] picks the arm
+//! → [`upstream`] sends, body streaming → response streams back with the arm named in a header.
+//! Reload writes new snapshots; the data path only reads.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod config;
+pub mod control;
+pub mod demo;
+pub mod proxy;
+pub mod reload;
+pub mod routing;
+pub mod upstream;

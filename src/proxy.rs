@@ -1,0 +1,290 @@
+//! The proxy service: route, forward with streaming bodies, and map failures to 502/504.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Either;
+use hyper::body::Incoming;
+
+use crate::control::{Arm, Control};
+use crate::routing::Decision;
+use crate::upstream::{UpstreamBody, UpstreamError};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Response body: the upstream's streamed body, or a short local message.
+#[derive(Debug)]
+pub struct ProxyBody(Either<Incoming, Option<Bytes>>);
+
+impl ProxyBody {
+    fn local(text: String) -> Self {
+        ProxyBody(Either::Right(Some(Bytes::from(text))))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().0 {
+            Either::Left(incoming) => Pin::new(incoming).poll_frame(cx),
+            Either::Right(local) => Poll::Ready(local.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Either::Left(incoming) => incoming.is_end_stream(),
+            Either::Right(local) => local.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Either::Left(incoming) => incoming.size_hint(),
+            Either::Right(local) => {
+                SizeHint::with_exact(local.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
+    }
+}
+
+/// The per-connection proxy service.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    control: Arc<Control>,
+    peer: SocketAddr,
+    proto: &'static str,
+}
+
+impl Proxy {
+    /// A service for one downstream connection from `peer` (`proto` is `http` or `https`).
+    pub fn new(control: Arc<Control>, peer: SocketAddr, proto: &'static str) -> Self {
+        Proxy {
+            control,
+            peer,
+            proto,
+        }
+    }
+
+    /// Handles one request. Never fails: every failure becomes a response.
+    pub async fn serve(self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+        let start = Instant::now();
+        let snap = self.control.snapshot();
+        let decision = snap.router.decide(&snap.table, req.headers());
+        let arm = &snap.arms[decision.arm];
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+
+        let outcome = match self.upstream_request(req, arm) {
+            Ok(up) => arm.upstream.send(up, snap.request_timeout).await,
+            Err(e) => {
+                let resp = local_response(
+                    StatusCode::BAD_REQUEST,
+                    arm,
+                    &format!("cannot build the upstream request: {e}"),
+                );
+                return Ok(resp);
+            }
+        };
+        let mut resp = match outcome {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                remove_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, ProxyBody(Either::Left(body)))
+            }
+            Err(e) => {
+                tracing::debug!(upstream = %arm.name, error = %e, "upstream failed");
+                local_response(failure_status(&e), arm, &e.to_string())
+            }
+        };
+        if let Some(h) = &snap.response_header {
+            resp.headers_mut()
+                .insert(h.clone(), arm.header_value.clone());
+        }
+        if snap.access_log {
+            log_access(&arm.name, &decision, &method, &path, resp.status(), start);
+        }
+        Ok(resp)
+    }
+
+    /// Rewrites the downstream request for the arm: URI, version, hop-by-hop and forwarding
+    /// headers. The body is passed through untouched (streamed).
+    fn upstream_request(
+        &self,
+        req: Request<Incoming>,
+        arm: &Arm,
+    ) -> Result<Request<UpstreamBody>, http::Error> {
+        let (mut parts, body) = req.into_parts();
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            // HTTP/2 carries the host in :authority only.
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        remove_hop_by_hop(&mut parts.headers);
+        append_forwarded_for(&mut parts.headers, self.peer);
+        parts.headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(self.proto),
+        );
+        if let Some(host) = host {
+            parts.headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+            parts.headers.insert(header::HOST, host);
+        }
+        parts.uri = arm.upstream.uri_for(parts.uri.path_and_query())?;
+        parts.version = if arm.upstream.http2() {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        Ok(Request::from_parts(parts, Either::Left(body)))
+    }
+}
+
+/// Status for a failure, decided by where it came from.
+fn failure_status(e: &UpstreamError) -> StatusCode {
+    match e {
+        UpstreamError::Connect(_) | UpstreamError::Protocol(_) => StatusCode::BAD_GATEWAY,
+        UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+    }
+}
+
+fn local_response(status: StatusCode, arm: &Arm, cause: &str) -> Response<ProxyBody> {
+    let text = format!(
+        "canaryd: {} {} from upstream \"{}\": {}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        arm.name,
+        cause
+    );
+    let mut resp = Response::new(ProxyBody::local(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Removes connection-scoped headers (RFC 9110 §7.6.1), including those named in `Connection`.
+/// `TE: trailers` survives: gRPC needs it end to end.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !te_trailers {
+        headers.remove(header::TE);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let mut joined = String::new();
+    for v in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(s) = v.to_str() {
+            joined.push_str(s);
+            joined.push_str(", ");
+        }
+    }
+    joined.push_str(&ip);
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+}
+
+fn log_access(
+    arm: &str,
+    d: &Decision,
+    method: &http::Method,
+    path: &str,
+    status: StatusCode,
+    start: Instant,
+) {
+    tracing::info!(
+        target: "canaryd::access",
+        upstream = %arm,
+        source = %d.source,
+        bucket = d.bucket.map(i64::from).unwrap_or(-1),
+        method = %method,
+        path = %path,
+        status = status.as_u16(),
+        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        remove_hop_by_hop(&mut h);
+        assert!(h.contains_key(header::TE));
+    }
+
+    #[test]
+    fn forwarded_for_is_appended() {
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
+        append_forwarded_for(&mut h, "192.0.2.7:4000".parse().expect("addr"));
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 192.0.2.7");
+    }
+}

@@ -1,0 +1,152 @@
+//! Hot reload: watch the config file's directory and SIGHUP, then parse, validate, swap.
+//!
+//! The directory is watched rather than the file because the three ways a config changes all
+//! replace directory entries: editors save by rename, `cp` rewrites in place, and Kubernetes
+//! ConfigMap volumes swap a `..data` symlink without touching the file's own name. Any event in
+//! the directory wakes the task; it waits for a quiet period, reads the file through its path
+//! (following symlinks), and reloads only when the bytes differ from the last attempt. SIGHUP
+//! always reloads.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::control::Control;
+
+/// Quiet period after the last file event before the file is read.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Poll interval when the OS file watcher cannot be used.
+const POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Starts the reload task for the config file at `path`.
+pub fn spawn(path: PathBuf, control: Arc<Control>) -> std::io::Result<JoinHandle<()>> {
+    let mut hup = signal(SignalKind::hangup())?;
+    let wake = Arc::new(Notify::new());
+    let watcher = watch_dir(&path, wake.clone());
+    let mut last_text = std::fs::read_to_string(&path).ok();
+    Ok(tokio::spawn(async move {
+        // Dropping the watcher stops it; keep it for the task's lifetime.
+        let _watcher = watcher;
+        loop {
+            let forced = tokio::select! {
+                _ = wake.notified() => false,
+                _ = hup.recv() => true,
+            };
+            if !forced {
+                // Coalesce the burst of events one save produces.
+                while tokio::time::timeout(DEBOUNCE, wake.notified())
+                    .await
+                    .is_ok()
+                {}
+            }
+            let text = match tokio::fs::read_to_string(&path).await {
+                Ok(t) => t,
+                Err(e) => {
+                    let msg = format!("cannot read {}: {e}", path.display());
+                    tracing::warn!(path = %path.display(), error = %e, "config reload rejected: file unreadable; keeping the running config");
+                    control.reload_failed(msg);
+                    continue;
+                }
+            };
+            if !forced && last_text.as_deref() == Some(text.as_str()) {
+                continue;
+            }
+            last_text = Some(text.clone());
+            reload(
+                &path,
+                &text,
+                &control,
+                if forced { "SIGHUP" } else { "file change" },
+            );
+        }
+    }))
+}
+
+/// Parses `text` and applies it, or records why not.
+pub fn reload(path: &Path, text: &str, control: &Control, trigger: &str) {
+    match Config::parse(text) {
+        Ok(config) => {
+            let weights = describe_weights(&config);
+            let (generation, restart_only) = control.apply_config(config);
+            tracing::info!(path = %path.display(), trigger, generation, weights = %weights, "config reloaded");
+            if !restart_only.is_empty() {
+                tracing::warn!(
+                    settings = %restart_only.join(", "),
+                    "changed settings need a restart to take effect; running with the old values"
+                );
+            }
+        }
+        Err(errors) => {
+            let msg = errors.to_string();
+            tracing::warn!(
+                path = %path.display(),
+                trigger,
+                errors = %msg.replace('\n', "; "),
+                "config reload rejected; keeping the running config"
+            );
+            control.reload_failed(msg);
+        }
+    }
+}
+
+fn describe_weights(c: &Config) -> String {
+    c.upstreams
+        .iter()
+        .map(|u| format!("{}={}", u.name, crate::routing::fmt_percent(u.weight_bp)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn watch_dir(path: &Path, wake: Arc<Notify>) -> Option<Box<dyn Watcher + Send>> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let handler = move |res: notify::Result<notify::Event>| match res {
+        Ok(ev) if relevant(&ev.kind) => wake.notify_one(),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "config watcher error"),
+    };
+    let native = notify::recommended_watcher(handler.clone()).and_then(|mut w| {
+        w.watch(&dir, RecursiveMode::NonRecursive)?;
+        Ok(Box::new(w) as Box<dyn Watcher + Send>)
+    });
+    match native {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config directory; polling every {POLL_INTERVAL:?} instead");
+            let cfg = notify::Config::default().with_poll_interval(POLL_INTERVAL);
+            let polled = notify::PollWatcher::new(handler, cfg).and_then(|mut w| {
+                w.watch(&dir, RecursiveMode::NonRecursive)?;
+                Ok(Box::new(w) as Box<dyn Watcher + Send>)
+            });
+            match polled {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "config file watching is off; reload with SIGHUP");
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// Our own reads of the file produce open/close events; only writes and entry changes count.
+fn relevant(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Any
+        | EventKind::Create(_)
+        | EventKind::Modify(_)
+        | EventKind::Remove(_)
+        | EventKind::Other => true,
+    }
+}

@@ -1,0 +1,336 @@
+//! The routing rule of design §3: sticky buckets and the weight table. Pure; no I/O.
+//!
+//! `bucket = (h mod 100) * 100 + (h div 100) mod 100` where `h` is the MD5 of `salt ++ key`
+//! read as a big-endian `u128`. The first factor is the classic `md5(uid) % 100` percentile, so
+//! whole-percent splits match the Python routers users migrate from; the second refines it to
+//! basis points. Non-baseline arms take consecutive ranges from bucket 0 in config order, the
+//! baseline takes the rest, so raising a canary's weight only ever moves users into it.
+
+use std::fmt;
+
+use http::header::{HeaderMap, HeaderName};
+use md5::{Digest, Md5};
+
+/// Number of buckets: weights are in basis points (1% = 100).
+pub const BASIS_POINTS: u16 = 10_000;
+
+/// The §3 bucket of a sticky key, in `[0, 10000)`.
+pub fn bucket(salt: &[u8], key: &[u8]) -> u16 {
+    let mut md5 = Md5::new();
+    md5.update(salt);
+    md5.update(key);
+    let h = u128::from_be_bytes(md5.finalize().into());
+    // Both factors are < 100, so the result is < 10000 and fits in u16.
+    ((h % 100) * 100 + (h / 100) % 100) as u16
+}
+
+/// A uniformly random bucket, for requests without the sticky header.
+pub fn random_bucket() -> u16 {
+    fastrand::u16(0..BASIS_POINTS)
+}
+
+/// Why a weight table was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WeightError {
+    /// The weights do not add up to 100%.
+    #[error("weights must sum to 100, they sum to {}", fmt_percent_u32(*.0))]
+    BadSum(u32),
+    /// The baseline index does not name an arm.
+    #[error("baseline index {0} is out of range")]
+    NoBaseline(usize),
+}
+
+/// Validated weights in basis points, with the bucket ranges precomputed.
+///
+/// Built once per config/admin change; the data path only calls [`WeightTable::pick`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightTable {
+    weights: Vec<u16>,
+    baseline: usize,
+    /// `(end, arm)` for each non-baseline arm with weight > 0, ends strictly increasing.
+    ranges: Vec<(u16, usize)>,
+}
+
+impl WeightTable {
+    /// Builds a table from per-arm weights (basis points, config order) and the baseline index.
+    pub fn new(weights: Vec<u16>, baseline: usize) -> Result<Self, WeightError> {
+        if baseline >= weights.len() {
+            return Err(WeightError::NoBaseline(baseline));
+        }
+        let sum: u32 = weights.iter().map(|&w| u32::from(w)).sum();
+        if sum != u32::from(BASIS_POINTS) {
+            return Err(WeightError::BadSum(sum));
+        }
+        let mut ranges = Vec::new();
+        let mut end = 0u16;
+        for (i, &w) in weights.iter().enumerate() {
+            if i != baseline && w > 0 {
+                end += w;
+                ranges.push((end, i));
+            }
+        }
+        Ok(WeightTable {
+            weights,
+            baseline,
+            ranges,
+        })
+    }
+
+    /// The arm that serves `bucket`.
+    #[inline]
+    pub fn pick(&self, bucket: u16) -> usize {
+        for &(end, arm) in &self.ranges {
+            if bucket < end {
+                return arm;
+            }
+        }
+        self.baseline
+    }
+
+    /// The bucket range `[start, end)` an arm serves (empty for weight 0).
+    pub fn range(&self, arm: usize) -> (u16, u16) {
+        let mut start = 0u16;
+        for &(end, a) in &self.ranges {
+            if a == arm {
+                return (start, end);
+            }
+            start = end;
+        }
+        if arm == self.baseline {
+            (start, BASIS_POINTS)
+        } else {
+            (start, start)
+        }
+    }
+
+    /// Per-arm weights in basis points.
+    pub fn weights(&self) -> &[u16] {
+        &self.weights
+    }
+
+    /// Index of the baseline arm.
+    pub fn baseline(&self) -> usize {
+        self.baseline
+    }
+}
+
+/// How a request's arm was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The override header named the arm.
+    Override,
+    /// The sticky header's hash bucket.
+    Sticky,
+    /// No sticky header: a random bucket.
+    Random,
+}
+
+impl Source {
+    /// Lower-case name for logs and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Override => "override",
+            Source::Sticky => "sticky",
+            Source::Random => "random",
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The outcome of routing one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Index of the chosen arm.
+    pub arm: usize,
+    /// The bucket, when one was computed (not for overrides).
+    pub bucket: Option<u16>,
+    /// How the arm was chosen.
+    pub source: Source,
+}
+
+/// The header-facing half of routing: which headers to read and the arm names to match.
+#[derive(Debug, Clone)]
+pub struct Router {
+    sticky_header: HeaderName,
+    salt: Box<[u8]>,
+    override_header: Option<HeaderName>,
+    names: Vec<Box<[u8]>>,
+}
+
+impl Router {
+    /// A router for arms named `names` (config order).
+    pub fn new(
+        sticky_header: HeaderName,
+        salt: &str,
+        override_header: Option<HeaderName>,
+        names: impl IntoIterator<Item = impl AsRef<str>>,
+    ) -> Self {
+        Router {
+            sticky_header,
+            salt: salt.as_bytes().into(),
+            override_header,
+            names: names
+                .into_iter()
+                .map(|n| n.as_ref().as_bytes().into())
+                .collect(),
+        }
+    }
+
+    /// Routes a request by its headers (§3: override, then sticky bucket, then random).
+    #[inline]
+    pub fn decide(&self, table: &WeightTable, headers: &HeaderMap) -> Decision {
+        if let Some(h) = &self.override_header {
+            if let Some(v) = headers.get(h) {
+                let v = v.as_bytes();
+                if let Some(arm) = self.names.iter().position(|n| **n == *v) {
+                    return Decision {
+                        arm,
+                        bucket: None,
+                        source: Source::Override,
+                    };
+                }
+            }
+        }
+        let (bucket, source) = match headers.get(&self.sticky_header) {
+            Some(v) => (self.bucket(v.as_bytes()), Source::Sticky),
+            None => (random_bucket(), Source::Random),
+        };
+        Decision {
+            arm: table.pick(bucket),
+            bucket: Some(bucket),
+            source,
+        }
+    }
+
+    /// The bucket of a sticky key under this router's salt.
+    pub fn bucket(&self, key: &[u8]) -> u16 {
+        bucket(&self.salt, key)
+    }
+}
+
+/// Formats basis points as a percentage without trailing zeros (`1250` → `12.5`).
+pub fn fmt_percent(bp: u16) -> String {
+    fmt_percent_u32(u32::from(bp))
+}
+
+/// [`fmt_percent`] for sums that may exceed 100%.
+pub fn fmt_percent_u32(bp: u32) -> String {
+    let (whole, frac) = (bp / 100, bp % 100);
+    match frac {
+        0 => whole.to_string(),
+        f if f % 10 == 0 => format!("{whole}.{}", f / 10),
+        f => format!("{whole}.{f:02}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn design_vectors() {
+        assert_eq!(bucket(b"", b"user_123"), 8884);
+        assert_eq!(bucket(b"", b"user_456"), 3544);
+        assert_eq!(bucket(b"", b"alice"), 83);
+        assert_eq!(bucket(b"", b"42"), 7451);
+    }
+
+    #[test]
+    fn whole_percent_matches_the_python_rule() {
+        // int(md5(uid).hexdigest(), 16) % 100 < p, computed from the digest directly.
+        for i in 0..2000 {
+            let uid = format!("user-{i}");
+            let h = u128::from_be_bytes(Md5::digest(uid.as_bytes()).into());
+            assert_eq!(u128::from(bucket(b"", uid.as_bytes()) / 100), h % 100);
+        }
+    }
+
+    #[test]
+    fn ranges_follow_config_order_and_baseline_takes_the_rest() {
+        // canary-a 5%, stable (baseline) 82.5%, canary-b 12.5%
+        let t = WeightTable::new(vec![500, 8250, 1250], 1).expect("valid");
+        assert_eq!(t.pick(0), 0);
+        assert_eq!(t.pick(499), 0);
+        assert_eq!(t.pick(500), 2);
+        assert_eq!(t.pick(1749), 2);
+        assert_eq!(t.pick(1750), 1);
+        assert_eq!(t.pick(9999), 1);
+        assert_eq!(t.range(0), (0, 500));
+        assert_eq!(t.range(2), (500, 1750));
+        assert_eq!(t.range(1), (1750, 10000));
+    }
+
+    #[test]
+    fn invalid_tables_are_refused() {
+        assert_eq!(
+            WeightTable::new(vec![9000, 900], 0),
+            Err(WeightError::BadSum(9900))
+        );
+        assert_eq!(
+            WeightTable::new(vec![10000], 3),
+            Err(WeightError::NoBaseline(3))
+        );
+    }
+
+    #[test]
+    fn raising_canary_weight_never_moves_a_user_out() {
+        // Property over every bucket and every pair of weights p < q (in 0.25% steps).
+        for p in (0..=10000u16).step_by(25) {
+            let low = WeightTable::new(vec![10000 - p, p], 0).expect("valid");
+            for q in (p..=10000u16).step_by(250) {
+                let high = WeightTable::new(vec![10000 - q, q], 0).expect("valid");
+                for b in (0..BASIS_POINTS).step_by(7) {
+                    if low.pick(b) == 1 {
+                        assert_eq!(high.pick(b), 1, "bucket {b} left canary going {p}->{q}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn override_then_sticky_then_random() {
+        let t = WeightTable::new(vec![9000, 1000], 0).expect("valid");
+        let r = Router::new(
+            HeaderName::from_static("x-user-id"),
+            "",
+            Some(HeaderName::from_static("x-canary")),
+            ["stable", "canary"],
+        );
+        let mut h = HeaderMap::new();
+        h.insert("x-user-id", HeaderValue::from_static("alice"));
+        let d = r.decide(&t, &h);
+        assert_eq!((d.arm, d.bucket, d.source), (1, Some(83), Source::Sticky));
+
+        h.insert("x-canary", HeaderValue::from_static("stable"));
+        let d = r.decide(&t, &h);
+        assert_eq!((d.arm, d.bucket, d.source), (0, None, Source::Override));
+
+        h.insert("x-canary", HeaderValue::from_static("nope"));
+        assert_eq!(r.decide(&t, &h).source, Source::Sticky);
+
+        let d = r.decide(&t, &HeaderMap::new());
+        assert_eq!(d.source, Source::Random);
+        assert!(d.bucket.is_some_and(|b| b < BASIS_POINTS));
+    }
+
+    #[test]
+    fn salt_changes_assignment() {
+        assert_ne!(bucket(b"s1", b"user_123"), bucket(b"", b"user_123"));
+        assert_eq!(bucket(b"s1", b"user_123"), bucket(b"", b"s1user_123"));
+    }
+
+    #[test]
+    fn percent_formatting() {
+        assert_eq!(fmt_percent(1250), "12.5");
+        assert_eq!(fmt_percent(1000), "10");
+        assert_eq!(fmt_percent(1), "0.01");
+        assert_eq!(fmt_percent_u32(10250), "102.5");
+    }
+}
