@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +17,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
+use crate::admin::Admin;
+use crate::circuit::{OutcomeSender, Windows};
 use crate::config::{Config, ListenConfig};
 use crate::control::Control;
+use crate::metrics::{Metrics, UPKEEP_INTERVAL};
 use crate::proxy::Proxy;
 
 /// Listeners bound before [`run`] starts.
@@ -46,6 +50,31 @@ pub enum AppError {
     /// Signal handlers or the reload task could not be set up.
     #[error("cannot start the config reload task: {0}")]
     Reload(#[source] std::io::Error),
+    /// The admin token file is unusable (a configuration problem: exit code 2).
+    #[error("admin.token_file {path}: {problem}")]
+    Token {
+        /// The configured path.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// Reads the admin token: the file's content without surrounding whitespace, not empty.
+pub fn load_token(config: &Config) -> Result<Option<String>, AppError> {
+    let Some(path) = &config.admin.token_file else {
+        return Ok(None);
+    };
+    let err = |problem: String| AppError::Token {
+        path: path.clone(),
+        problem,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(err("the file is empty".into()));
+    }
+    Ok(Some(token.to_owned()))
 }
 
 /// Binds the proxy and admin listeners named in the config.
@@ -57,7 +86,17 @@ pub async fn bind(config: &Config) -> Result<Listeners, AppError> {
             addr: config.listen.addr,
             source,
         })?;
-    Ok(Listeners { proxy, admin: None })
+    let admin = TcpListener::bind(config.admin.addr)
+        .await
+        .map_err(|source| AppError::Bind {
+            what: "admin",
+            addr: config.admin.addr,
+            source,
+        })?;
+    Ok(Listeners {
+        proxy,
+        admin: Some(admin),
+    })
 }
 
 /// Serves until `shutdown` resolves, then drains in-flight requests for up to
@@ -70,25 +109,55 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
     let listen = config.listen.clone();
-    let control = Control::new(config);
+    let token = load_token(&config)?;
+    let metrics = Metrics::new();
+    let control = Control::new(config, metrics.clone());
     let reloader = match config_path {
         Some(path) => Some(crate::reload::spawn(path, control.clone()).map_err(AppError::Reload)?),
         None => None,
     };
+    let (outcomes, outcome_rx) = crate::circuit::channel();
+    let windows = Arc::new(Windows::default());
+    let circuit = crate::circuit::spawn(control.clone(), windows.clone(), outcome_rx);
+    let upkeep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            metrics.upkeep();
+        }
+    });
+    let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
 
+    let admin = listeners.admin.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(addr = %addr, auth = token.is_some(), "admin listening");
+        }
+        let admin = Arc::new(Admin {
+            control: control.clone(),
+            windows,
+            token,
+            ready: ready.clone(),
+        });
+        tokio::spawn(serve_admin(listener, admin, admin_stop_rx))
+    });
     if let Ok(addr) = listeners.proxy.local_addr() {
         tracing::info!(addr = %addr, "proxy listening");
     }
     let proxy = tokio::spawn(serve_proxy(
         listeners.proxy,
         control.clone(),
+        outcomes,
         listen,
         stop_rx,
     ));
+    ready.store(true, Ordering::Relaxed);
 
     shutdown.await;
     tracing::info!("shutting down: no new connections; draining in-flight requests");
+    // Readiness fails first so load balancers stop sending while requests drain.
+    ready.store(false, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     if let Some(r) = reloader {
         r.abort();
@@ -96,12 +165,46 @@ pub async fn run(
     if let Err(e) = proxy.await {
         tracing::error!(error = %e, "proxy task failed");
     }
+    let _ = admin_stop_tx.send(true);
+    if let Some(a) = admin {
+        let _ = a.await;
+    }
+    upkeep.abort();
+    circuit.abort();
     Ok(())
+}
+
+async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| admin.clone().handle(req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %peer, error = %e, "admin connection ended with an error");
+            }
+        });
+    }
 }
 
 async fn serve_proxy(
     listener: TcpListener,
     control: Arc<Control>,
+    outcomes: OutcomeSender,
     listen: ListenConfig,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -142,7 +245,7 @@ async fn serve_proxy(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let proxy = Proxy::new(control.clone(), peer, "http");
+        let proxy = Proxy::new(control.clone(), outcomes.clone(), peer, "http");
         let svc = service_fn(move |req| proxy.clone().serve(req));
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)

@@ -95,6 +95,13 @@ pub struct UpstreamConfig {
     pub http2: bool,
 }
 
+impl UpstreamConfig {
+    /// The URL as users write it: `http://host:port`, no trailing slash.
+    pub fn url_text(&self) -> String {
+        self.url.to_string().trim_end_matches('/').to_owned()
+    }
+}
+
 /// `[rollback]` section.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RollbackConfig {
@@ -456,6 +463,18 @@ impl<'s> Reader<'s> {
     fn admin(&mut self, t: &Table<'_>) -> Option<AdminConfig> {
         let addr = self.addr(t, "admin", "addr", "127.0.0.1:9901");
         let token_file = self.opt_path(t, "admin", "token_file");
+        if let Some(a) = addr {
+            if !a.ip().is_loopback() && token_file.is_none() {
+                self.err(
+                    "admin.token_file",
+                    t.get("addr").map(|v| v.span()),
+                    format!(
+                        "required because admin.addr {a} is not a loopback address: anyone who \
+                         can reach it could change the weights"
+                    ),
+                );
+            }
+        }
         Some(AdminConfig {
             addr: addr?,
             token_file,

@@ -1,11 +1,16 @@
-//! The control plane: owns the current config and publishes the immutable [`Snapshot`] the
-//! data path reads.
+//! The control plane: owns the config, admin overrides and tripped arms, and publishes the
+//! immutable [`Snapshot`] the data path reads.
 //!
-//! Writers (reload, and later the admin API and the circuit) take a mutex that the data path
-//! never touches, build a complete new snapshot, and swap it in with one `ArcSwap::store`. A
-//! request loads the snapshot once and finishes on it, so a reload never changes a request
-//! half-way. Upstream pools whose settings did not change are carried into the new snapshot.
+//! Writers (reload, admin API, rollback circuit) take a mutex the data path never touches,
+//! compute the effective weights, build a complete new snapshot and swap it in with one
+//! `ArcSwap::store`. A request loads the snapshot once and finishes on it. Upstream pools whose
+//! settings did not change are carried into the new snapshot.
+//!
+//! Effective weights = (admin override, else the file's weights), then every tripped
+//! non-baseline arm's weight moves to the baseline.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -13,7 +18,9 @@ use arc_swap::ArcSwap;
 use http::header::{HeaderName, HeaderValue};
 
 use crate::config::Config;
-use crate::routing::{Router, WeightTable};
+use crate::metrics::{ArmMetrics, Metrics};
+use crate::routing::{fmt_percent, Router, WeightTable, BASIS_POINTS};
+use crate::state::{self, AdminWeights, State, Trip};
 use crate::upstream::{Upstream, UpstreamKey};
 
 /// One arm as the data path sees it.
@@ -25,6 +32,8 @@ pub struct Arm {
     pub header_value: HeaderValue,
     /// The pooled client.
     pub upstream: Arc<Upstream>,
+    /// Pre-resolved metric handles.
+    pub metrics: Arc<ArmMetrics>,
 }
 
 /// Everything a request needs, immutable once published.
@@ -57,8 +66,61 @@ pub struct ReloadStatus {
     pub result: Result<u64, String>,
 }
 
+/// Which table the configured weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightSource {
+    /// The config file.
+    File,
+    /// An admin API call.
+    Admin,
+}
+
+impl WeightSource {
+    /// `"file"` or `"admin"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WeightSource::File => "file",
+            WeightSource::Admin => "admin",
+        }
+    }
+}
+
+/// A copy of the control state for the admin API.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// Snapshot generation.
+    pub generation: u64,
+    /// The running config.
+    pub config: Arc<Config>,
+    /// Where `configured` comes from.
+    pub source: WeightSource,
+    /// Weights before trips, per arm (basis points).
+    pub configured: Vec<u16>,
+    /// The config file's weights, per arm.
+    pub file: Vec<u16>,
+    /// Weights in force, per arm.
+    pub effective: Vec<u16>,
+    /// Tripped arms.
+    pub tripped: BTreeMap<String, Trip>,
+    /// Last reload attempt.
+    pub last_reload: Option<ReloadStatus>,
+}
+
+/// A refused admin change; nothing was modified.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChangeError {
+    /// The request does not describe a valid change (HTTP 400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The change names a tripped arm (HTTP 409).
+    #[error("{0}")]
+    Tripped(String),
+}
+
 struct Inner {
     config: Arc<Config>,
+    admin: Option<AdminWeights>,
+    tripped: BTreeMap<String, Trip>,
     generation: u64,
     last_reload: Option<ReloadStatus>,
 }
@@ -67,6 +129,8 @@ struct Inner {
 pub struct Control {
     current: ArcSwap<Snapshot>,
     inner: Mutex<Inner>,
+    metrics: Arc<Metrics>,
+    state_path: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Control {
@@ -78,18 +142,32 @@ impl std::fmt::Debug for Control {
 }
 
 impl Control {
-    /// Publishes the first snapshot for `config`.
-    pub fn new(config: Config) -> Arc<Control> {
+    /// Publishes the first snapshot for `config`, restoring admin overrides and trips from the
+    /// state file when one is configured (a corrupt file is moved aside and reported).
+    pub fn new(config: Config, metrics: Arc<Metrics>) -> Arc<Control> {
         let config = Arc::new(config);
-        let snap = build_snapshot(&config, 1, None);
-        Arc::new(Control {
+        let state_path = config.state.file.clone();
+        let restored = state_path.as_deref().map(restore).unwrap_or_default();
+        let mut inner = Inner {
+            config: config.clone(),
+            admin: restored.admin_weights,
+            tripped: restored.tripped,
+            generation: 1,
+            last_reload: None,
+        };
+        // The file may have changed while canaryd was down: apply the same rules as a reload.
+        reconcile(&mut inner, None);
+        let effective = effective(&inner);
+        let snap = build_snapshot(&config, 1, &effective, None, &metrics);
+        publish_gauges(&snap, &inner);
+        let control = Arc::new(Control {
             current: ArcSwap::from_pointee(snap),
-            inner: Mutex::new(Inner {
-                config,
-                generation: 1,
-                last_reload: None,
-            }),
-        })
+            inner: Mutex::new(inner),
+            metrics,
+            state_path,
+        });
+        control.persist(&control.lock());
+        control
     }
 
     /// The current snapshot; hold it for the whole request.
@@ -98,34 +176,68 @@ impl Control {
         self.current.load_full()
     }
 
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave Inner half-written: every writer builds
-        // the new values first and assigns them last.
+        // Writers compute new values first and assign them last, so a panic while holding the
+        // lock cannot leave Inner half-written.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rebuilds and swaps the snapshot after `inner` changed, then persists the state.
+    fn publish(&self, inner: &mut Inner) -> u64 {
+        inner.generation += 1;
+        let old = self.current.load_full();
+        let snap = build_snapshot(
+            &inner.config,
+            inner.generation,
+            &effective(inner),
+            Some(&old),
+            &self.metrics,
+        );
+        publish_gauges(&snap, inner);
+        self.current.store(Arc::new(snap));
+        self.persist(inner);
+        inner.generation
+    }
+
+    fn persist(&self, inner: &Inner) {
+        let Some(path) = &self.state_path else {
+            return;
+        };
+        let state = State {
+            version: state::VERSION,
+            admin_weights: inner.admin.clone(),
+            tripped: inner.tripped.clone(),
+        };
+        if let Err(e) = state::save(path, &state) {
+            tracing::error!(error = %e, "cannot write the state file; the change is in effect but will not survive a restart");
+        }
     }
 
     /// Swaps in a validated config. Returns the new generation and the changed settings that
     /// only apply after a restart (they keep their old values).
     pub fn apply_config(&self, mut config: Config) -> (u64, Vec<&'static str>) {
         let mut inner = self.lock();
-        let restart_only = inner.config.restart_only_changes(&config);
+        let old = inner.config.clone();
+        let restart_only = old.restart_only_changes(&config);
         // Listener settings keep running with the values they were bound with.
-        config.listen.addr = inner.config.listen.addr;
-        config.listen.max_connections = inner.config.listen.max_connections;
-        config.listen.max_header_bytes = inner.config.listen.max_header_bytes;
-        config.listen.header_read_timeout = inner.config.listen.header_read_timeout;
-        config.admin.addr = inner.config.admin.addr;
-        let config = Arc::new(config);
-        let generation = inner.generation + 1;
-        let old = self.current.load_full();
-        let snap = build_snapshot(&config, generation, Some(&old));
-        self.current.store(Arc::new(snap));
-        inner.config = config;
-        inner.generation = generation;
+        config.listen.addr = old.listen.addr;
+        config.listen.max_connections = old.listen.max_connections;
+        config.listen.max_header_bytes = old.listen.max_header_bytes;
+        config.listen.header_read_timeout = old.listen.header_read_timeout;
+        config.admin.addr = old.admin.addr;
+        inner.config = Arc::new(config);
+        reconcile(&mut inner, Some(&old));
+        let generation = self.publish(&mut inner);
         inner.last_reload = Some(ReloadStatus {
             at: SystemTime::now(),
             result: Ok(generation),
         });
+        self.metrics.reload(true);
         (generation, restart_only)
     }
 
@@ -135,15 +247,322 @@ impl Control {
             at: SystemTime::now(),
             result: Err(error),
         });
+        self.metrics.reload(false);
     }
 
-    /// The last reload attempt, if any.
-    pub fn last_reload(&self) -> Option<ReloadStatus> {
-        self.lock().last_reload.clone()
+    /// A copy of the state for the admin API.
+    pub fn view(&self) -> View {
+        let inner = self.lock();
+        let snap = self.current.load();
+        let (configured, source) = configured(&inner);
+        View {
+            generation: inner.generation,
+            config: inner.config.clone(),
+            source,
+            file: inner.config.weights_bp(),
+            configured,
+            effective: snap.table.weights().to_vec(),
+            tripped: inner.tripped.clone(),
+            last_reload: inner.last_reload.clone(),
+        }
+    }
+
+    /// Sets weights from the admin API. Unnamed non-baseline arms keep their current weight;
+    /// the baseline gets the remainder (if named, it must equal the remainder).
+    pub fn set_weights(&self, requested: &BTreeMap<String, u16>) -> Result<u64, ChangeError> {
+        let mut inner = self.lock();
+        let config = inner.config.clone();
+        let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+        if requested.is_empty() {
+            return Err(ChangeError::Invalid(
+                "empty weight table; send e.g. {\"canary\": 25}".into(),
+            ));
+        }
+        for name in requested.keys() {
+            if !names.contains(&name.as_str()) {
+                return Err(ChangeError::Invalid(format!(
+                    "unknown upstream {name:?}; upstreams are: {}",
+                    names.join(", ")
+                )));
+            }
+        }
+        if let Some((name, trip)) = requested
+            .keys()
+            .filter_map(|n| inner.tripped.get_key_value(n))
+            .next()
+        {
+            return Err(tripped_error(name, trip));
+        }
+        let (mut weights, _) = configured(&inner);
+        let baseline = config.baseline;
+        for (i, name) in names.iter().enumerate() {
+            if let Some(&w) = requested.get(*name) {
+                weights[i] = w;
+            }
+        }
+        let others: u32 = weights
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != baseline)
+            .map(|(_, &w)| u32::from(w))
+            .sum();
+        let Some(rest) = u32::from(BASIS_POINTS).checked_sub(others) else {
+            return Err(ChangeError::Invalid(format!(
+                "non-baseline weights sum to {}%, more than 100",
+                crate::routing::fmt_percent_u32(others)
+            )));
+        };
+        let rest = rest as u16; // <= 10000
+        if let Some(&b) = requested.get(names[baseline]) {
+            if b != rest {
+                return Err(ChangeError::Invalid(format!(
+                    "weights must sum to 100: baseline {:?} would need {}%, got {}%",
+                    names[baseline],
+                    fmt_percent(rest),
+                    fmt_percent(b)
+                )));
+            }
+        }
+        weights[baseline] = rest;
+        Ok(self.store_weights(&mut inner, weights))
+    }
+
+    /// Makes a complete, validated table the admin override and publishes it.
+    fn store_weights(&self, inner: &mut Inner, weights: Vec<u16>) -> u64 {
+        let config = inner.config.clone();
+        let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+        let table = describe(&names, &weights);
+        inner.admin = Some(AdminWeights {
+            weights_bp: names.iter().map(|n| n.to_string()).zip(weights).collect(),
+            file_weights_bp: by_name(&config),
+            at_ms: state::now_ms(),
+        });
+        let generation = self.publish(inner);
+        tracing::info!(weights = %table, generation, "weights set by the admin API");
+        generation
+    }
+
+    /// Gives one arm 100% and every other arm 0 (default target: the only canary).
+    pub fn promote(&self, upstream: Option<&str>) -> Result<u64, ChangeError> {
+        let mut inner = self.lock();
+        let config = inner.config.clone();
+        let target = match upstream {
+            Some(n) => config
+                .upstreams
+                .iter()
+                .position(|u| u.name == n)
+                .ok_or_else(|| ChangeError::Invalid(format!("unknown upstream {n:?}")))?,
+            None => {
+                let canaries: Vec<usize> = (0..config.upstreams.len())
+                    .filter(|&i| i != config.baseline)
+                    .collect();
+                match canaries.as_slice() {
+                    [one] => *one,
+                    [] => {
+                        return Err(ChangeError::Invalid(
+                            "there is no canary to promote (only the baseline is configured)"
+                                .into(),
+                        ))
+                    }
+                    _ => {
+                        return Err(ChangeError::Invalid(
+                            "several canaries are configured; name one: {\"upstream\": NAME}"
+                                .into(),
+                        ))
+                    }
+                }
+            }
+        };
+        let name = &config.upstreams[target].name;
+        if let Some(trip) = inner.tripped.get(name) {
+            return Err(tripped_error(name, trip));
+        }
+        let mut weights = vec![0; config.upstreams.len()];
+        weights[target] = BASIS_POINTS;
+        Ok(self.store_weights(&mut inner, weights))
+    }
+
+    /// Trips every non-baseline arm (reason `manual`).
+    pub fn rollback_all(&self) -> u64 {
+        let mut inner = self.lock();
+        let config = inner.config.clone();
+        let mut newly = Vec::new();
+        for (i, u) in config.upstreams.iter().enumerate() {
+            if i != config.baseline && !inner.tripped.contains_key(&u.name) {
+                inner.tripped.insert(
+                    u.name.clone(),
+                    Trip {
+                        reason: "manual".into(),
+                        detail: "POST /rollback".into(),
+                        at_ms: state::now_ms(),
+                        url: u.url_text(),
+                    },
+                );
+                newly.push(u.name.clone());
+            }
+        }
+        for name in &newly {
+            self.metrics.rollback(name, "manual");
+        }
+        let generation = self.publish(&mut inner);
+        tracing::warn!(arms = %newly.join(","), generation, "manual rollback: arms tripped, their users go to the baseline");
+        generation
+    }
+
+    /// Trips one arm (the rollback circuit). Returns false when it was already tripped, is the
+    /// baseline, or is no longer configured.
+    pub fn trip(&self, name: &str, reason: &'static str, detail: String) -> bool {
+        let mut inner = self.lock();
+        let config = inner.config.clone();
+        let Some(i) = config.upstreams.iter().position(|u| u.name == name) else {
+            return false;
+        };
+        if i == config.baseline || inner.tripped.contains_key(name) {
+            return false;
+        }
+        tracing::warn!(upstream = %name, reason, detail = %detail, "rollback circuit tripped: the arm's users go to the baseline");
+        inner.tripped.insert(
+            name.to_owned(),
+            Trip {
+                reason: reason.into(),
+                detail,
+                at_ms: state::now_ms(),
+                url: config.upstreams[i].url_text(),
+            },
+        );
+        self.metrics.rollback(name, reason);
+        self.publish(&mut inner);
+        true
+    }
+
+    /// Clears every trip; weights return to the configured/admin table.
+    pub fn reset(&self) -> (u64, Vec<String>) {
+        let mut inner = self.lock();
+        let cleared: Vec<String> = std::mem::take(&mut inner.tripped).into_keys().collect();
+        let generation = self.publish(&mut inner);
+        tracing::info!(cleared = %cleared.join(","), generation, "tripped arms reset");
+        (generation, cleared)
     }
 }
 
-fn build_snapshot(config: &Arc<Config>, generation: u64, old: Option<&Snapshot>) -> Snapshot {
+fn tripped_error(name: &str, trip: &Trip) -> ChangeError {
+    ChangeError::Tripped(format!(
+        "upstream {name:?} is tripped ({}: {}); POST /reset first",
+        trip.reason, trip.detail
+    ))
+}
+
+fn restore(path: &std::path::Path) -> State {
+    match state::load(path) {
+        Ok(Some(s)) => {
+            tracing::info!(path = %path.display(), admin_override = s.admin_weights.is_some(), tripped = s.tripped.len(), "state restored");
+            s
+        }
+        Ok(None) => State::default(),
+        Err(e) => {
+            match state::quarantine(path) {
+                Ok(aside) => {
+                    tracing::error!(error = %e, moved_to = %aside.display(), "state file unusable; moved aside, serving the config file's weights")
+                }
+                Err(m) => {
+                    tracing::error!(error = %e, move_error = %m, "state file unusable and cannot be moved aside; serving the config file's weights")
+                }
+            }
+            State::default()
+        }
+    }
+}
+
+fn by_name(config: &Config) -> BTreeMap<String, u16> {
+    config
+        .upstreams
+        .iter()
+        .map(|u| (u.name.clone(), u.weight_bp))
+        .collect()
+}
+
+/// Applies the precedence rules after the config changed (or at start, `old = None`): a change
+/// of the file's weights replaces an admin override; a trip survives unless the arm's URL
+/// changed or the arm is gone.
+fn reconcile(inner: &mut Inner, old: Option<&Config>) {
+    let config = inner.config.clone();
+    let file = by_name(&config);
+    if let Some(admin) = &inner.admin {
+        let file_changed = match old {
+            Some(old) => by_name(old) != file,
+            None => admin.file_weights_bp != file,
+        };
+        let names_match = admin.weights_bp.keys().eq(file.keys());
+        if file_changed || !names_match {
+            tracing::info!("config file weights changed; they replace the admin override");
+            inner.admin = None;
+        }
+    }
+    inner.tripped.retain(|name, trip| {
+        let keep = config
+            .upstreams
+            .iter()
+            .enumerate()
+            .any(|(i, u)| u.name == *name && i != config.baseline && u.url_text() == trip.url);
+        if !keep {
+            tracing::info!(upstream = %name, "trip cleared: the arm's url changed or it is no longer a canary");
+        }
+        keep
+    });
+}
+
+/// Configured weights (admin override, else file) in config order.
+fn configured(inner: &Inner) -> (Vec<u16>, WeightSource) {
+    match &inner.admin {
+        Some(a) => (
+            inner
+                .config
+                .upstreams
+                .iter()
+                .map(|u| a.weights_bp.get(&u.name).copied().unwrap_or(0))
+                .collect(),
+            WeightSource::Admin,
+        ),
+        None => (inner.config.weights_bp(), WeightSource::File),
+    }
+}
+
+fn effective(inner: &Inner) -> Vec<u16> {
+    let (mut w, _) = configured(inner);
+    let baseline = inner.config.baseline;
+    for (i, u) in inner.config.upstreams.iter().enumerate() {
+        if i != baseline && inner.tripped.contains_key(&u.name) {
+            w[baseline] += w[i];
+            w[i] = 0;
+        }
+    }
+    w
+}
+
+/// `stable=90,canary=10`.
+pub fn describe(names: &[&str], weights: &[u16]) -> String {
+    names
+        .iter()
+        .zip(weights)
+        .map(|(n, &w)| format!("{n}={}", fmt_percent(w)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn publish_gauges(snap: &Snapshot, inner: &Inner) {
+    for (arm, &w) in snap.arms.iter().zip(snap.table.weights()) {
+        arm.metrics
+            .set_state(w, inner.tripped.contains_key(&*arm.name));
+    }
+}
+
+fn build_snapshot(
+    config: &Arc<Config>,
+    generation: u64,
+    effective: &[u16],
+    old: Option<&Snapshot>,
+    metrics: &Metrics,
+) -> Snapshot {
     let arms = config
         .upstreams
         .iter()
@@ -153,19 +572,24 @@ fn build_snapshot(config: &Arc<Config>, generation: u64, old: Option<&Snapshot>)
                 .and_then(|s| s.arms.iter().find(|a| *a.upstream.key() == key))
                 .map(|a| a.upstream.clone())
                 .unwrap_or_else(|| Arc::new(Upstream::new(u)));
+            let name: Arc<str> = u.name.as_str().into();
             Arm {
-                name: u.name.as_str().into(),
                 // Names were validated to be a safe header-value charset.
                 header_value: HeaderValue::from_str(&u.name)
                     .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
                 upstream,
+                metrics: metrics.arm(&name),
+                name,
             }
         })
         .collect();
     Snapshot {
         generation,
         router: config.router(),
-        table: config.weight_table(),
+        // Effective weights always sum to 10000: trips move weight to the baseline, and admin
+        // tables are checked before they are stored.
+        table: WeightTable::new(effective.to_vec(), config.baseline)
+            .expect("effective weights sum to 100%"),
         arms,
         response_header: config.routing.response_header.clone(),
         request_timeout: config.listen.request_timeout,

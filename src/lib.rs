@@ -9,6 +9,11 @@
 //! - [`proxy`]: the hyper service: route, forward with streaming bodies, map failures.
 //! - [`upstream`]: pooled keep-alive clients per upstream, kept across reloads.
 //! - [`reload`]: directory watch + SIGHUP → parse → validate → atomic swap.
+//! - [`admin`]: the admin API (weights, promote, rollback, reset, status, route, metrics).
+//! - [`metrics`]: Prometheus names and per-arm handles resolved once.
+//! - [`window`]: sliding per-arm request/error/latency window; pure.
+//! - [`circuit`]: the task that feeds windows from request outcomes, off the data path.
+//! - [`state`]: the state file (admin overrides, tripped arms), written atomically.
 //! - [`app`]: binds listeners, runs the accept loop and tasks, drains on shutdown.
 //! - [`demo`]: built-in model upstreams for `canaryd demo`.
 //!
@@ -19,11 +24,16 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod app;
+pub mod circuit;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod routing;
+pub mod state;
 pub mod upstream;
+pub mod window;

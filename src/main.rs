@@ -137,7 +137,7 @@ fn check(path: &Path) -> ExitCode {
             u.name,
             fmt_percent(u.weight_bp),
             format!("[{start}, {end})"),
-            u.url.to_string().trim_end_matches('/'),
+            u.url_text(),
         );
     }
     ExitCode::SUCCESS

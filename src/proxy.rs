@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -13,8 +12,12 @@ use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Either;
 use hyper::body::Incoming;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::time::Instant;
 
+use crate::circuit::{Outcome, OutcomeSender};
 use crate::control::{Arm, Control};
+use crate::metrics::InFlight;
 use crate::routing::Decision;
 use crate::upstream::{UpstreamBody, UpstreamError};
 
@@ -24,13 +27,20 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Response body: the upstream's streamed body, or a short local message.
+/// Response body: the upstream's streamed body, or a short local message. Holds the request
+/// in the arm's in-flight gauge until the body is finished or dropped.
 #[derive(Debug)]
-pub struct ProxyBody(Either<Incoming, Option<Bytes>>);
+pub struct ProxyBody {
+    inner: Either<Incoming, Option<Bytes>>,
+    _in_flight: Option<InFlight>,
+}
 
 impl ProxyBody {
     fn local(text: String) -> Self {
-        ProxyBody(Either::Right(Some(Bytes::from(text))))
+        ProxyBody {
+            inner: Either::Right(Some(Bytes::from(text))),
+            _in_flight: None,
+        }
     }
 }
 
@@ -42,21 +52,21 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().0 {
+        match &mut self.get_mut().inner {
             Either::Left(incoming) => Pin::new(incoming).poll_frame(cx),
             Either::Right(local) => Poll::Ready(local.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.0 {
+        match &self.inner {
             Either::Left(incoming) => incoming.is_end_stream(),
             Either::Right(local) => local.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.0 {
+        match &self.inner {
             Either::Left(incoming) => incoming.size_hint(),
             Either::Right(local) => {
                 SizeHint::with_exact(local.as_ref().map_or(0, |b| b.len() as u64))
@@ -69,15 +79,22 @@ impl Body for ProxyBody {
 #[derive(Clone, Debug)]
 pub struct Proxy {
     control: Arc<Control>,
+    outcomes: OutcomeSender,
     peer: SocketAddr,
     proto: &'static str,
 }
 
 impl Proxy {
     /// A service for one downstream connection from `peer` (`proto` is `http` or `https`).
-    pub fn new(control: Arc<Control>, peer: SocketAddr, proto: &'static str) -> Self {
+    pub fn new(
+        control: Arc<Control>,
+        outcomes: OutcomeSender,
+        peer: SocketAddr,
+        proto: &'static str,
+    ) -> Self {
         Proxy {
             control,
+            outcomes,
             peer,
             proto,
         }
@@ -89,39 +106,70 @@ impl Proxy {
         let snap = self.control.snapshot();
         let decision = snap.router.decide(&snap.table, req.headers());
         let arm = &snap.arms[decision.arm];
+        let in_flight = arm.metrics.start();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
 
-        let outcome = match self.upstream_request(req, arm) {
-            Ok(up) => arm.upstream.send(up, snap.request_timeout).await,
-            Err(e) => {
-                let resp = local_response(
+        let (mut resp, error) = match self.upstream_request(req, arm) {
+            Ok(up) => match arm.upstream.send(up, snap.request_timeout).await {
+                Ok(resp) => {
+                    let (mut parts, body) = resp.into_parts();
+                    remove_hop_by_hop(&mut parts.headers);
+                    let error = snap
+                        .config
+                        .rollback
+                        .error_statuses
+                        .contains(parts.status.as_u16());
+                    let body = ProxyBody {
+                        inner: Either::Left(body),
+                        _in_flight: Some(in_flight),
+                    };
+                    (Response::from_parts(parts, body), error)
+                }
+                Err(e) => {
+                    tracing::debug!(upstream = %arm.name, error = %e, "upstream failed");
+                    arm.metrics.failure(e.kind());
+                    (
+                        local_response(failure_status(&e), arm, &e.to_string()),
+                        true,
+                    )
+                }
+            },
+            // A request canaryd cannot express upstream is the client's fault: not an error
+            // of the arm.
+            Err(e) => (
+                local_response(
                     StatusCode::BAD_REQUEST,
                     arm,
                     &format!("cannot build the upstream request: {e}"),
-                );
-                return Ok(resp);
-            }
+                ),
+                false,
+            ),
         };
-        let mut resp = match outcome {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                remove_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, ProxyBody(Either::Left(body)))
-            }
-            Err(e) => {
-                tracing::debug!(upstream = %arm.name, error = %e, "upstream failed");
-                local_response(failure_status(&e), arm, &e.to_string())
-            }
-        };
+        let elapsed = start.elapsed();
+        arm.metrics.record(resp.status().as_u16(), elapsed);
+        self.report(Outcome {
+            arm: arm.name.clone(),
+            error,
+            latency: elapsed,
+            at: start + elapsed,
+        });
         if let Some(h) = &snap.response_header {
             resp.headers_mut()
                 .insert(h.clone(), arm.header_value.clone());
         }
         if snap.access_log {
-            log_access(&arm.name, &decision, &method, &path, resp.status(), start);
+            log_access(&arm.name, &decision, &method, &path, resp.status(), elapsed);
         }
         Ok(resp)
+    }
+
+    /// Hands an outcome to the window task without ever waiting for it.
+    fn report(&self, outcome: Outcome) {
+        match self.outcomes.try_send(outcome) {
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(_)) => self.control.metrics().outcome_dropped(),
+        }
     }
 
     /// Rewrites the downstream request for the arm: URI, version, hop-by-hop and forwarding
@@ -238,7 +286,7 @@ fn log_access(
     method: &http::Method,
     path: &str,
     status: StatusCode,
-    start: Instant,
+    elapsed: std::time::Duration,
 ) {
     tracing::info!(
         target: "canaryd::access",
@@ -248,7 +296,7 @@ fn log_access(
         method = %method,
         path = %path,
         status = status.as_u16(),
-        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
         "request"
     );
 }

@@ -55,13 +55,35 @@ pub enum UpstreamError {
     Protocol(#[source] hyper_util::client::legacy::Error),
 }
 
-impl UpstreamError {
-    /// Metric label for `canaryd_upstream_failures_total{kind}`.
-    pub fn kind(&self) -> &'static str {
+/// The `kind` label of `canaryd_upstream_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Connect failed or timed out.
+    Connect = 0,
+    /// No response headers within `request_timeout`.
+    Timeout = 1,
+    /// Broken connection or invalid HTTP.
+    Protocol = 2,
+}
+
+impl FailureKind {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
         match self {
-            UpstreamError::Connect(_) => "connect",
-            UpstreamError::Timeout(_) => "timeout",
-            UpstreamError::Protocol(_) => "protocol",
+            FailureKind::Connect => "connect",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Protocol => "protocol",
+        }
+    }
+}
+
+impl UpstreamError {
+    /// Which kind of failure this is.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            UpstreamError::Connect(_) => FailureKind::Connect,
+            UpstreamError::Timeout(_) => FailureKind::Timeout,
+            UpstreamError::Protocol(_) => FailureKind::Protocol,
         }
     }
 }

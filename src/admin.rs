@@ -1,0 +1,474 @@
+//! The admin API (design §4): a plain match on method and path, JSON in and out.
+//!
+//! Reads are open; PUT/POST need `Authorization: Bearer <token>` when a token is configured.
+//! Every refusal is `{"error": "..."}` with a precise message, and a refused call changes
+//! nothing: requests are fully parsed and validated before the control plane is touched.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{json, Map, Value};
+use subtle::ConstantTimeEq;
+
+use crate::circuit::Windows;
+use crate::control::{ChangeError, Control, View};
+use crate::routing::BASIS_POINTS;
+use crate::state::Trip;
+
+/// Largest admin request body.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Shared state of the admin API.
+#[derive(Debug)]
+pub struct Admin {
+    /// The control plane.
+    pub control: Arc<Control>,
+    /// Per-arm windows for `/status`.
+    pub windows: Arc<Windows>,
+    /// Bearer token for mutating calls.
+    pub token: Option<String>,
+    /// `/readyz` answers 200 while set.
+    pub ready: Arc<AtomicBool>,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+/// A refused admin call: its status and the `{"error": ...}` message.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    allow: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            allow: None,
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn into_response(self) -> Resp {
+        let mut r = json_response(self.status, &json!({ "error": self.message }));
+        if let Some(allow) = self.allow {
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> Self {
+        match e {
+            ChangeError::Invalid(m) => ApiError::bad_request(m),
+            ChangeError::Tripped(m) => ApiError::new(StatusCode::CONFLICT, m),
+        }
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Resp {
+    let mut text = body.to_string();
+    text.push('\n');
+    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Weight in basis points as a JSON percentage: `1250` → `12.5`, `9000` → `90`.
+fn pct(bp: u16) -> Value {
+    if bp % 100 == 0 {
+        json!(bp / 100)
+    } else {
+        json!(f64::from(bp) / 100.0)
+    }
+}
+
+fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+const PATHS: &[(&str, &str)] = &[
+    ("/weights", "GET, PUT"),
+    ("/promote", "POST"),
+    ("/rollback", "POST"),
+    ("/reset", "POST"),
+    ("/status", "GET"),
+    ("/route", "GET"),
+    ("/metrics", "GET"),
+    ("/healthz", "GET"),
+    ("/readyz", "GET"),
+];
+
+impl Admin {
+    /// Handles one admin request.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let resp = self
+            .call(&method, &path, req)
+            .await
+            .unwrap_or_else(ApiError::into_response);
+        if method != Method::GET {
+            tracing::debug!(%method, %path, status = resp.status().as_u16(), "admin call");
+        }
+        Ok(resp)
+    }
+
+    async fn call(
+        &self,
+        method: &Method,
+        path: &str,
+        req: Request<Incoming>,
+    ) -> Result<Resp, ApiError> {
+        match (method, path) {
+            (&Method::GET, "/weights") => Ok(self.get_weights()),
+            (&Method::PUT, "/weights") => {
+                self.authorize(&req)?;
+                let body = read_json(req).await?;
+                self.put_weights(body)
+            }
+            (&Method::POST, "/promote") => {
+                self.authorize(&req)?;
+                let body = read_json(req).await?;
+                self.promote(body)
+            }
+            (&Method::POST, "/rollback") => {
+                self.authorize(&req)?;
+                self.control.rollback_all();
+                Ok(self.get_weights())
+            }
+            (&Method::POST, "/reset") => {
+                self.authorize(&req)?;
+                self.control.reset();
+                Ok(self.get_weights())
+            }
+            (&Method::GET, "/status") => Ok(self.status()),
+            (&Method::GET, "/route") => self.route(req.uri().query()),
+            (&Method::GET, "/metrics") => {
+                let mut r = Response::new(Full::new(Bytes::from(self.control.metrics().render())));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                Ok(r)
+            }
+            (&Method::GET, "/healthz") => {
+                Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+            }
+            (&Method::GET, "/readyz") => Ok(if self.ready.load(Ordering::Relaxed) {
+                json_response(StatusCode::OK, &json!({"status": "ready"}))
+            } else {
+                json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "not ready"}),
+                )
+            }),
+            _ => Err(match PATHS.iter().find(|(p, _)| *p == path) {
+                Some((_, allow)) => ApiError {
+                    allow: Some(allow),
+                    ..ApiError::new(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        format!("{method} is not allowed on {path}; use {allow}"),
+                    )
+                },
+                None => {
+                    let known: Vec<&str> = PATHS.iter().map(|(p, _)| *p).collect();
+                    ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        format!("no such endpoint {path}; endpoints: {}", known.join(", ")),
+                    )
+                }
+            }),
+        }
+    }
+
+    fn authorize(&self, req: &Request<Incoming>) -> Result<(), ApiError> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        match presented {
+            Some(p) if bool::from(p.ct_eq(token.as_bytes())) => Ok(()),
+            Some(_) => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid bearer token",
+            )),
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "this call changes state and needs \"Authorization: Bearer <token>\"",
+            )),
+        }
+    }
+
+    fn get_weights(&self) -> Resp {
+        json_response(StatusCode::OK, &weights_json(&self.control.view()))
+    }
+
+    fn put_weights(&self, body: Value) -> Result<Resp, ApiError> {
+        let Value::Object(map) = body else {
+            return Err(ApiError::bad_request(
+                "expected a JSON object of upstream name to percent, e.g. {\"canary\": 25}",
+            ));
+        };
+        let mut requested = BTreeMap::new();
+        for (name, v) in &map {
+            match v.as_f64().and_then(percent_to_bp) {
+                Some(bp) => {
+                    requested.insert(name.clone(), bp);
+                }
+                None => {
+                    return Err(ApiError::bad_request(format!(
+                        "weight of {name:?} must be a number from 0 to 100 with at most 2 \
+                         decimals, got {v}"
+                    )))
+                }
+            }
+        }
+        self.control.set_weights(&requested)?;
+        Ok(self.get_weights())
+    }
+
+    fn promote(&self, body: Value) -> Result<Resp, ApiError> {
+        let upstream = match &body {
+            Value::Null => None,
+            Value::Object(m) => {
+                if let Some(k) = m.keys().find(|k| *k != "upstream") {
+                    return Err(ApiError::bad_request(format!(
+                        "unknown field {k:?}; expected {{\"upstream\": NAME}}"
+                    )));
+                }
+                match m.get("upstream") {
+                    None => None,
+                    Some(Value::String(s)) => Some(s.as_str()),
+                    Some(other) => {
+                        return Err(ApiError::bad_request(format!(
+                            "\"upstream\" must be a string, got {other}"
+                        )))
+                    }
+                }
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "expected no body or {\"upstream\": NAME}",
+                ))
+            }
+        };
+        self.control.promote(upstream)?;
+        Ok(self.get_weights())
+    }
+
+    fn status(&self) -> Resp {
+        let view = self.control.view();
+        let stats = self.windows.stats(tokio::time::Instant::now());
+        let c = &view.config;
+        let arms: Vec<Value> = c
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let w = stats.get(&u.name);
+                let ms = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3);
+                json!({
+                    "name": u.name,
+                    "url": u.url_text(),
+                    "baseline": i == c.baseline,
+                    "effective_weight": pct(view.effective[i]),
+                    "configured_weight": pct(view.configured[i]),
+                    "tripped": view.tripped.get(&u.name).map(trip_json),
+                    "window": {
+                        "requests": w.map_or(0, |s| s.requests),
+                        "errors": w.map_or(0, |s| s.errors),
+                        "error_rate": w.map_or(0.0, |s| s.error_rate),
+                        "p50_ms": ms(w.and_then(|s| s.p50)),
+                        "p99_ms": ms(w.and_then(|s| s.p99)),
+                    },
+                })
+            })
+            .collect();
+        let r = &c.rollback;
+        let last_reload = view.last_reload.as_ref().map(|lr| {
+            let at = humantime::format_rfc3339_millis(lr.at).to_string();
+            match &lr.result {
+                Ok(g) => json!({"at": at, "result": "success", "generation": g}),
+                Err(e) => json!({"at": at, "result": "failure", "error": e}),
+            }
+        });
+        json_response(
+            StatusCode::OK,
+            &json!({
+                "generation": view.generation,
+                "source": view.source.as_str(),
+                "baseline": c.baseline().name,
+                "arms": arms,
+                "circuit": {
+                    "enabled": r.enabled,
+                    "window": humantime::format_duration(r.window).to_string(),
+                    "min_requests": r.min_requests,
+                    "max_error_rate": r.max_error_rate,
+                    "max_error_rate_increase": r.max_error_rate_increase,
+                    "error_statuses": r.error_statuses.spec(),
+                    "tripped": view.tripped.keys().collect::<Vec<_>>(),
+                },
+                "last_reload": last_reload,
+                "uptime_seconds": uptime_seconds(),
+            }),
+        )
+    }
+
+    fn route(&self, query: Option<&str>) -> Result<Resp, ApiError> {
+        let key = query.and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "key")
+                .map(|(_, v)| v.into_owned())
+        });
+        let Some(key) = key else {
+            return Err(ApiError::bad_request(
+                "missing query parameter: /route?key=USER_ID",
+            ));
+        };
+        let snap = self.control.snapshot();
+        let bucket = snap.router.bucket(key.as_bytes());
+        let arm = snap.table.pick(bucket);
+        let (start, end) = snap.table.range(arm);
+        let name = &snap.arms[arm].name;
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({
+                "key": key,
+                "bucket": bucket,
+                "arm": &**name,
+                "range": [start, end],
+                "why": format!(
+                    "md5(salt ++ key) gives bucket {bucket}; {name} serves buckets [{start}, {end}) \
+                     under the effective weights"
+                ),
+                "generation": snap.generation,
+            }),
+        ))
+    }
+}
+
+fn uptime_seconds() -> u64 {
+    static START: std::sync::OnceLock<SystemTime> = std::sync::OnceLock::new();
+    let start = START.get_or_init(SystemTime::now);
+    SystemTime::now()
+        .duration_since(*start)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `12.5` → `1250`; `None` outside 0..=100 or with more than 2 decimals.
+fn percent_to_bp(p: f64) -> Option<u16> {
+    if !(0.0..=100.0).contains(&p) {
+        return None;
+    }
+    let bp = (p * 100.0).round();
+    ((p * 100.0 - bp).abs() < 1e-6 && bp <= f64::from(BASIS_POINTS)).then_some(bp as u16)
+}
+
+/// Reads a JSON body of at most [`MAX_BODY`] bytes; an empty body is `null`.
+async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_BODY} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Err(e) => {
+            return Err(ApiError::bad_request(format!(
+                "cannot read the request body: {e}"
+            )))
+        }
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn trip_json(t: &Trip) -> Value {
+    json!({"reason": t.reason, "detail": t.detail, "at": rfc3339_ms(t.at_ms), "url": t.url})
+}
+
+/// The `GET /weights` document.
+pub fn weights_json(view: &View) -> Value {
+    let c = &view.config;
+    let table = |w: &[u16]| -> Value {
+        Value::Object(
+            c.upstreams
+                .iter()
+                .zip(w)
+                .map(|(u, &bp)| (u.name.clone(), pct(bp)))
+                .collect::<Map<String, Value>>(),
+        )
+    };
+    json!({
+        "generation": view.generation,
+        "source": view.source.as_str(),
+        "baseline": c.baseline().name,
+        "effective": table(&view.effective),
+        "configured": table(&view.configured),
+        "file": table(&view.file),
+        "tripped": view
+            .tripped
+            .iter()
+            .map(|(n, t)| (n.clone(), trip_json(t)))
+            .collect::<Map<String, Value>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_conversion() {
+        assert_eq!(percent_to_bp(25.0), Some(2500));
+        assert_eq!(percent_to_bp(12.5), Some(1250));
+        assert_eq!(percent_to_bp(0.01), Some(1));
+        assert_eq!(percent_to_bp(100.0), Some(10000));
+        assert_eq!(percent_to_bp(12.345), None);
+        assert_eq!(percent_to_bp(-1.0), None);
+        assert_eq!(percent_to_bp(100.5), None);
+        assert_eq!(pct(1250), json!(12.5));
+        assert_eq!(pct(9000), json!(90));
+    }
+}

@@ -1,0 +1,278 @@
+//! Prometheus metrics: names in one place, handles resolved once per arm.
+//!
+//! Each server instance owns its own recorder (nothing is installed globally), so several
+//! proxies in one process — the test suite — keep exact, separate counts. The data path only
+//! touches pre-resolved atomic handles: per-status counters are created on first use of a
+//! status and then read through a `OnceLock`, never looked up by string.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::upstream::FailureKind;
+
+/// `canaryd_requests_total{upstream,status}`.
+pub const REQUESTS: &str = "canaryd_requests_total";
+/// `canaryd_request_duration_seconds{upstream}`.
+pub const DURATION: &str = "canaryd_request_duration_seconds";
+/// `canaryd_upstream_failures_total{upstream,kind}`.
+pub const FAILURES: &str = "canaryd_upstream_failures_total";
+/// `canaryd_requests_in_flight{upstream}`.
+pub const IN_FLIGHT: &str = "canaryd_requests_in_flight";
+/// `canaryd_upstream_weight_percent{upstream}`.
+pub const WEIGHT: &str = "canaryd_upstream_weight_percent";
+/// `canaryd_upstream_tripped{upstream}`.
+pub const TRIPPED: &str = "canaryd_upstream_tripped";
+/// `canaryd_rollbacks_total{upstream,reason}`.
+pub const ROLLBACKS: &str = "canaryd_rollbacks_total";
+/// `canaryd_config_reloads_total{result}`.
+pub const RELOADS: &str = "canaryd_config_reloads_total";
+/// `canaryd_outcomes_dropped_total`: outcomes the window task could not keep up with.
+pub const OUTCOMES_DROPPED: &str = "canaryd_outcomes_dropped_total";
+
+/// Histogram buckets for request duration: 0.5 ms to 30 s.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// How often histogram samples are folded into buckets, keeping memory flat between scrapes.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+static METADATA: Metadata<'static> = Metadata::new("canaryd", metrics::Level::INFO, None);
+
+/// The metrics registry of one canaryd instance.
+pub struct Metrics {
+    recorder: Arc<PrometheusRecorder>,
+    handle: PrometheusHandle,
+    arms: Mutex<HashMap<Arc<str>, Arc<ArmMetrics>>>,
+    reload_success: Counter,
+    reload_failure: Counter,
+    outcomes_dropped: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with the duration histogram's buckets set.
+    pub fn new() -> Arc<Metrics> {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(DURATION.into()), DURATION_BUCKETS)
+            .map(PrometheusBuilder::build_recorder)
+            // Only fails for an empty bucket list; DURATION_BUCKETS is a non-empty constant.
+            .expect("non-empty histogram buckets");
+        describe(&recorder);
+        let handle = recorder.handle();
+        let reload = |result: &'static str| {
+            recorder.register_counter(
+                &Key::from_parts(RELOADS, vec![Label::new("result", result)]),
+                &METADATA,
+            )
+        };
+        let reload_success = reload("success");
+        let reload_failure = reload("failure");
+        let outcomes_dropped =
+            recorder.register_counter(&Key::from_name(OUTCOMES_DROPPED), &METADATA);
+        Arc::new(Metrics {
+            recorder: Arc::new(recorder),
+            handle,
+            arms: Mutex::new(HashMap::new()),
+            reload_success,
+            reload_failure,
+            outcomes_dropped,
+        })
+    }
+
+    /// The handles of one arm, created on first use and shared by every snapshot after.
+    pub fn arm(&self, name: &Arc<str>) -> Arc<ArmMetrics> {
+        let mut arms = self.arms.lock().unwrap_or_else(|p| p.into_inner());
+        arms.entry(name.clone())
+            .or_insert_with(|| Arc::new(ArmMetrics::new(self.recorder.clone(), name)))
+            .clone()
+    }
+
+    /// Counts a config reload.
+    pub fn reload(&self, ok: bool) {
+        if ok {
+            self.reload_success.increment(1);
+        } else {
+            self.reload_failure.increment(1);
+        }
+    }
+
+    /// Counts outcomes dropped because the window task was behind.
+    pub fn outcome_dropped(&self) {
+        self.outcomes_dropped.increment(1);
+    }
+
+    /// Counts a trip of `arm` for `reason`.
+    pub fn rollback(&self, arm: &str, reason: &'static str) {
+        self.recorder
+            .register_counter(
+                &Key::from_parts(
+                    ROLLBACKS,
+                    vec![
+                        Label::new("upstream", arm.to_owned()),
+                        Label::new("reason", reason),
+                    ],
+                ),
+                &METADATA,
+            )
+            .increment(1);
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Folds histogram samples; call every [`UPKEEP_INTERVAL`].
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+fn describe(r: &PrometheusRecorder) {
+    let d = |name: &'static str, unit: Option<Unit>, text: &'static str| (name, unit, text);
+    for (name, unit, text) in [
+        d(REQUESTS, None, "Requests answered, by arm and status (including 502/504 made by canaryd)."),
+        d(FAILURES, None, "Failures to get a response from an upstream, by kind."),
+        d(ROLLBACKS, None, "Arms tripped by the rollback circuit or the admin API, by reason."),
+        d(RELOADS, None, "Config reloads, by result."),
+        d(OUTCOMES_DROPPED, None, "Request outcomes not counted in the sliding windows because the window task was behind."),
+    ] {
+        r.describe_counter(name.into(), unit, text.into());
+    }
+    r.describe_histogram(
+        DURATION.into(),
+        Some(Unit::Seconds),
+        "Time from request received to upstream response headers (or the proxy's error), by arm."
+            .into(),
+    );
+    r.describe_gauge(
+        IN_FLIGHT.into(),
+        None,
+        "Requests being served, by arm.".into(),
+    );
+    r.describe_gauge(
+        WEIGHT.into(),
+        None,
+        "Effective weight in percent, by arm.".into(),
+    );
+    r.describe_gauge(
+        TRIPPED.into(),
+        None,
+        "1 while the arm is tripped (weight forced to 0).".into(),
+    );
+}
+
+/// Pre-resolved handles for one arm.
+pub struct ArmMetrics {
+    recorder: Arc<PrometheusRecorder>,
+    name: Arc<str>,
+    /// Indexed by `status - 100` for 100..=599.
+    by_status: Box<[OnceLock<Counter>]>,
+    duration: Histogram,
+    in_flight: Gauge,
+    failures: [Counter; 3],
+    weight: Gauge,
+    tripped: Gauge,
+}
+
+impl std::fmt::Debug for ArmMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArmMetrics")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ArmMetrics {
+    fn new(recorder: Arc<PrometheusRecorder>, name: &Arc<str>) -> Self {
+        let label = || Label::new("upstream", name.to_string());
+        let key = |metric: &'static str| Key::from_parts(metric, vec![label()]);
+        let failure = |kind: &'static str| {
+            recorder.register_counter(
+                &Key::from_parts(FAILURES, vec![label(), Label::new("kind", kind)]),
+                &METADATA,
+            )
+        };
+        ArmMetrics {
+            by_status: (100..600).map(|_| OnceLock::new()).collect(),
+            duration: recorder.register_histogram(&key(DURATION), &METADATA),
+            in_flight: recorder.register_gauge(&key(IN_FLIGHT), &METADATA),
+            failures: [
+                FailureKind::Connect,
+                FailureKind::Timeout,
+                FailureKind::Protocol,
+            ]
+            .map(|k| failure(k.as_str())),
+            weight: recorder.register_gauge(&key(WEIGHT), &METADATA),
+            tripped: recorder.register_gauge(&key(TRIPPED), &METADATA),
+            name: name.clone(),
+            recorder,
+        }
+    }
+
+    /// Counts a finished request with its status and records its duration.
+    #[inline]
+    pub fn record(&self, status: u16, elapsed: Duration) {
+        self.requests(status).increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
+
+    fn requests(&self, status: u16) -> &Counter {
+        // hyper's StatusCode is always 100..=999; codes past 599 share the 599 slot's label
+        // space only if an upstream sends them, which HTTP does not define.
+        let idx = usize::from(status.clamp(100, 599) - 100);
+        self.by_status[idx].get_or_init(|| {
+            self.recorder.register_counter(
+                &Key::from_parts(
+                    REQUESTS,
+                    vec![
+                        Label::new("upstream", self.name.to_string()),
+                        Label::new("status", status.clamp(100, 599).to_string()),
+                    ],
+                ),
+                &METADATA,
+            )
+        })
+    }
+
+    /// Counts a failure to get a response.
+    #[inline]
+    pub fn failure(&self, kind: FailureKind) {
+        self.failures[kind as usize].increment(1);
+    }
+
+    /// Counts a request as in flight until the returned guard is dropped.
+    #[inline]
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.increment(1.0);
+        InFlight(self.clone())
+    }
+
+    /// Publishes the arm's effective weight and tripped state.
+    pub fn set_state(&self, weight_bp: u16, tripped: bool) {
+        self.weight.set(f64::from(weight_bp) / 100.0);
+        self.tripped.set(if tripped { 1.0 } else { 0.0 });
+    }
+}
+
+/// Holds one request in `canaryd_requests_in_flight` until dropped (end of the response body).
+#[derive(Debug)]
+pub struct InFlight(Arc<ArmMetrics>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.decrement(1.0);
+    }
+}

@@ -1,0 +1,253 @@
+//! Sliding window of one arm's requests, errors and latencies. Pure; time is passed in.
+//!
+//! The window is a ring of [`SLOTS`] time slots. A running total is kept alongside, so the
+//! error rate and quantiles of the whole window cost O(buckets), not O(slots × buckets): the
+//! rollback circuit checks them after every request. Latencies go into a log-linear histogram
+//! with 16 sub-buckets per power of two (≤ 6.25% relative error).
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Slots per window; the window slides in steps of `window / SLOTS`.
+pub const SLOTS: usize = 30;
+/// Exact buckets below 16 µs, then 16 per octave up to 2^26 µs (67 s).
+const BUCKETS: usize = 16 + 23 * 16;
+
+#[derive(Clone)]
+struct Counts {
+    requests: u64,
+    errors: u64,
+    latency: Box<[u32; BUCKETS]>,
+}
+
+impl Counts {
+    fn new() -> Self {
+        Counts {
+            requests: 0,
+            errors: 0,
+            latency: Box::new([0; BUCKETS]),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.requests = 0;
+        self.errors = 0;
+        self.latency.fill(0);
+    }
+}
+
+/// Numbers over the current window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WindowStats {
+    /// Requests finished in the window.
+    pub requests: u64,
+    /// Of those, errors.
+    pub errors: u64,
+    /// `errors / requests`, 0 when empty.
+    pub error_rate: f64,
+    /// Median latency, if any request.
+    pub p50: Option<Duration>,
+    /// 99th percentile latency, if any request.
+    pub p99: Option<Duration>,
+}
+
+/// One arm's sliding window.
+pub struct Window {
+    length: Duration,
+    epoch: Instant,
+    slot_width: Duration,
+    /// Ring of slots; `ids[i]` is the absolute slot number stored in `slots[i]`.
+    slots: Vec<Counts>,
+    ids: Vec<u64>,
+    total: Counts,
+}
+
+impl std::fmt::Debug for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Window")
+            .field("length", &self.length())
+            .field("requests", &self.total.requests)
+            .finish()
+    }
+}
+
+impl Window {
+    /// An empty window of length `length` starting at `now`.
+    pub fn new(length: Duration, now: Instant) -> Self {
+        let slot_width = (length / SLOTS as u32).max(Duration::from_millis(1));
+        Window {
+            length,
+            epoch: now,
+            slot_width,
+            slots: vec![Counts::new(); SLOTS],
+            ids: vec![u64::MAX; SLOTS],
+            total: Counts::new(),
+        }
+    }
+
+    /// The window length it was created with.
+    pub fn length(&self) -> Duration {
+        self.length
+    }
+
+    fn slot_id(&self, now: Instant) -> u64 {
+        let since = now.saturating_duration_since(self.epoch);
+        (since.as_nanos() / self.slot_width.as_nanos().max(1)) as u64
+    }
+
+    /// Drops slots that fell out of the window ending at `now`.
+    fn expire(&mut self, now: Instant) {
+        let current = self.slot_id(now);
+        for i in 0..SLOTS {
+            let id = self.ids[i];
+            if id != u64::MAX && id + (SLOTS as u64) <= current {
+                let slot = &mut self.slots[i];
+                self.total.requests -= slot.requests;
+                self.total.errors -= slot.errors;
+                for (t, s) in self.total.latency.iter_mut().zip(slot.latency.iter()) {
+                    *t -= *s;
+                }
+                slot.clear();
+                self.ids[i] = u64::MAX;
+            }
+        }
+    }
+
+    /// Records one finished request.
+    pub fn record(&mut self, now: Instant, error: bool, latency: Duration) {
+        self.expire(now);
+        let id = self.slot_id(now);
+        let i = (id % SLOTS as u64) as usize;
+        self.ids[i] = id;
+        let b = bucket_of(latency);
+        let slot = &mut self.slots[i];
+        slot.requests += 1;
+        slot.latency[b] += 1;
+        self.total.requests += 1;
+        self.total.latency[b] += 1;
+        if error {
+            slot.errors += 1;
+            self.total.errors += 1;
+        }
+    }
+
+    /// The numbers over the window ending at `now`.
+    pub fn stats(&mut self, now: Instant) -> WindowStats {
+        self.expire(now);
+        let t = &self.total;
+        WindowStats {
+            requests: t.requests,
+            errors: t.errors,
+            error_rate: if t.requests == 0 {
+                0.0
+            } else {
+                t.errors as f64 / t.requests as f64
+            },
+            p50: quantile(&t.latency, t.requests, 0.50),
+            p99: quantile(&t.latency, t.requests, 0.99),
+        }
+    }
+}
+
+fn bucket_of(d: Duration) -> usize {
+    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+    if us < 16 {
+        return us as usize;
+    }
+    let octave = 63 - us.leading_zeros() as usize; // >= 4
+    let sub = ((us >> (octave - 4)) & 15) as usize;
+    (16 + (octave - 4) * 16 + sub).min(BUCKETS - 1)
+}
+
+/// Midpoint of a bucket, in microseconds.
+fn bucket_mid_us(b: usize) -> f64 {
+    if b < 16 {
+        return b as f64;
+    }
+    let octave = (b - 16) / 16 + 4;
+    let sub = ((b - 16) % 16) as u64;
+    let lo = (16 + sub) << (octave - 4);
+    let hi = (17 + sub) << (octave - 4);
+    (lo + hi) as f64 / 2.0
+}
+
+fn quantile(hist: &[u32; BUCKETS], total: u64, q: f64) -> Option<Duration> {
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+    let mut seen = 0u64;
+    for (b, &n) in hist.iter().enumerate() {
+        seen += u64::from(n);
+        if seen >= rank {
+            return Some(Duration::from_nanos((bucket_mid_us(b) * 1000.0) as u64));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn counts_and_rates() {
+        let t0 = Instant::now();
+        let mut w = Window::new(Duration::from_secs(30), t0);
+        for i in 0..100 {
+            w.record(t0, i % 10 == 0, ms(5));
+        }
+        let s = w.stats(t0);
+        assert_eq!((s.requests, s.errors), (100, 10));
+        assert!((s.error_rate - 0.1).abs() < 1e-9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_requests_slide_out() {
+        let t0 = Instant::now();
+        let mut w = Window::new(Duration::from_secs(30), t0);
+        w.record(Instant::now(), true, ms(1));
+        tokio::time::advance(Duration::from_secs(15)).await;
+        w.record(Instant::now(), false, ms(1));
+        assert_eq!(w.stats(Instant::now()).requests, 2);
+        tokio::time::advance(Duration::from_secs(16)).await;
+        let s = w.stats(Instant::now());
+        assert_eq!(
+            (s.requests, s.errors),
+            (1, 0),
+            "the first request is older than 30s"
+        );
+        tokio::time::advance(Duration::from_secs(15)).await;
+        assert_eq!(w.stats(Instant::now()).requests, 0);
+    }
+
+    #[test]
+    fn quantiles_within_bucket_precision() {
+        let t0 = Instant::now();
+        let mut w = Window::new(Duration::from_secs(30), t0);
+        for i in 1..=1000u64 {
+            w.record(t0, false, Duration::from_micros(i * 100)); // 0.1 ms .. 100 ms
+        }
+        let s = w.stats(t0);
+        let p50 = s.p50.expect("p50").as_secs_f64();
+        let p99 = s.p99.expect("p99").as_secs_f64();
+        assert!((p50 / 0.050 - 1.0).abs() < 0.07, "p50 {p50}");
+        assert!((p99 / 0.099 - 1.0).abs() < 0.07, "p99 {p99}");
+    }
+
+    #[test]
+    fn buckets_are_monotonic() {
+        let mut last = 0;
+        for us in 1..2_000_000u64 {
+            let b = bucket_of(Duration::from_micros(us));
+            assert!(b >= last);
+            last = b;
+        }
+        assert_eq!(bucket_of(Duration::from_secs(3600)), BUCKETS - 1);
+    }
+}
