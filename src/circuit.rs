@@ -1,8 +1,9 @@
-//! Per-arm sliding windows fed by request outcomes, off the data path.
+//! The rollback circuit: per-arm sliding windows fed by request outcomes, and the trip rule.
 //!
 //! The proxy sends one [`Outcome`] per finished request with `try_send` on a bounded channel:
-//! it never waits. A single task owns the updates; `/status` reads the windows under a short
-//! lock the data path never takes.
+//! it never waits. A single task owns the updates and checks the trip rule (design §5) for
+//! every arm that finished a request, so a spike is caught within a few requests. `/status`
+//! reads the windows under a short lock the data path never takes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::control::Control;
+use crate::config::RollbackConfig;
+use crate::control::{Control, Snapshot};
 use crate::window::{Window, WindowStats};
 
 /// Outcomes buffered before the data path starts dropping them (counted in metrics).
@@ -41,17 +43,21 @@ pub struct Windows {
 }
 
 impl Windows {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Window>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Stats of every arm that has a window, as of `now`.
     pub fn stats(&self, now: Instant) -> BTreeMap<String, WindowStats> {
-        let mut arms = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        arms.iter_mut()
+        self.lock()
+            .iter_mut()
             .map(|(name, w)| (name.to_string(), w.stats(now)))
             .collect()
     }
 
     /// Records a batch; windows are (re)created when `length` changes.
-    fn record(&self, batch: &[Outcome], length: Duration) {
-        let mut arms = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn record(&self, batch: &[Outcome], length: Duration) {
+        let mut arms = self.lock();
         for o in batch {
             let w = arms
                 .entry(o.arm.clone())
@@ -62,6 +68,89 @@ impl Windows {
             w.record(o.at, o.error, o.latency);
         }
     }
+
+    /// Forgets an arm's history (after a reset or a new build).
+    pub fn clear(&self, arm: &str) {
+        self.lock().remove(arm);
+    }
+
+    /// One arm's stats.
+    pub fn arm_stats(&self, arm: &str, now: Instant) -> Option<WindowStats> {
+        self.lock().get_mut(arm).map(|w| w.stats(now))
+    }
+}
+
+/// Why an arm trips.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    /// Metric label: `error_rate`, `error_rate_increase` or `latency`.
+    pub reason: &'static str,
+    /// The numbers, in words, for the log and the state file.
+    pub detail: String,
+}
+
+/// The trip rule of design §5 (plus the optional p99 rules), for one arm against the baseline.
+///
+/// Every rule needs `min_requests` in the arm's window; the rules that compare against the
+/// baseline also need `min_requests` in the baseline's window, so a quiet baseline never makes
+/// a canary look worse than it is.
+pub fn evaluate(cfg: &RollbackConfig, arm: &WindowStats, base: &WindowStats) -> Option<Verdict> {
+    if arm.requests < cfg.min_requests {
+        return None;
+    }
+    let numbers = format!(
+        "{} errors in {} requests ({:.1}%) over {}",
+        arm.errors,
+        arm.requests,
+        arm.error_rate * 100.0,
+        humantime::format_duration(cfg.window)
+    );
+    if arm.error_rate >= cfg.max_error_rate {
+        return Some(Verdict {
+            reason: "error_rate",
+            detail: format!(
+                "{numbers}; max_error_rate is {:.1}%",
+                cfg.max_error_rate * 100.0
+            ),
+        });
+    }
+    if base.requests < cfg.min_requests {
+        return None;
+    }
+    if arm.error_rate - base.error_rate >= cfg.max_error_rate_increase {
+        return Some(Verdict {
+            reason: "error_rate_increase",
+            detail: format!(
+                "{numbers}; baseline {:.1}% of {}; max_error_rate_increase is {:.1} points",
+                base.error_rate * 100.0,
+                base.requests,
+                cfg.max_error_rate_increase * 100.0
+            ),
+        });
+    }
+    let (Some(p99), Some(base_p99)) = (arm.p99, base.p99) else {
+        return None;
+    };
+    let latency = |limit: String| Verdict {
+        reason: "latency",
+        detail: format!(
+            "p99 {:.1}ms vs baseline {:.1}ms over {} requests; {limit}",
+            p99.as_secs_f64() * 1e3,
+            base_p99.as_secs_f64() * 1e3,
+            arm.requests
+        ),
+    };
+    if let Some(max) = cfg.max_p99_increase {
+        if p99.saturating_sub(base_p99) >= max {
+            return Some(latency(format!("max_p99_increase is {max:?}")));
+        }
+    }
+    if let Some(ratio) = cfg.max_p99_ratio {
+        if p99.as_secs_f64() >= base_p99.as_secs_f64() * ratio {
+            return Some(latency(format!("max_p99_ratio is {ratio}")));
+        }
+    }
+    None
 }
 
 /// Creates the outcome channel.
@@ -69,7 +158,35 @@ pub fn channel() -> (OutcomeSender, mpsc::Receiver<Outcome>) {
     mpsc::channel(CHANNEL_CAPACITY)
 }
 
-/// Runs the window task until every sender is gone.
+/// What the task remembers of each arm to notice resets and new builds.
+#[derive(Default)]
+struct Seen {
+    generation: u64,
+    arms: HashMap<Arc<str>, (String, bool)>,
+}
+
+impl Seen {
+    /// Clears the window of an arm whose trip was reset or whose URL changed: its history
+    /// belongs to the build that tripped, not to what serves now.
+    fn sync(&mut self, snap: &Snapshot, windows: &Windows) {
+        if snap.generation == self.generation {
+            return;
+        }
+        self.generation = snap.generation;
+        let config = &snap.config;
+        for (arm, u) in snap.arms.iter().zip(&config.upstreams) {
+            let url = u.url_text();
+            if let Some((old_url, was_tripped)) = self.arms.get(&arm.name) {
+                if *old_url != url || (*was_tripped && !arm.tripped) {
+                    windows.clear(&arm.name);
+                }
+            }
+            self.arms.insert(arm.name.clone(), (url, arm.tripped));
+        }
+    }
+}
+
+/// Runs the window and trip task until every sender is gone.
 pub fn spawn(
     control: Arc<Control>,
     windows: Arc<Windows>,
@@ -77,10 +194,169 @@ pub fn spawn(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(256);
+        let mut seen = Seen::default();
         while rx.recv_many(&mut batch, 256).await > 0 {
-            let length = control.snapshot().config.rollback.window;
-            windows.record(&batch, length);
+            let snap = control.snapshot();
+            seen.sync(&snap, &windows);
+            let cfg = &snap.config.rollback;
+            windows.record(&batch, cfg.window);
+            if cfg.enabled {
+                check(&control, &snap, &windows, &batch);
+            }
             batch.clear();
         }
     })
+}
+
+/// Checks every non-baseline, untripped arm that appears in `batch`.
+fn check(control: &Control, snap: &Snapshot, windows: &Windows, batch: &[Outcome]) {
+    let baseline = &snap.arms[snap.table.baseline()];
+    let now = batch.last().map_or_else(Instant::now, |o| o.at);
+    let mut base: Option<WindowStats> = None;
+    for arm in &snap.arms {
+        if arm.tripped
+            || Arc::ptr_eq(&arm.name, &baseline.name)
+            || !batch.iter().any(|o| o.arm == arm.name)
+        {
+            continue;
+        }
+        let Some(stats) = windows.arm_stats(&arm.name, now) else {
+            continue;
+        };
+        let base =
+            *base.get_or_insert_with(|| windows.arm_stats(&baseline.name, now).unwrap_or(EMPTY));
+        if let Some(v) = evaluate(&snap.config.rollback, &stats, &base) {
+            control.trip(&arm.name, v.reason, v.detail);
+        }
+    }
+}
+
+const EMPTY: WindowStats = WindowStats {
+    requests: 0,
+    errors: 0,
+    error_rate: 0.0,
+    p50: None,
+    p99: None,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn cfg(extra: &str) -> RollbackConfig {
+        let text = format!(
+            r#"
+[[upstream]]
+name = "stable"
+url = "http://127.0.0.1:1"
+weight = 90
+[[upstream]]
+name = "canary"
+url = "http://127.0.0.1:2"
+weight = 10
+[rollback]
+min_requests = 20
+max_error_rate = 0.10
+max_error_rate_increase = 0.02
+{extra}
+"#
+        );
+        Config::parse(&text).expect("valid").rollback
+    }
+
+    /// Feeds `n` requests, `errors` of them failing, each taking `latency`, 10 ms apart.
+    async fn feed(w: &mut Window, n: u64, errors: u64, latency: Duration) -> WindowStats {
+        for i in 0..n {
+            w.record(Instant::now(), i < errors, latency);
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        w.stats(Instant::now())
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absolute_rule_waits_for_min_requests() {
+        let c = cfg("");
+        let mut canary = Window::new(c.window, Instant::now());
+        let mut stable = Window::new(c.window, Instant::now());
+        let base = feed(&mut stable, 200, 0, ms(5)).await;
+        let s = feed(&mut canary, 19, 19, ms(5)).await;
+        assert_eq!(evaluate(&c, &s, &base), None, "19 < min_requests");
+        let s = feed(&mut canary, 1, 1, ms(5)).await;
+        let v = evaluate(&c, &s, &base).expect("20 errors of 20 trips");
+        assert_eq!(v.reason, "error_rate");
+        assert!(
+            v.detail.contains("20 errors in 20 requests"),
+            "{}",
+            v.detail
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn relative_rule_compares_with_the_baseline() {
+        let c = cfg("");
+        let mut stable = Window::new(c.window, Instant::now());
+        let mut canary = Window::new(c.window, Instant::now());
+        // Baseline at 5% errors, canary at 5%: as bad as the baseline, no trip.
+        let base = feed(&mut stable, 200, 10, ms(5)).await;
+        let s = feed(&mut canary, 100, 5, ms(5)).await;
+        assert_eq!(evaluate(&c, &s, &base), None);
+        // Canary at 8% (< 10% absolute) is 3 points above the baseline: trips.
+        let mut canary = Window::new(c.window, Instant::now());
+        let s = feed(&mut canary, 100, 8, ms(5)).await;
+        let v = evaluate(&c, &s, &base).expect("trips");
+        assert_eq!(v.reason, "error_rate_increase");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn relative_rule_needs_a_baseline_sample() {
+        let c = cfg("");
+        let mut stable = Window::new(c.window, Instant::now());
+        let mut canary = Window::new(c.window, Instant::now());
+        let base = feed(&mut stable, 5, 0, ms(5)).await;
+        let s = feed(&mut canary, 100, 5, ms(5)).await;
+        assert_eq!(
+            evaluate(&c, &s, &base),
+            None,
+            "baseline has 5 < 20 requests"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_age_out_of_the_window() {
+        let c = cfg("window = \"10s\"");
+        let mut stable = Window::new(c.window, Instant::now());
+        let mut canary = Window::new(c.window, Instant::now());
+        feed(&mut canary, 20, 20, ms(5)).await;
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let base = feed(&mut stable, 50, 0, ms(5)).await;
+        let s = feed(&mut canary, 30, 0, ms(5)).await;
+        assert_eq!(s.errors, 0);
+        assert_eq!(evaluate(&c, &s, &base), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_rules() {
+        let c = cfg("max_p99_increase = \"50ms\"");
+        let mut stable = Window::new(c.window, Instant::now());
+        let base = feed(&mut stable, 100, 0, ms(20)).await;
+        let mut canary = Window::new(c.window, Instant::now());
+        let s = feed(&mut canary, 100, 0, ms(60)).await;
+        assert_eq!(evaluate(&c, &s, &base), None, "40ms slower is within 50ms");
+        let mut canary = Window::new(c.window, Instant::now());
+        let s = feed(&mut canary, 100, 0, ms(80)).await;
+        assert_eq!(evaluate(&c, &s, &base).map(|v| v.reason), Some("latency"));
+
+        let c = cfg("max_p99_ratio = 1.5");
+        let mut canary = Window::new(c.window, Instant::now());
+        let s = feed(&mut canary, 100, 0, ms(25)).await;
+        assert_eq!(evaluate(&c, &s, &base), None, "1.25x is under 1.5x");
+        let mut canary = Window::new(c.window, Instant::now());
+        let s = feed(&mut canary, 100, 0, ms(40)).await;
+        assert_eq!(evaluate(&c, &s, &base).map(|v| v.reason), Some("latency"));
+    }
 }

@@ -34,6 +34,8 @@ pub struct Arm {
     pub upstream: Arc<Upstream>,
     /// Pre-resolved metric handles.
     pub metrics: Arc<ArmMetrics>,
+    /// Whether the rollback circuit (or an operator) has tripped this arm.
+    pub tripped: bool,
 }
 
 /// Everything a request needs, immutable once published.
@@ -157,9 +159,8 @@ impl Control {
         };
         // The file may have changed while canaryd was down: apply the same rules as a reload.
         reconcile(&mut inner, None);
-        let effective = effective(&inner);
-        let snap = build_snapshot(&config, 1, &effective, None, &metrics);
-        publish_gauges(&snap, &inner);
+        let snap = build_snapshot(&config, 1, &inner, None, &metrics);
+        publish_gauges(&snap);
         let control = Arc::new(Control {
             current: ArcSwap::from_pointee(snap),
             inner: Mutex::new(inner),
@@ -194,11 +195,11 @@ impl Control {
         let snap = build_snapshot(
             &inner.config,
             inner.generation,
-            &effective(inner),
+            inner,
             Some(&old),
             &self.metrics,
         );
-        publish_gauges(&snap, inner);
+        publish_gauges(&snap);
         self.current.store(Arc::new(snap));
         self.persist(inner);
         inner.generation
@@ -549,17 +550,16 @@ pub fn describe(names: &[&str], weights: &[u16]) -> String {
         .join(",")
 }
 
-fn publish_gauges(snap: &Snapshot, inner: &Inner) {
+fn publish_gauges(snap: &Snapshot) {
     for (arm, &w) in snap.arms.iter().zip(snap.table.weights()) {
-        arm.metrics
-            .set_state(w, inner.tripped.contains_key(&*arm.name));
+        arm.metrics.set_state(w, arm.tripped);
     }
 }
 
 fn build_snapshot(
     config: &Arc<Config>,
     generation: u64,
-    effective: &[u16],
+    inner: &Inner,
     old: Option<&Snapshot>,
     metrics: &Metrics,
 ) -> Snapshot {
@@ -579,6 +579,7 @@ fn build_snapshot(
                     .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
                 upstream,
                 metrics: metrics.arm(&name),
+                tripped: inner.tripped.contains_key(&u.name),
                 name,
             }
         })
@@ -588,7 +589,7 @@ fn build_snapshot(
         router: config.router(),
         // Effective weights always sum to 10000: trips move weight to the baseline, and admin
         // tables are checked before they are stored.
-        table: WeightTable::new(effective.to_vec(), config.baseline)
+        table: WeightTable::new(effective(inner), config.baseline)
             .expect("effective weights sum to 100%"),
         arms,
         response_header: config.routing.response_header.clone(),

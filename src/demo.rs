@@ -61,7 +61,12 @@ pub async fn run(
     let config = Config::parse(&demo_config(&opts, v1, v2))?;
     let listeners = crate::app::bind(&config).await?;
     let proxy = listeners.proxy.local_addr().unwrap_or(opts.listen);
-    print_intro(proxy, v1, v2, &opts);
+    let admin = listeners
+        .admin
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .unwrap_or(opts.admin);
+    print_intro(proxy, admin, v1, v2, &opts);
     crate::app::run(
         config,
         None,
@@ -108,20 +113,36 @@ min_requests = 20
     )
 }
 
-fn print_intro(proxy: SocketAddr, v1: SocketAddr, v2: SocketAddr, opts: &DemoOptions) {
+fn print_intro(
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    v1: SocketAddr,
+    v2: SocketAddr,
+    opts: &DemoOptions,
+) {
     let p = format!("http://{proxy}");
+    let a = format!("http://{admin}");
     println!(
         r#"canaryd demo
   stable  = model "v1" on http://{v1}
   canary  = model "v2" on http://{v2}  (fails {rate:.0}% of requests)
   proxy   = {p}   90/10 sticky split on x-user-id, override with x-canary
+  admin   = {a}
 
-Try:
+Send traffic:
   curl -si -H 'x-user-id: alice' -d '{{"text":"great product"}}' {p}/predict      # alice is in the canary (bucket 83)
   curl -si -H 'x-user-id: user_123' -d '{{"text":"great product"}}' {p}/predict   # user_123 stays on stable (bucket 8884)
   curl -si -H 'x-canary: canary' {p}/predict                                      # force the canary arm
-  for i in $(seq 1 20); do curl -s -H "x-user-id: user$i" {p}/predict; echo; done
-  cargo run --release -- route --config config/demo.toml --key alice             # explain a user's arm
+  for i in $(seq 1 200); do curl -s -o /dev/null -H "x-user-id: user$i" {p}/predict; done
+
+Drive it:
+  curl -s {a}/weights                                  # effective and configured weights
+  curl -s -X PUT {a}/weights -d '{{"canary": 25}}'       # ramp the canary to 25%
+  curl -s '{a}/route?key=alice'                        # which arm a user gets, and why
+  curl -s {a}/status                                   # per-arm window: requests, errors, p50/p99
+  curl -s -X POST {a}/rollback                         # everyone back to stable
+  curl -s -X POST {a}/reset                            # undo the rollback
+  curl -s {a}/metrics | grep canaryd_requests_total    # Prometheus metrics
 
 Ctrl-C stops the demo.
 "#,

@@ -209,6 +209,10 @@ fn run(path: PathBuf) -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ canaryd::app::AppError::Token { .. }) => {
+            eprintln!("invalid config: {e}");
+            ExitCode::from(EXIT_INVALID)
+        }
         Err(e) => {
             tracing::error!(error = %e, "canaryd stopped");
             ExitCode::from(EXIT_RUNTIME)

@@ -10,13 +10,13 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Either;
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 
 use crate::circuit::{Outcome, OutcomeSender};
-use crate::control::{Arm, Control};
+use crate::control::{Arm, Control, Snapshot};
 use crate::metrics::InFlight;
 use crate::routing::Decision;
 use crate::upstream::{UpstreamBody, UpstreamError};
@@ -75,6 +75,50 @@ impl Body for ProxyBody {
     }
 }
 
+/// What the access log needs of a request after its head was consumed.
+struct Ctx {
+    start: Instant,
+    decision: Decision,
+    method: http::Method,
+    path: String,
+}
+
+/// A bodyless upstream request, ready to be sent again to another arm.
+struct Replay {
+    method: http::Method,
+    uri: http::Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    /// `None` when `req` has a body (it is being streamed and cannot be sent twice).
+    fn of(req: &Request<UpstreamBody>, to: &Arm) -> Option<Self> {
+        if !req.body().is_end_stream() {
+            return None;
+        }
+        Some(Replay {
+            method: req.method().clone(),
+            uri: to.upstream.uri_for(req.uri().path_and_query()).ok()?,
+            version: if to.upstream.http2() {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            },
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn into_request(self) -> Request<UpstreamBody> {
+        let mut req = Request::new(Either::Right(Empty::new()));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
 /// The per-connection proxy service.
 #[derive(Clone, Debug)]
 pub struct Proxy {
@@ -106,62 +150,110 @@ impl Proxy {
         let snap = self.control.snapshot();
         let decision = snap.router.decide(&snap.table, req.headers());
         let arm = &snap.arms[decision.arm];
+        let ctx = Ctx {
+            start,
+            decision,
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+        };
         let in_flight = arm.metrics.start();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-
-        let (mut resp, error) = match self.upstream_request(req, arm) {
-            Ok(up) => match arm.upstream.send(up, snap.request_timeout).await {
-                Ok(resp) => {
-                    let (mut parts, body) = resp.into_parts();
-                    remove_hop_by_hop(&mut parts.headers);
-                    let error = snap
-                        .config
-                        .rollback
-                        .error_statuses
-                        .contains(parts.status.as_u16());
-                    let body = ProxyBody {
-                        inner: Either::Left(body),
-                        _in_flight: Some(in_flight),
-                    };
-                    (Response::from_parts(parts, body), error)
-                }
-                Err(e) => {
-                    tracing::debug!(upstream = %arm.name, error = %e, "upstream failed");
-                    arm.metrics.failure(e.kind());
-                    (
-                        local_response(failure_status(&e), arm, &e.to_string()),
-                        true,
-                    )
-                }
-            },
-            // A request canaryd cannot express upstream is the client's fault: not an error
-            // of the arm.
-            Err(e) => (
-                local_response(
+        let up = match self.upstream_request(req, arm) {
+            Ok(up) => up,
+            // A request canaryd cannot express upstream is the client's fault, not the arm's.
+            Err(e) => {
+                let resp = local_response(
                     StatusCode::BAD_REQUEST,
                     arm,
                     &format!("cannot build the upstream request: {e}"),
-                ),
-                false,
-            ),
+                );
+                return Ok(self.finish(&snap, arm, &ctx, resp, false));
+            }
         };
-        let elapsed = start.elapsed();
+        let base = &snap.arms[snap.table.baseline()];
+        // Without a body the request can be replayed, so a canary that cannot even accept the
+        // connection costs the user nothing: the baseline answers instead.
+        let replay = if decision.arm == snap.table.baseline() {
+            None
+        } else {
+            Replay::of(&up, base)
+        };
+        let result = arm.upstream.send(up, snap.request_timeout).await;
+        if let (Err(e @ UpstreamError::Connect(_)), Some(replay)) = (&result, replay) {
+            tracing::debug!(upstream = %arm.name, error = %e, "connect failed; failing over to the baseline");
+            arm.metrics.failure(e.kind());
+            self.report(Outcome {
+                arm: arm.name.clone(),
+                error: true,
+                latency: start.elapsed(),
+                at: Instant::now(),
+            });
+            drop(in_flight);
+            let in_flight = base.metrics.start();
+            let timeout = snap.request_timeout.saturating_sub(start.elapsed());
+            let result = base.upstream.send(replay.into_request(), timeout).await;
+            return Ok(self.respond(&snap, base, &ctx, result, in_flight));
+        }
+        Ok(self.respond(&snap, arm, &ctx, result, in_flight))
+    }
+
+    /// Turns the upstream result into the client's response.
+    fn respond(
+        &self,
+        snap: &Snapshot,
+        arm: &Arm,
+        ctx: &Ctx,
+        result: Result<Response<Incoming>, UpstreamError>,
+        in_flight: InFlight,
+    ) -> Response<ProxyBody> {
+        match result {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                remove_hop_by_hop(&mut parts.headers);
+                let error = snap
+                    .config
+                    .rollback
+                    .error_statuses
+                    .contains(parts.status.as_u16());
+                let body = ProxyBody {
+                    inner: Either::Left(body),
+                    _in_flight: Some(in_flight),
+                };
+                self.finish(snap, arm, ctx, Response::from_parts(parts, body), error)
+            }
+            Err(e) => {
+                tracing::debug!(upstream = %arm.name, error = %e, "upstream failed");
+                arm.metrics.failure(e.kind());
+                let resp = local_response(failure_status(&e), arm, &e.to_string());
+                self.finish(snap, arm, ctx, resp, true)
+            }
+        }
+    }
+
+    /// Records the request for `arm` (metrics, window outcome, access log) and names the arm.
+    fn finish(
+        &self,
+        snap: &Snapshot,
+        arm: &Arm,
+        ctx: &Ctx,
+        mut resp: Response<ProxyBody>,
+        error: bool,
+    ) -> Response<ProxyBody> {
+        let elapsed = ctx.start.elapsed();
         arm.metrics.record(resp.status().as_u16(), elapsed);
         self.report(Outcome {
             arm: arm.name.clone(),
             error,
             latency: elapsed,
-            at: start + elapsed,
+            at: ctx.start + elapsed,
         });
         if let Some(h) = &snap.response_header {
             resp.headers_mut()
                 .insert(h.clone(), arm.header_value.clone());
         }
         if snap.access_log {
-            log_access(&arm.name, &decision, &method, &path, resp.status(), elapsed);
+            log_access(&arm.name, ctx, resp.status(), elapsed);
         }
-        Ok(resp)
+        resp
     }
 
     /// Hands an outcome to the window task without ever waiting for it.
@@ -280,21 +372,15 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     }
 }
 
-fn log_access(
-    arm: &str,
-    d: &Decision,
-    method: &http::Method,
-    path: &str,
-    status: StatusCode,
-    elapsed: std::time::Duration,
-) {
+fn log_access(arm: &str, ctx: &Ctx, status: StatusCode, elapsed: std::time::Duration) {
+    let d = &ctx.decision;
     tracing::info!(
         target: "canaryd::access",
         upstream = %arm,
         source = %d.source,
         bucket = d.bucket.map(i64::from).unwrap_or(-1),
-        method = %method,
-        path = %path,
+        method = %ctx.method,
+        path = %ctx.path,
         status = status.as_u16(),
         duration_ms = elapsed.as_secs_f64() * 1000.0,
         "request"
