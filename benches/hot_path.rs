@@ -40,7 +40,9 @@ fn hot_path(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let metrics = Metrics::new();
-    let control = rt.block_on(async { Control::new(config, metrics.clone()) });
+    let control = rt
+        .block_on(async { Control::new(config, metrics.clone()) })
+        .expect("plain http upstreams need no TLS files");
     let arm = metrics.arm(&Arc::from("canary"));
 
     c.bench_function("baseline: routing decision (Router::decide)", |b| {
@@ -59,7 +61,8 @@ fn hot_path(c: &mut Criterion) {
     // The circuit task drains the channel as it does in the proxy.
     let (tx, rx) = circuit::channel();
     let windows = Arc::new(circuit::Windows::default());
-    let _task = rt.block_on(async { circuit::spawn(control.clone(), windows, rx) });
+    let _runtime = rt.enter();
+    let _task = circuit::spawn(control.clone(), windows, rx);
     let name: Arc<str> = Arc::from("stable");
     let dropped = std::sync::atomic::AtomicU64::new(0);
     c.bench_function("outcome hand-off (try_send to the circuit task)", |b| {

@@ -16,6 +16,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
 use crate::circuit::{OutcomeSender, Windows};
@@ -23,6 +24,7 @@ use crate::config::{Config, ListenConfig};
 use crate::control::Control;
 use crate::metrics::{Metrics, UPKEEP_INTERVAL};
 use crate::proxy::Proxy;
+use crate::tls::CertStore;
 
 /// Listeners bound before [`run`] starts.
 #[derive(Debug)]
@@ -50,6 +52,9 @@ pub enum AppError {
     /// Signal handlers or the reload task could not be set up.
     #[error("cannot start the config reload task: {0}")]
     Reload(#[source] std::io::Error),
+    /// The config cannot be served: TLS files unusable (a configuration problem: exit code 2).
+    #[error("invalid config:\n{0}")]
+    Config(#[from] crate::config::ConfigErrors),
     /// The admin token file is unusable (a configuration problem: exit code 2).
     #[error("admin.token_file {path}: {problem}")]
     Token {
@@ -111,7 +116,31 @@ pub async fn run(
     let listen = config.listen.clone();
     let token = load_token(&config)?;
     let metrics = Metrics::new();
-    let control = Control::new(config, metrics.clone());
+    let tls_errors = crate::tls::check_files(&config);
+    if !tls_errors.is_empty() {
+        return Err(AppError::Config(crate::config::ConfigErrors(tls_errors)));
+    }
+    let tls_err = |e: crate::tls::TlsError| {
+        AppError::Config(crate::config::ConfigErrors(vec![
+            crate::config::ConfigError {
+                path: "listen.tls_cert".into(),
+                line: None,
+                message: e.to_string(),
+            },
+        ]))
+    };
+    let tls = match &listen.tls {
+        None => None,
+        Some(files) => {
+            let store = CertStore::load(files.clone()).map_err(tls_err)?;
+            let server = crate::tls::server_config(store.clone()).map_err(tls_err)?;
+            Some((store, server))
+        }
+    };
+    let control = Control::new(config, metrics.clone())?;
+    let cert_watch = tls
+        .as_ref()
+        .map(|(store, _)| crate::reload::spawn_cert_watch(store.clone()));
     let reloader = match config_path {
         Some(path) => Some(crate::reload::spawn(path, control.clone()).map_err(AppError::Reload)?),
         None => None,
@@ -145,11 +174,16 @@ pub async fn run(
     if let Ok(addr) = listeners.proxy.local_addr() {
         tracing::info!(addr = %addr, "proxy listening");
     }
+    let tls = tls.map(|(_, server)| Tls {
+        acceptor: TlsAcceptor::from(server),
+        handshake_timeout: listen.tls_handshake_timeout,
+    });
     let proxy = tokio::spawn(serve_proxy(
         listeners.proxy,
         control.clone(),
         outcomes,
         listen,
+        tls,
         stop_rx,
     ));
     ready.store(true, Ordering::Relaxed);
@@ -161,6 +195,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     if let Some(r) = reloader {
         r.abort();
+    }
+    if let Some(w) = cert_watch {
+        w.abort();
     }
     if let Err(e) = proxy.await {
         tracing::error!(error = %e, "proxy task failed");
@@ -201,11 +238,19 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::
     }
 }
 
+/// Downstream TLS termination settings.
+#[derive(Clone)]
+struct Tls {
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+}
+
 async fn serve_proxy(
     listener: TcpListener,
     control: Arc<Control>,
     outcomes: OutcomeSender,
     listen: ListenConfig,
+    tls: Option<Tls>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -218,6 +263,7 @@ async fn serve_proxy(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(listen.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(listen.max_connections));
 
@@ -245,14 +291,40 @@ async fn serve_proxy(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let proxy = Proxy::new(control.clone(), outcomes.clone(), peer, "http");
+        let proto = if tls.is_some() { "https" } else { "http" };
+        let proxy = Proxy::new(control.clone(), outcomes.clone(), peer, proto);
         let svc = service_fn(move |req| proxy.clone().serve(req));
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        // The watcher is taken now so a drain also waits for handshakes in progress.
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = match tls {
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(tls) => {
+                    match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(stream)) => {
+                            let conn =
+                                builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(peer = %peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
             drop(permit);

@@ -201,15 +201,27 @@ pub fn spawn(
             let cfg = &snap.config.rollback;
             windows.record(&batch, cfg.window);
             if cfg.enabled {
-                check(&control, &snap, &windows, &batch);
+                for name in check(&control, &snap, &windows, &batch) {
+                    // Remember the trip now: a reset may come before the next snapshot is
+                    // seen, and must still clear this window.
+                    if let Some(seen) = seen.arms.get_mut(&name) {
+                        seen.1 = true;
+                    }
+                }
             }
             batch.clear();
         }
     })
 }
 
-/// Checks every non-baseline, untripped arm that appears in `batch`.
-fn check(control: &Control, snap: &Snapshot, windows: &Windows, batch: &[Outcome]) {
+/// Checks every non-baseline, untripped arm that appears in `batch`; returns the arms tripped.
+fn check(
+    control: &Control,
+    snap: &Snapshot,
+    windows: &Windows,
+    batch: &[Outcome],
+) -> Vec<Arc<str>> {
+    let mut tripped = Vec::new();
     let baseline = &snap.arms[snap.table.baseline()];
     let now = batch.last().map_or_else(Instant::now, |o| o.at);
     let mut base: Option<WindowStats> = None;
@@ -226,9 +238,12 @@ fn check(control: &Control, snap: &Snapshot, windows: &Windows, batch: &[Outcome
         let base =
             *base.get_or_insert_with(|| windows.arm_stats(&baseline.name, now).unwrap_or(EMPTY));
         if let Some(v) = evaluate(&snap.config.rollback, &stats, &base) {
-            control.trip(&arm.name, v.reason, v.detail);
+            if control.trip(&arm.name, v.reason, v.detail) {
+                tripped.push(arm.name.clone());
+            }
         }
     }
+    tripped
 }
 
 const EMPTY: WindowStats = WindowStats {

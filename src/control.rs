@@ -17,14 +17,14 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use http::header::{HeaderName, HeaderValue};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::metrics::{ArmMetrics, Metrics};
 use crate::routing::{fmt_percent, Router, WeightTable, BASIS_POINTS};
 use crate::state::{self, AdminWeights, State, Trip};
 use crate::upstream::{Upstream, UpstreamKey};
 
 /// One arm as the data path sees it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Arm {
     /// The upstream's name.
     pub name: Arc<str>,
@@ -121,6 +121,9 @@ pub enum ChangeError {
 
 struct Inner {
     config: Arc<Config>,
+    /// Arms (pools and metric handles) for `config`, reused by every snapshot until the
+    /// config changes.
+    arms: Vec<Arm>,
     admin: Option<AdminWeights>,
     tripped: BTreeMap<String, Trip>,
     generation: u64,
@@ -145,13 +148,16 @@ impl std::fmt::Debug for Control {
 
 impl Control {
     /// Publishes the first snapshot for `config`, restoring admin overrides and trips from the
-    /// state file when one is configured (a corrupt file is moved aside and reported).
-    pub fn new(config: Config, metrics: Arc<Metrics>) -> Arc<Control> {
+    /// state file when one is configured (a corrupt file is moved aside and reported). Fails
+    /// when an upstream's TLS files cannot be loaded.
+    pub fn new(config: Config, metrics: Arc<Metrics>) -> Result<Arc<Control>, ConfigErrors> {
         let config = Arc::new(config);
+        let arms = build_arms(&config, &[], &metrics)?;
         let state_path = config.state.file.clone();
         let restored = state_path.as_deref().map(restore).unwrap_or_default();
         let mut inner = Inner {
             config: config.clone(),
+            arms,
             admin: restored.admin_weights,
             tripped: restored.tripped,
             generation: 1,
@@ -159,7 +165,7 @@ impl Control {
         };
         // The file may have changed while canaryd was down: apply the same rules as a reload.
         reconcile(&mut inner, None);
-        let snap = build_snapshot(&config, 1, &inner, None, &metrics);
+        let snap = build_snapshot(1, &inner);
         publish_gauges(&snap);
         let control = Arc::new(Control {
             current: ArcSwap::from_pointee(snap),
@@ -168,7 +174,7 @@ impl Control {
             state_path,
         });
         control.persist(&control.lock());
-        control
+        Ok(control)
     }
 
     /// The current snapshot; hold it for the whole request.
@@ -191,14 +197,7 @@ impl Control {
     /// Rebuilds and swaps the snapshot after `inner` changed, then persists the state.
     fn publish(&self, inner: &mut Inner) -> u64 {
         inner.generation += 1;
-        let old = self.current.load_full();
-        let snap = build_snapshot(
-            &inner.config,
-            inner.generation,
-            inner,
-            Some(&old),
-            &self.metrics,
-        );
+        let snap = build_snapshot(inner.generation, inner);
         publish_gauges(&snap);
         self.current.store(Arc::new(snap));
         self.persist(inner);
@@ -220,9 +219,14 @@ impl Control {
     }
 
     /// Swaps in a validated config. Returns the new generation and the changed settings that
-    /// only apply after a restart (they keep their old values).
-    pub fn apply_config(&self, mut config: Config) -> (u64, Vec<&'static str>) {
+    /// only apply after a restart (they keep their old values). Nothing changes when an
+    /// upstream's TLS files cannot be loaded.
+    pub fn apply_config(
+        &self,
+        mut config: Config,
+    ) -> Result<(u64, Vec<&'static str>), ConfigErrors> {
         let mut inner = self.lock();
+        let arms = build_arms(&config, &inner.arms, &self.metrics)?;
         let old = inner.config.clone();
         let restart_only = old.restart_only_changes(&config);
         // Listener settings keep running with the values they were bound with.
@@ -231,7 +235,10 @@ impl Control {
         config.listen.max_header_bytes = old.listen.max_header_bytes;
         config.listen.header_read_timeout = old.listen.header_read_timeout;
         config.admin.addr = old.admin.addr;
+        config.listen.tls = old.listen.tls.clone();
+        config.listen.tls_handshake_timeout = old.listen.tls_handshake_timeout;
         inner.config = Arc::new(config);
+        inner.arms = arms;
         reconcile(&mut inner, Some(&old));
         let generation = self.publish(&mut inner);
         inner.last_reload = Some(ReloadStatus {
@@ -239,7 +246,7 @@ impl Control {
             result: Ok(generation),
         });
         self.metrics.reload(true);
-        (generation, restart_only)
+        Ok((generation, restart_only))
     }
 
     /// Records a rejected reload; the running config is untouched.
@@ -556,32 +563,53 @@ fn publish_gauges(snap: &Snapshot) {
     }
 }
 
-fn build_snapshot(
-    config: &Arc<Config>,
-    generation: u64,
-    inner: &Inner,
-    old: Option<&Snapshot>,
-    metrics: &Metrics,
-) -> Snapshot {
-    let arms = config
-        .upstreams
+/// Arms for `config`, carrying over the pools of `old` arms whose upstream settings are
+/// unchanged.
+fn build_arms(config: &Config, old: &[Arm], metrics: &Metrics) -> Result<Vec<Arm>, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut arms = Vec::with_capacity(config.upstreams.len());
+    for (i, u) in config.upstreams.iter().enumerate() {
+        let key = UpstreamKey::of(u);
+        let upstream = match old.iter().find(|a| *a.upstream.key() == key) {
+            Some(a) => a.upstream.clone(),
+            None => match crate::tls::client_config(u) {
+                Ok(tls) => Arc::new(Upstream::new(u, tls)),
+                Err(e) => {
+                    errors.push(ConfigError {
+                        path: format!("upstream[{i}].tls"),
+                        line: None,
+                        message: e.to_string(),
+                    });
+                    continue;
+                }
+            },
+        };
+        let name: Arc<str> = u.name.as_str().into();
+        arms.push(Arm {
+            // Names were validated to be a safe header-value charset.
+            header_value: HeaderValue::from_str(&u.name)
+                .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+            upstream,
+            metrics: metrics.arm(&name),
+            tripped: false,
+            name,
+        });
+    }
+    if errors.is_empty() {
+        Ok(arms)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn build_snapshot(generation: u64, inner: &Inner) -> Snapshot {
+    let config = &inner.config;
+    let arms = inner
+        .arms
         .iter()
-        .map(|u| {
-            let key = UpstreamKey::of(u);
-            let upstream = old
-                .and_then(|s| s.arms.iter().find(|a| *a.upstream.key() == key))
-                .map(|a| a.upstream.clone())
-                .unwrap_or_else(|| Arc::new(Upstream::new(u)));
-            let name: Arc<str> = u.name.as_str().into();
-            Arm {
-                // Names were validated to be a safe header-value charset.
-                header_value: HeaderValue::from_str(&u.name)
-                    .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
-                upstream,
-                metrics: metrics.arm(&name),
-                tripped: inner.tripped.contains_key(&u.name),
-                name,
-            }
+        .map(|a| Arm {
+            tripped: inner.tripped.contains_key(&*a.name),
+            ..a.clone()
         })
         .collect();
     Snapshot {

@@ -14,6 +14,7 @@
 //! - [`window`]: sliding per-arm request/error/latency window; pure.
 //! - [`circuit`]: the task that feeds windows from request outcomes, off the data path.
 //! - [`state`]: the state file (admin overrides, tripped arms), written atomically.
+//! - [`tls`]: rustls termination with hot-reloaded certificates; upstream client configs.
 //! - [`app`]: binds listeners, runs the accept loop and tasks, drains on shutdown.
 //! - [`demo`]: built-in model upstreams for `canaryd demo`.
 //!
@@ -35,5 +36,6 @@ pub mod proxy;
 pub mod reload;
 pub mod routing;
 pub mod state;
+pub mod tls;
 pub mod upstream;
 pub mod window;

@@ -122,6 +122,18 @@ fn check(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let tls_errors = canaryd::tls::check_files(&config);
+    if !tls_errors.is_empty() {
+        eprintln!(
+            "{}: invalid config ({} problems):",
+            path.display(),
+            tls_errors.len()
+        );
+        for e in &tls_errors {
+            eprintln!("  {e}");
+        }
+        return ExitCode::from(EXIT_INVALID);
+    }
     let table = config.weight_table();
     println!("{}: OK", path.display());
     println!("{:<16} {:>8}  {:<14} url", "upstream", "weight", "buckets");
@@ -138,6 +150,13 @@ fn check(path: &Path) -> ExitCode {
             fmt_percent(u.weight_bp),
             format!("[{start}, {end})"),
             u.url_text(),
+        );
+    }
+    if let Some(tls) = &config.listen.tls {
+        println!(
+            "TLS: {} / {} (ALPN h2, http/1.1)",
+            tls.cert.display(),
+            tls.key.display()
         );
     }
     ExitCode::SUCCESS
@@ -203,6 +222,7 @@ fn run(path: PathBuf) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
+    let path_display = path.display().to_string();
     let result = rt.block_on(async move {
         let listeners = canaryd::app::bind(&config).await?;
         canaryd::app::run(config, Some(path), listeners, termination()).await
@@ -211,6 +231,10 @@ fn run(path: PathBuf) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ canaryd::app::AppError::Token { .. }) => {
             eprintln!("invalid config: {e}");
+            ExitCode::from(EXIT_INVALID)
+        }
+        Err(e @ canaryd::app::AppError::Config(_)) => {
+            eprintln!("{}: {e}", path_display);
             ExitCode::from(EXIT_INVALID)
         }
         Err(e) => {

@@ -32,6 +32,8 @@ pub const TRIPPED: &str = "canaryd_upstream_tripped";
 pub const ROLLBACKS: &str = "canaryd_rollbacks_total";
 /// `canaryd_config_reloads_total{result}`.
 pub const RELOADS: &str = "canaryd_config_reloads_total";
+/// `canaryd_grpc_responses_total{upstream,grpc_status}`.
+pub const GRPC: &str = "canaryd_grpc_responses_total";
 /// `canaryd_outcomes_dropped_total`: outcomes the window task could not keep up with.
 pub const OUTCOMES_DROPPED: &str = "canaryd_outcomes_dropped_total";
 
@@ -147,6 +149,7 @@ fn describe(r: &PrometheusRecorder) {
         d(FAILURES, None, "Failures to get a response from an upstream, by kind."),
         d(ROLLBACKS, None, "Arms tripped by the rollback circuit or the admin API, by reason."),
         d(RELOADS, None, "Config reloads, by result."),
+        d(GRPC, None, "gRPC calls by arm and grpc-status (from headers or trailers)."),
         d(OUTCOMES_DROPPED, None, "Request outcomes not counted in the sliding windows because the window task was behind."),
     ] {
         r.describe_counter(name.into(), unit, text.into());
@@ -180,6 +183,8 @@ pub struct ArmMetrics {
     name: Arc<str>,
     /// Indexed by `status - 100` for 100..=599.
     by_status: Box<[OnceLock<Counter>]>,
+    /// Indexed by grpc-status 0..=16; index 17 for codes outside the standard range.
+    by_grpc: Box<[OnceLock<Counter>]>,
     duration: Histogram,
     in_flight: Gauge,
     failures: [Counter; 3],
@@ -207,6 +212,7 @@ impl ArmMetrics {
         };
         ArmMetrics {
             by_status: (100..600).map(|_| OnceLock::new()).collect(),
+            by_grpc: (0..18).map(|_| OnceLock::new()).collect(),
             duration: recorder.register_histogram(&key(DURATION), &METADATA),
             in_flight: recorder.register_gauge(&key(IN_FLIGHT), &METADATA),
             failures: [
@@ -245,6 +251,30 @@ impl ArmMetrics {
                 &METADATA,
             )
         })
+    }
+
+    /// Counts a gRPC call's final status.
+    pub fn grpc_status(&self, code: u32) {
+        let idx = (code.min(17)) as usize;
+        self.by_grpc[idx]
+            .get_or_init(|| {
+                let label = if idx == 17 {
+                    "other".to_owned()
+                } else {
+                    idx.to_string()
+                };
+                self.recorder.register_counter(
+                    &Key::from_parts(
+                        GRPC,
+                        vec![
+                            Label::new("upstream", self.name.to_string()),
+                            Label::new("grpc_status", label),
+                        ],
+                    ),
+                    &METADATA,
+                )
+            })
+            .increment(1);
     }
 
     /// Counts a failure to get a response.

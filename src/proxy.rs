@@ -12,12 +12,14 @@ use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 
 use crate::circuit::{Outcome, OutcomeSender};
 use crate::control::{Arm, Control, Snapshot};
-use crate::metrics::InFlight;
+use crate::metrics::{ArmMetrics, InFlight};
 use crate::routing::Decision;
 use crate::upstream::{UpstreamBody, UpstreamError};
 
@@ -28,10 +30,12 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Response body: the upstream's streamed body, or a short local message. Holds the request
-/// in the arm's in-flight gauge until the body is finished or dropped.
+/// in the arm's in-flight gauge until the body is finished or dropped, and, for a gRPC
+/// response whose status comes in trailers, reports the outcome when they arrive.
 #[derive(Debug)]
 pub struct ProxyBody {
     inner: Either<Incoming, Option<Bytes>>,
+    grpc: Option<GrpcWatch>,
     _in_flight: Option<InFlight>,
 }
 
@@ -39,6 +43,7 @@ impl ProxyBody {
     fn local(text: String) -> Self {
         ProxyBody {
             inner: Either::Right(Some(Bytes::from(text))),
+            grpc: None,
             _in_flight: None,
         }
     }
@@ -52,10 +57,25 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().inner {
+        let this = self.get_mut();
+        let polled = match &mut this.inner {
             Either::Left(incoming) => Pin::new(incoming).poll_frame(cx),
-            Either::Right(local) => Poll::Ready(local.take().map(|b| Ok(Frame::data(b)))),
+            Either::Right(local) => return Poll::Ready(local.take().map(|b| Ok(Frame::data(b)))),
+        };
+        if let Some(watch) = &mut this.grpc {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        watch.finish(grpc_status(trailers));
+                    }
+                }
+                // The stream ended without trailers: no grpc-status is an error (UNKNOWN).
+                Poll::Ready(None) => watch.finish(Some(2)),
+                Poll::Ready(Some(Err(_))) => watch.finish(Some(2)),
+                Poll::Pending => {}
+            }
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -75,12 +95,70 @@ impl Body for ProxyBody {
     }
 }
 
+/// gRPC status codes that count as errors of the arm: the server-side failures UNKNOWN (2),
+/// DEADLINE_EXCEEDED (4), UNIMPLEMENTED (12), INTERNAL (13), UNAVAILABLE (14), DATA_LOSS (15).
+/// Client-caused codes (INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, ...) do not.
+pub fn grpc_error(code: u32) -> bool {
+    matches!(code, 2 | 4 | 12 | 13 | 14 | 15)
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Reports a gRPC call's outcome once its status is known from the trailers.
+#[derive(Debug)]
+struct GrpcWatch {
+    outcome: Option<Outcome>,
+    arm: Arc<ArmMetrics>,
+    outcomes: OutcomeSender,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl GrpcWatch {
+    fn finish(&mut self, code: Option<u32>) {
+        if let Some(mut o) = self.outcome.take() {
+            let code = code.unwrap_or(2);
+            self.arm.grpc_status(code);
+            o.error |= grpc_error(code);
+            send_outcome(&self.outcomes, &self.metrics, o);
+        }
+    }
+}
+
+impl Drop for GrpcWatch {
+    fn drop(&mut self) {
+        // The client went away before the trailers: not the arm's failure, but still a call.
+        if let Some(o) = self.outcome.take() {
+            send_outcome(&self.outcomes, &self.metrics, o);
+        }
+    }
+}
+
+fn send_outcome(outcomes: &OutcomeSender, metrics: &crate::metrics::Metrics, o: Outcome) {
+    match outcomes.try_send(o) {
+        Ok(()) | Err(TrySendError::Closed(_)) => {}
+        Err(TrySendError::Full(_)) => metrics.outcome_dropped(),
+    }
+}
+
 /// What the access log needs of a request after its head was consumed.
 struct Ctx {
     start: Instant,
     decision: Decision,
     method: http::Method,
     path: String,
+    /// The client side of an HTTP/1.1 Upgrade (WebSocket), if the request asked for one.
+    upgrade: Option<OnUpgrade>,
 }
 
 /// A bodyless upstream request, ready to be sent again to another arm.
@@ -145,20 +223,34 @@ impl Proxy {
     }
 
     /// Handles one request. Never fails: every failure becomes a response.
-    pub async fn serve(self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    pub async fn serve(
+        self,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
         let snap = self.control.snapshot();
         let decision = snap.router.decide(&snap.table, req.headers());
         let arm = &snap.arms[decision.arm];
-        let ctx = Ctx {
+        let upgrade_proto = upgrade_protocol(&req);
+        let mut ctx = Ctx {
             start,
             decision,
             method: req.method().clone(),
             path: req.uri().path().to_owned(),
+            upgrade: upgrade_proto
+                .is_some()
+                .then(|| hyper::upgrade::on(&mut req)),
         };
         let in_flight = arm.metrics.start();
         let up = match self.upstream_request(req, arm) {
-            Ok(up) => up,
+            Ok(mut up) => {
+                if let Some(proto) = upgrade_proto {
+                    let h = up.headers_mut();
+                    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    h.insert(header::UPGRADE, proto);
+                }
+                up
+            }
             // A request canaryd cannot express upstream is the client's fault, not the arm's.
             Err(e) => {
                 let resp = local_response(
@@ -166,7 +258,7 @@ impl Proxy {
                     arm,
                     &format!("cannot build the upstream request: {e}"),
                 );
-                return Ok(self.finish(&snap, arm, &ctx, resp, false));
+                return Ok(self.finish(&snap, arm, &ctx, resp, Some(false)));
             }
         };
         let base = &snap.arms[snap.table.baseline()];
@@ -191,9 +283,9 @@ impl Proxy {
             let in_flight = base.metrics.start();
             let timeout = snap.request_timeout.saturating_sub(start.elapsed());
             let result = base.upstream.send(replay.into_request(), timeout).await;
-            return Ok(self.respond(&snap, base, &ctx, result, in_flight));
+            return Ok(self.respond(&snap, base, &mut ctx, result, in_flight));
         }
-        Ok(self.respond(&snap, arm, &ctx, result, in_flight))
+        Ok(self.respond(&snap, arm, &mut ctx, result, in_flight))
     }
 
     /// Turns the upstream result into the client's response.
@@ -201,51 +293,100 @@ impl Proxy {
         &self,
         snap: &Snapshot,
         arm: &Arm,
-        ctx: &Ctx,
+        ctx: &mut Ctx,
         result: Result<Response<Incoming>, UpstreamError>,
         in_flight: InFlight,
     ) -> Response<ProxyBody> {
-        match result {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                remove_hop_by_hop(&mut parts.headers);
-                let error = snap
-                    .config
-                    .rollback
-                    .error_statuses
-                    .contains(parts.status.as_u16());
-                let body = ProxyBody {
-                    inner: Either::Left(body),
-                    _in_flight: Some(in_flight),
-                };
-                self.finish(snap, arm, ctx, Response::from_parts(parts, body), error)
-            }
+        let mut resp = match result {
+            Ok(resp) => resp,
             Err(e) => {
                 tracing::debug!(upstream = %arm.name, error = %e, "upstream failed");
                 arm.metrics.failure(e.kind());
                 let resp = local_response(failure_status(&e), arm, &e.to_string());
-                self.finish(snap, arm, ctx, resp, true)
+                return self.finish(snap, arm, ctx, resp, Some(true));
+            }
+        };
+        let status = resp.status();
+        let mut error = snap
+            .config
+            .rollback
+            .error_statuses
+            .contains(status.as_u16());
+        let mut in_flight = Some(in_flight);
+        let upgraded = match (ctx.upgrade.take(), in_flight.take()) {
+            (Some(client), Some(guard)) if status == StatusCode::SWITCHING_PROTOCOLS => {
+                let proto = resp.headers().get(header::UPGRADE).cloned();
+                relay_upgrade(client, hyper::upgrade::on(&mut resp), guard, arm);
+                proto
+            }
+            (_, guard) => {
+                in_flight = guard;
+                None
+            }
+        };
+        let (mut parts, body) = resp.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        if let Some(proto) = upgraded {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, proto);
+            let resp = Response::from_parts(parts, ProxyBody::local(String::new()));
+            return self.finish(snap, arm, ctx, resp, Some(error));
+        }
+        let mut grpc = None;
+        if is_grpc(&parts.headers) {
+            match grpc_status(&parts.headers) {
+                // Trailers-only response: the status is already here.
+                Some(code) => {
+                    arm.metrics.grpc_status(code);
+                    error |= grpc_error(code);
+                }
+                None => {
+                    grpc = Some(GrpcWatch {
+                        outcome: Some(Outcome {
+                            arm: arm.name.clone(),
+                            error,
+                            latency: ctx.start.elapsed(),
+                            at: Instant::now(),
+                        }),
+                        arm: arm.metrics.clone(),
+                        outcomes: self.outcomes.clone(),
+                        metrics: self.control.metrics().clone(),
+                    })
+                }
             }
         }
+        let deferred = grpc.is_some();
+        let body = ProxyBody {
+            inner: Either::Left(body),
+            grpc,
+            _in_flight: in_flight,
+        };
+        let resp = Response::from_parts(parts, body);
+        self.finish(snap, arm, ctx, resp, (!deferred).then_some(error))
     }
 
-    /// Records the request for `arm` (metrics, window outcome, access log) and names the arm.
+    /// Records the request for `arm` (metrics, window outcome unless `error` is `None` because
+    /// the body reports it later, access log) and names the arm.
     fn finish(
         &self,
         snap: &Snapshot,
         arm: &Arm,
         ctx: &Ctx,
         mut resp: Response<ProxyBody>,
-        error: bool,
+        error: Option<bool>,
     ) -> Response<ProxyBody> {
         let elapsed = ctx.start.elapsed();
         arm.metrics.record(resp.status().as_u16(), elapsed);
-        self.report(Outcome {
-            arm: arm.name.clone(),
-            error,
-            latency: elapsed,
-            at: ctx.start + elapsed,
-        });
+        if let Some(error) = error {
+            self.report(Outcome {
+                arm: arm.name.clone(),
+                error,
+                latency: elapsed,
+                at: ctx.start + elapsed,
+            });
+        }
         if let Some(h) = &snap.response_header {
             resp.headers_mut()
                 .insert(h.clone(), arm.header_value.clone());
@@ -258,10 +399,7 @@ impl Proxy {
 
     /// Hands an outcome to the window task without ever waiting for it.
     fn report(&self, outcome: Outcome) {
-        match self.outcomes.try_send(outcome) {
-            Ok(()) | Err(TrySendError::Closed(_)) => {}
-            Err(TrySendError::Full(_)) => self.control.metrics().outcome_dropped(),
-        }
+        send_outcome(&self.outcomes, self.control.metrics(), outcome);
     }
 
     /// Rewrites the downstream request for the arm: URI, version, hop-by-hop and forwarding
@@ -297,6 +435,40 @@ impl Proxy {
         };
         Ok(Request::from_parts(parts, Either::Left(body)))
     }
+}
+
+/// The `Upgrade` protocol of an HTTP/1.1 upgrade request (`Connection: upgrade`).
+fn upgrade_protocol(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| req.headers().get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Relays bytes both ways between the upgraded client and upstream connections until either
+/// side closes. The request stays in flight for as long as the tunnel is open.
+fn relay_upgrade(client: OnUpgrade, upstream: OnUpgrade, in_flight: InFlight, arm: &Arm) {
+    let name = arm.name.clone();
+    tokio::spawn(async move {
+        let _in_flight = in_flight;
+        match tokio::try_join!(client, upstream) {
+            Ok((c, u)) => {
+                let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                    tracing::debug!(upstream = %name, error = %e, "upgraded connection ended");
+                }
+            }
+            Err(e) => tracing::debug!(upstream = %name, error = %e, "upgrade failed"),
+        }
+    });
 }
 
 /// Status for a failure, decided by where it came from.

@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::control::Control;
+use crate::tls::CertStore;
 
 /// Quiet period after the last file event before the file is read.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -69,12 +70,55 @@ pub fn spawn(path: PathBuf, control: Arc<Control>) -> std::io::Result<JoinHandle
     }))
 }
 
+/// Watches the TLS certificate and key; a change is loaded for new handshakes, a pair that does
+/// not load is reported and the running certificate kept.
+pub fn spawn_cert_watch(store: Arc<CertStore>) -> JoinHandle<()> {
+    let wake = Arc::new(Notify::new());
+    let files = store.files().clone();
+    let mut watchers = vec![watch_dir(&files.cert, wake.clone())];
+    if files.cert.parent() != files.key.parent() {
+        watchers.push(watch_dir(&files.key, wake.clone()));
+    }
+    let read = move || {
+        (
+            std::fs::read(&files.cert).ok(),
+            std::fs::read(&files.key).ok(),
+        )
+    };
+    let mut last = read();
+    tokio::spawn(async move {
+        let _watchers = watchers;
+        loop {
+            wake.notified().await;
+            while tokio::time::timeout(DEBOUNCE, wake.notified())
+                .await
+                .is_ok()
+            {}
+            let now = read();
+            if now == last {
+                continue;
+            }
+            last = now;
+            match store.reload() {
+                Ok(()) => {
+                    tracing::info!(cert = %store.files().cert.display(), "TLS certificate reloaded")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS certificate reload rejected; keeping the current certificate")
+                }
+            }
+        }
+    })
+}
+
 /// Parses `text` and applies it, or records why not.
 pub fn reload(path: &Path, text: &str, control: &Control, trigger: &str) {
-    match Config::parse(text) {
-        Ok(config) => {
-            let weights = describe_weights(&config);
-            let (generation, restart_only) = control.apply_config(config);
+    let applied = Config::parse(text).and_then(|config| {
+        let weights = describe_weights(&config);
+        control.apply_config(config).map(|r| (r, weights))
+    });
+    match applied {
+        Ok(((generation, restart_only), weights)) => {
             tracing::info!(path = %path.display(), trigger, generation, weights = %weights, "config reloaded");
             if !restart_only.is_empty() {
                 tracing::warn!(

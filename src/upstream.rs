@@ -1,6 +1,7 @@
 //! Pooled HTTP clients, one per upstream, kept across reloads while the upstream is unchanged.
 
 use std::error::Error as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -8,11 +9,13 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::ClientConfig;
 
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UpstreamTls};
 
 /// Request body sent upstream: the client's streamed body, or nothing.
 pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
@@ -28,6 +31,7 @@ pub struct UpstreamKey {
     url: Uri,
     connect_timeout: Duration,
     http2: bool,
+    tls: UpstreamTls,
 }
 
 impl UpstreamKey {
@@ -37,6 +41,7 @@ impl UpstreamKey {
             url: cfg.url.clone(),
             connect_timeout: cfg.connect_timeout,
             http2: cfg.http2,
+            tls: cfg.tls.clone(),
         }
     }
 }
@@ -103,29 +108,62 @@ fn chain(e: &hyper_util::client::legacy::Error) -> String {
     }
 }
 
+/// A pooled client: plain TCP, or TLS for https:// upstreams.
+#[derive(Debug)]
+enum Pool {
+    Plain(Client<HttpConnector, UpstreamBody>),
+    Tls(Client<HttpsConnector<HttpConnector>, UpstreamBody>),
+}
+
+impl Pool {
+    fn request(&self, req: Request<UpstreamBody>) -> ResponseFuture {
+        match self {
+            Pool::Plain(c) => c.request(req),
+            Pool::Tls(c) => c.request(req),
+        }
+    }
+}
+
 /// One upstream's keep-alive pool and target address.
 #[derive(Debug)]
 pub struct Upstream {
     key: UpstreamKey,
     scheme: Scheme,
     authority: Authority,
-    client: Client<HttpConnector, UpstreamBody>,
+    pool: Pool,
 }
 
 impl Upstream {
-    /// Builds the pool (connections are opened lazily).
-    pub fn new(cfg: &UpstreamConfig) -> Self {
+    /// Builds the pool (connections are opened lazily). `tls` is the client config for an
+    /// https:// upstream (see [`crate::tls::client_config`]).
+    pub fn new(cfg: &UpstreamConfig, tls: Option<Arc<ClientConfig>>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(cfg.connect_timeout));
         connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_MAX_IDLE)
-            .http2_only(cfg.http2)
-            .build(connector);
+            .http2_only(cfg.http2);
+        let pool = match tls {
+            None => Pool::Plain(builder.build(connector)),
+            Some(tls) => {
+                connector.enforce_http(false);
+                let https = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config((*tls).clone())
+                    .https_only();
+                // ALPN follows the protocol the pool will speak.
+                let https = if cfg.http2 {
+                    https.enable_http2().wrap_connector(connector)
+                } else {
+                    https.enable_http1().wrap_connector(connector)
+                };
+                Pool::Tls(builder.build(https))
+            }
+        };
         // The URL was validated to carry scheme and authority when the config was built.
         let scheme = cfg.url.scheme().cloned().unwrap_or(Scheme::HTTP);
         let authority = cfg
@@ -137,7 +175,7 @@ impl Upstream {
             key: UpstreamKey::of(cfg),
             scheme,
             authority,
-            client,
+            pool,
         }
     }
 
@@ -169,7 +207,7 @@ impl Upstream {
         req: Request<UpstreamBody>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
+        match tokio::time::timeout(timeout, self.pool.request(req)).await {
             Err(_) => Err(UpstreamError::Timeout(timeout)),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect(e)),

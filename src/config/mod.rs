@@ -41,6 +41,10 @@ pub struct Config {
 pub struct ListenConfig {
     /// Address the proxy listens on.
     pub addr: SocketAddr,
+    /// Certificate chain and key: HTTPS with ALPN h2 and http/1.1 when set.
+    pub tls: Option<TlsFiles>,
+    /// Deadline for a client's TLS handshake.
+    pub tls_handshake_timeout: Duration,
     /// Whole upstream exchange until response headers; past it the client gets 504.
     pub request_timeout: Duration,
     /// How long a client may take to send a request head.
@@ -88,8 +92,28 @@ pub struct UpstreamConfig {
     pub weight_bp: u16,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
-    /// Speak HTTP/2 (prior knowledge) to this upstream.
+    /// Speak HTTP/2 to this upstream (prior knowledge on http://, ALPN h2 on https://).
     pub http2: bool,
+    /// TLS settings for an https:// upstream.
+    pub tls: UpstreamTls,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// TLS towards an https:// upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UpstreamTls {
+    /// PEM CA certificates to verify the upstream with, instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate for mutual TLS.
+    pub client: Option<TlsFiles>,
 }
 
 impl UpstreamConfig {
@@ -232,6 +256,12 @@ impl Config {
         }
         if self.admin.addr != new.admin.addr {
             out.push("admin.addr");
+        }
+        if self.listen.tls != new.listen.tls {
+            out.push("listen.tls_cert/tls_key paths");
+        }
+        if self.listen.tls_handshake_timeout != new.listen.tls_handshake_timeout {
+            out.push("listen.tls_handshake_timeout");
         }
         out
     }

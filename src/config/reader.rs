@@ -14,7 +14,7 @@ use toml::Spanned;
 
 use super::{
     AdminConfig, Config, ConfigError, ConfigErrors, ListenConfig, RollbackConfig, RoutingConfig,
-    StateConfig, StatusSet, UpstreamConfig,
+    StateConfig, StatusSet, TlsFiles, UpstreamConfig, UpstreamTls,
 };
 use crate::routing::BASIS_POINTS;
 
@@ -54,6 +54,7 @@ const LISTEN_KEYS: &[&str] = &[
     "addr",
     "tls_cert",
     "tls_key",
+    "tls_handshake_timeout",
     "request_timeout",
     "header_read_timeout",
     "drain_timeout",
@@ -69,7 +70,16 @@ const ROUTING_KEYS: &[&str] = &[
     "response_header",
     "baseline",
 ];
-const UPSTREAM_KEYS: &[&str] = &["name", "url", "weight", "connect_timeout", "http2"];
+const UPSTREAM_KEYS: &[&str] = &[
+    "name",
+    "url",
+    "weight",
+    "connect_timeout",
+    "http2",
+    "ca_file",
+    "client_cert",
+    "client_key",
+];
 const ROLLBACK_KEYS: &[&str] = &[
     "enabled",
     "window",
@@ -176,16 +186,9 @@ impl<'s> Reader<'s> {
     fn listen(&mut self, t: &Table<'_>) -> Option<ListenConfig> {
         let p = "listen";
         let addr = self.addr(t, p, "addr", "0.0.0.0:8080");
-        for key in ["tls_cert", "tls_key"] {
-            if let Some(v) = t.get(key) {
-                self.err(
-                    join(p, key),
-                    Some(v.span()),
-                    "TLS termination is not supported by this build yet; terminate TLS in front \
-                     of canaryd or remove the key",
-                );
-            }
-        }
+        let tls = self.file_pair(t, p, "tls_cert", "tls_key");
+        let tls_handshake_timeout =
+            self.duration(t, p, "tls_handshake_timeout", Duration::from_secs(10));
         let request_timeout = self.duration(t, p, "request_timeout", Duration::from_secs(60));
         let header_read_timeout =
             self.duration(t, p, "header_read_timeout", Duration::from_secs(10));
@@ -201,6 +204,8 @@ impl<'s> Reader<'s> {
         let access_log = self.boolean(t, p, "access_log", false);
         Some(ListenConfig {
             addr: addr?,
+            tls: tls?.map(|(cert, key)| TlsFiles { cert, key }),
+            tls_handshake_timeout: tls_handshake_timeout?,
             request_timeout: request_timeout?,
             header_read_timeout: header_read_timeout?,
             drain_timeout: drain_timeout?,
@@ -382,12 +387,30 @@ impl<'s> Reader<'s> {
         };
         let connect_timeout = self.duration(t, p, "connect_timeout", Duration::from_secs(2));
         let http2 = self.boolean(t, p, "http2", false);
+        let ca_file = self.opt_path(t, p, "ca_file");
+        let client = self.file_pair(t, p, "client_cert", "client_key");
+        let url = url?;
+        if url.scheme_str() != Some("https") {
+            for key in ["ca_file", "client_cert", "client_key"] {
+                if let Some(v) = t.get(key) {
+                    self.err(
+                        join(p, key),
+                        Some(v.span()),
+                        "only used with an https:// url",
+                    );
+                }
+            }
+        }
         Some(UpstreamConfig {
             name: name?,
-            url: url?,
+            url,
             weight_bp: weight?,
             connect_timeout: connect_timeout?,
             http2: http2?,
+            tls: UpstreamTls {
+                ca_file,
+                client: client?.map(|(cert, key)| TlsFiles { cert, key }),
+            },
         })
     }
 
@@ -544,6 +567,36 @@ impl<'s> Reader<'s> {
                     join(p, key),
                     Some(v.span()),
                     format!("expected a string, found {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    /// Two path keys that go together (certificate and key). Outer `None`: invalid.
+    fn file_pair(
+        &mut self,
+        t: &Table<'_>,
+        p: &str,
+        cert: &str,
+        key: &str,
+    ) -> Option<Option<(PathBuf, PathBuf)>> {
+        match (self.opt_path(t, p, cert), self.opt_path(t, p, key)) {
+            (Some(c), Some(k)) => Some(Some((c, k))),
+            (None, None) => Some(None),
+            (Some(_), None) => {
+                self.err(
+                    join(p, key),
+                    t.get(cert).map(|v| v.span()),
+                    format!("`{cert}` is set, so `{key}` is required too"),
+                );
+                None
+            }
+            (None, Some(_)) => {
+                self.err(
+                    join(p, cert),
+                    t.get(key).map(|v| v.span()),
+                    format!("`{key}` is set, so `{cert}` is required too"),
                 );
                 None
             }
@@ -746,15 +799,11 @@ pub(super) fn parse_status_entry(s: &str) -> Option<(u16, u16)> {
 
 fn parse_upstream_url(s: &str) -> Result<Uri, String> {
     let uri: Uri = s.parse().map_err(|e| format!("invalid URL {s:?}: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "https upstreams are not supported by this build yet ({s:?}); use http://"
-            ))
-        }
-        _ => return Err(format!("URL {s:?} must start with http://")),
-    }
+    let scheme = match uri.scheme_str() {
+        Some("http") => "http",
+        Some("https") => "https",
+        _ => return Err(format!("URL {s:?} must start with http:// or https://")),
+    };
     let Some(auth) = uri.authority() else {
         return Err(format!("URL {s:?} has no host"));
     };
@@ -772,7 +821,7 @@ fn parse_upstream_url(s: &str) -> Result<Uri, String> {
         ));
     }
     Uri::builder()
-        .scheme("http")
+        .scheme(scheme)
         .authority(auth.clone())
         .path_and_query("/")
         .build()
