@@ -209,10 +209,13 @@ impl Admin {
         let Some(token) = &self.token else {
             return Ok(());
         };
+        // The auth scheme is case-insensitive (RFC 9110 §11.1); the token is not.
         let presented = req
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+            .map(|v| v.as_bytes())
+            .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+            .map(|v| v[7..].trim_ascii());
         match presented {
             Some(p) if bool::from(p.ct_eq(token.as_bytes())) => Ok(()),
             Some(_) => Err(ApiError::new(

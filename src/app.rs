@@ -155,7 +155,8 @@ pub async fn run(
             metrics.upkeep();
         }
     });
-    let ready = Arc::new(AtomicBool::new(false));
+    // Config loaded and listeners bound (they were bound by the caller): ready.
+    let ready = Arc::new(AtomicBool::new(true));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
 
@@ -186,8 +187,6 @@ pub async fn run(
         tls,
         stop_rx,
     ));
-    ready.store(true, Ordering::Relaxed);
-
     shutdown.await;
     tracing::info!("shutting down: no new connections; draining in-flight requests");
     // Readiness fails first so load balancers stop sending while requests drain.

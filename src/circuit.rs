@@ -158,30 +158,26 @@ pub fn channel() -> (OutcomeSender, mpsc::Receiver<Outcome>) {
     mpsc::channel(CHANNEL_CAPACITY)
 }
 
-/// What the task remembers of each arm to notice resets and new builds.
+/// The window epoch of each arm as last seen, to notice resets and new builds.
 #[derive(Default)]
 struct Seen {
     generation: u64,
-    arms: HashMap<Arc<str>, (String, bool)>,
+    epochs: HashMap<Arc<str>, u64>,
 }
 
 impl Seen {
-    /// Clears the window of an arm whose trip was reset or whose URL changed: its history
-    /// belongs to the build that tripped, not to what serves now.
+    /// Clears the window of every arm whose epoch moved: its history belongs to the build or
+    /// the episode that was reset, not to what serves now.
     fn sync(&mut self, snap: &Snapshot, windows: &Windows) {
         if snap.generation == self.generation {
             return;
         }
         self.generation = snap.generation;
-        let config = &snap.config;
-        for (arm, u) in snap.arms.iter().zip(&config.upstreams) {
-            let url = u.url_text();
-            if let Some((old_url, was_tripped)) = self.arms.get(&arm.name) {
-                if *old_url != url || (*was_tripped && !arm.tripped) {
-                    windows.clear(&arm.name);
-                }
+        for arm in &snap.arms {
+            let previous = self.epochs.insert(arm.name.clone(), arm.window_epoch);
+            if previous.is_some_and(|e| e != arm.window_epoch) {
+                windows.clear(&arm.name);
             }
-            self.arms.insert(arm.name.clone(), (url, arm.tripped));
         }
     }
 }
@@ -201,27 +197,15 @@ pub fn spawn(
             let cfg = &snap.config.rollback;
             windows.record(&batch, cfg.window);
             if cfg.enabled {
-                for name in check(&control, &snap, &windows, &batch) {
-                    // Remember the trip now: a reset may come before the next snapshot is
-                    // seen, and must still clear this window.
-                    if let Some(seen) = seen.arms.get_mut(&name) {
-                        seen.1 = true;
-                    }
-                }
+                check(&control, &snap, &windows, &batch);
             }
             batch.clear();
         }
     })
 }
 
-/// Checks every non-baseline, untripped arm that appears in `batch`; returns the arms tripped.
-fn check(
-    control: &Control,
-    snap: &Snapshot,
-    windows: &Windows,
-    batch: &[Outcome],
-) -> Vec<Arc<str>> {
-    let mut tripped = Vec::new();
+/// Checks every non-baseline, untripped arm that appears in `batch`.
+fn check(control: &Control, snap: &Snapshot, windows: &Windows, batch: &[Outcome]) {
     let baseline = &snap.arms[snap.table.baseline()];
     let now = batch.last().map_or_else(Instant::now, |o| o.at);
     let mut base: Option<WindowStats> = None;
@@ -238,12 +222,9 @@ fn check(
         let base =
             *base.get_or_insert_with(|| windows.arm_stats(&baseline.name, now).unwrap_or(EMPTY));
         if let Some(v) = evaluate(&snap.config.rollback, &stats, &base) {
-            if control.trip(&arm.name, v.reason, v.detail) {
-                tripped.push(arm.name.clone());
-            }
+            control.trip(&arm.name, v.reason, v.detail);
         }
     }
-    tripped
 }
 
 const EMPTY: WindowStats = WindowStats {

@@ -36,6 +36,9 @@ pub struct Arm {
     pub metrics: Arc<ArmMetrics>,
     /// Whether the rollback circuit (or an operator) has tripped this arm.
     pub tripped: bool,
+    /// Moves when the arm's history stops counting (trip reset, new url): its sliding window
+    /// must start over.
+    pub window_epoch: u64,
 }
 
 /// Everything a request needs, immutable once published.
@@ -126,8 +129,16 @@ struct Inner {
     arms: Vec<Arm>,
     admin: Option<AdminWeights>,
     tripped: BTreeMap<String, Trip>,
+    /// Per-arm window epochs (see [`Arm::window_epoch`]).
+    epochs: BTreeMap<String, u64>,
     generation: u64,
     last_reload: Option<ReloadStatus>,
+}
+
+impl Inner {
+    fn bump_epoch(&mut self, arm: &str) {
+        *self.epochs.entry(arm.to_owned()).or_default() += 1;
+    }
 }
 
 /// Owner of the published snapshot.
@@ -160,6 +171,7 @@ impl Control {
             arms,
             admin: restored.admin_weights,
             tripped: restored.tripped,
+            epochs: BTreeMap::new(),
             generation: 1,
             last_reload: None,
         };
@@ -237,6 +249,15 @@ impl Control {
         config.admin.addr = old.admin.addr;
         config.listen.tls = old.listen.tls.clone();
         config.listen.tls_handshake_timeout = old.listen.tls_handshake_timeout;
+        for u in &config.upstreams {
+            let moved = old
+                .upstreams
+                .iter()
+                .any(|o| o.name == u.name && o.url != u.url);
+            if moved {
+                inner.bump_epoch(&u.name);
+            }
+        }
         inner.config = Arc::new(config);
         inner.arms = arms;
         reconcile(&mut inner, Some(&old));
@@ -447,6 +468,9 @@ impl Control {
     pub fn reset(&self) -> (u64, Vec<String>) {
         let mut inner = self.lock();
         let cleared: Vec<String> = std::mem::take(&mut inner.tripped).into_keys().collect();
+        for name in &cleared {
+            inner.bump_epoch(name);
+        }
         let generation = self.publish(&mut inner);
         tracing::info!(cleared = %cleared.join(","), generation, "tripped arms reset");
         (generation, cleared)
@@ -592,6 +616,7 @@ fn build_arms(config: &Config, old: &[Arm], metrics: &Metrics) -> Result<Vec<Arm
             upstream,
             metrics: metrics.arm(&name),
             tripped: false,
+            window_epoch: 0,
             name,
         });
     }
@@ -609,6 +634,7 @@ fn build_snapshot(generation: u64, inner: &Inner) -> Snapshot {
         .iter()
         .map(|a| Arm {
             tripped: inner.tripped.contains_key(&*a.name),
+            window_epoch: inner.epochs.get(&*a.name).copied().unwrap_or(0),
             ..a.clone()
         })
         .collect();

@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -168,6 +168,11 @@ struct UpstreamConfig {
     delay: Duration,
     mode: Mode,
     http1_only: bool,
+    /// `(every, phase, status)`: request number `k` (1-based) answers `status` when
+    /// `(k - 1) % every == phase`.
+    fail_every: Option<(usize, usize, StatusCode)>,
+    /// `(path prefix, status, delay)`: the first matching rule sets status and delay.
+    path_rules: Vec<(String, StatusCode, Duration)>,
 }
 
 struct UpstreamState {
@@ -179,6 +184,8 @@ struct UpstreamState {
     sse_gate: Semaphore,
     panics: Mutex<Vec<String>>,
     tasks: Mutex<Vec<AbortHandle>>,
+    /// Status set at run time by [`FakeUpstream::set_status`]; 0 = the configured status.
+    status_override: AtomicU16,
 }
 
 impl UpstreamState {
@@ -192,6 +199,7 @@ impl UpstreamState {
             sse_gate: Semaphore::new(0),
             panics: Mutex::new(Vec::new()),
             tasks: Mutex::new(Vec::new()),
+            status_override: AtomicU16::new(0),
         }
     }
 }
@@ -252,6 +260,32 @@ impl FakeUpstreamBuilder {
         self
     }
 
+    /// Deterministic partial failure: request number `k` (1-based, counted over every request
+    /// this upstream receives) answers `status` when `(k - 1) % every == phase`. With
+    /// `phase = 0` the 1st, `every+1`-th, ... fail (the running error rate is never under
+    /// `1/every`); with `phase = every - 1` the `every`-th, `2*every`-th, ... fail (never
+    /// over `1/every`).
+    pub fn fail_every(mut self, every: usize, phase: usize, status: u16) -> Self {
+        assert!(every > 0 && phase < every, "fail_every({every}, {phase})");
+        self.cfg.fail_every = Some((
+            every,
+            phase,
+            StatusCode::from_u16(status).expect("valid status"),
+        ));
+        self
+    }
+
+    /// Requests whose path starts with `prefix` answer `status` after `delay` (the first
+    /// matching rule wins; it replaces the fixed status and delay).
+    pub fn on_path(mut self, prefix: &str, status: u16, delay: Duration) -> Self {
+        self.cfg.path_rules.push((
+            prefix.to_string(),
+            StatusCode::from_u16(status).expect("valid status"),
+            delay,
+        ));
+        self
+    }
+
     pub async fn start(self) -> FakeUpstream {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -287,6 +321,8 @@ impl FakeUpstream {
                 delay: Duration::ZERO,
                 mode: Mode::Name,
                 http1_only: false,
+                fail_every: None,
+                path_rules: Vec::new(),
             },
         }
     }
@@ -329,6 +365,15 @@ impl FakeUpstream {
     /// SSE events handed to the connection so far (over all requests).
     pub fn sse_sent(&self) -> usize {
         self.state.sse_sent.load(Ordering::SeqCst)
+    }
+
+    /// From now on answer `status` instead of the configured one (path and `fail_every`
+    /// rules still apply on top). `set_status(0)` restores the configured status.
+    pub fn set_status(&self, status: u16) {
+        if status != 0 {
+            StatusCode::from_u16(status).expect("valid status");
+        }
+        self.state.status_override.store(status, Ordering::SeqCst);
     }
 
     /// Let a gated SSE stream send `n` more events.
@@ -458,14 +503,33 @@ async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     *state.last_headers.lock().unwrap() = Some(req.headers().clone());
     *state.last_version.lock().unwrap() = Some(req.version());
-    state.requests.fetch_add(1, Ordering::SeqCst);
+    let number = state.requests.fetch_add(1, Ordering::SeqCst) + 1;
 
-    if !cfg.delay.is_zero() {
-        tokio::time::sleep(cfg.delay).await;
+    let mut status = match state.status_override.load(Ordering::SeqCst) {
+        0 => cfg.status,
+        s => StatusCode::from_u16(s).expect("valid status"),
+    };
+    if let Some((every, phase, fail)) = cfg.fail_every {
+        if (number - 1) % every == phase {
+            status = fail;
+        }
+    }
+    let mut delay = cfg.delay;
+    if let Some((_, s, d)) = cfg
+        .path_rules
+        .iter()
+        .find(|(prefix, _, _)| req.uri().path().starts_with(prefix.as_str()))
+    {
+        status = *s;
+        delay = *d;
+    }
+
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
 
     let resp = match &cfg.mode {
-        Mode::Name => text_response(cfg.status, &cfg.name, "text/plain", full(cfg.name.clone())),
+        Mode::Name => text_response(status, &cfg.name, "text/plain", full(cfg.name.clone())),
         Mode::EchoHeaders => {
             let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for (name, value) in req.headers() {
@@ -482,7 +546,7 @@ async fn handle(
                 "headers": headers,
             });
             text_response(
-                cfg.status,
+                status,
                 &cfg.name,
                 "application/json",
                 full(json.to_string()),
@@ -507,7 +571,7 @@ async fn handle(
             }
             state.body_bytes.store(count, Ordering::SeqCst);
             match error {
-                None => text_response(cfg.status, &cfg.name, "text/plain", full(count.to_string())),
+                None => text_response(status, &cfg.name, "text/plain", full(count.to_string())),
                 Some(err) => text_response(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     &cfg.name,
@@ -544,7 +608,7 @@ async fn handle(
                 }
             });
             let mut resp = text_response(
-                cfg.status,
+                status,
                 &cfg.name,
                 "text/event-stream",
                 BodyExt::boxed(ChannelBody { rx }),
@@ -1200,6 +1264,17 @@ impl Proxy {
         self.admin_addr
     }
 
+    /// The admin listener's address (the in-process proxy always serves the admin API).
+    pub fn admin(&self) -> SocketAddr {
+        self.admin_addr
+            .expect("the in-process proxy binds an admin listener")
+    }
+
+    /// An admin API client for this proxy, without a bearer token.
+    pub fn admin_client(&self) -> AdminClient {
+        AdminClient::new(self.admin())
+    }
+
     pub fn config_path(&self) -> &Path {
         self.config.path()
     }
@@ -1232,6 +1307,274 @@ impl Drop for Proxy {
             task.abort();
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin API client and metrics text
+// ---------------------------------------------------------------------------------------------
+
+/// A client for canaryd's admin API (design §4): JSON in and out, optional bearer token.
+#[derive(Clone)]
+pub struct AdminClient {
+    addr: SocketAddr,
+    token: Option<String>,
+    client: HttpClient,
+}
+
+impl AdminClient {
+    pub fn new(addr: SocketAddr) -> Self {
+        AdminClient {
+            addr,
+            token: None,
+            client: HttpClient::http1(),
+        }
+    }
+
+    /// Send `Authorization: Bearer <token>` on every call.
+    pub fn with_token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_string());
+        self
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Any call: `headers` are sent as given, plus the bearer token if one is set (and no
+    /// `authorization` header is among `headers`).
+    pub async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Body,
+    ) -> Reply {
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let mut all: Vec<(&str, &str)> = headers.to_vec();
+        if let Some(auth) = &auth {
+            if !headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("authorization"))
+            {
+                all.push(("authorization", auth));
+            }
+        }
+        self.client
+            .fetch(request(method, self.addr, path, &all, body))
+            .await
+    }
+
+    /// A call with an optional text body (sent as `application/json`).
+    pub async fn call(&self, method: &str, path: &str, body: Option<&str>) -> Reply {
+        match body {
+            Some(b) => {
+                self.call_with(
+                    method,
+                    path,
+                    &[("content-type", "application/json")],
+                    full(b.to_string()),
+                )
+                .await
+            }
+            None => self.call_with(method, path, &[], empty()).await,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.call("GET", path, None).await
+    }
+
+    /// GET that must answer 200 with JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let reply = self.get(path).await;
+        assert_eq!(reply.status, StatusCode::OK, "GET {path}: {reply:?}");
+        reply.json()
+    }
+
+    pub async fn put_json(&self, path: &str, body: &serde_json::Value) -> Reply {
+        self.call("PUT", path, Some(&body.to_string())).await
+    }
+
+    pub async fn post(&self, path: &str, body: Option<&serde_json::Value>) -> Reply {
+        let text = body.map(|b| b.to_string());
+        self.call("POST", path, text.as_deref()).await
+    }
+
+    /// `PUT /weights` that must succeed; returns the weights document it answers with.
+    pub async fn set_weights(&self, body: serde_json::Value) -> serde_json::Value {
+        let reply = self.put_json("/weights", &body).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "PUT /weights {body}: {reply:?}"
+        );
+        reply.json()
+    }
+
+    /// A POST that must succeed; returns its JSON body.
+    pub async fn post_ok(&self, path: &str, body: Option<&serde_json::Value>) -> serde_json::Value {
+        let reply = self.post(path, body).await;
+        assert_eq!(reply.status, StatusCode::OK, "POST {path}: {reply:?}");
+        reply.json()
+    }
+
+    pub async fn weights(&self) -> serde_json::Value {
+        self.get_json("/weights").await
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        self.get_json("/status").await
+    }
+
+    /// `GET /metrics`, parsed.
+    pub async fn metrics(&self) -> MetricsText {
+        let reply = self.get("/metrics").await;
+        assert_eq!(reply.status, StatusCode::OK, "GET /metrics: {reply:?}");
+        MetricsText::parse(&reply.body)
+    }
+
+    /// The reason an arm is tripped for, per `GET /weights` (None when not tripped).
+    pub async fn trip_reason(&self, arm: &str) -> Option<String> {
+        self.weights().await["tripped"][arm]["reason"]
+            .as_str()
+            .map(str::to_string)
+    }
+
+    /// Wait until `arm` is tripped; returns the reason.
+    pub async fn wait_tripped(&self, arm: &str, timeout: Duration) -> String {
+        poll_until(timeout, &format!("{arm} to be tripped"), || async {
+            self.trip_reason(arm).await
+        })
+        .await
+    }
+}
+
+/// `application/x-www-form-urlencoded` encoding of a query value.
+pub fn url_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// One sample of the Prometheus text exposition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// A parsed Prometheus text exposition (`# HELP`/`# TYPE` lines are kept in `text` only).
+#[derive(Clone, Debug)]
+pub struct MetricsText {
+    pub text: String,
+    pub samples: Vec<Sample>,
+}
+
+impl MetricsText {
+    /// Parses every sample line; panics on a line it cannot read (the format is part of the
+    /// contract).
+    pub fn parse(text: &str) -> Self {
+        let samples = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| parse_sample(l).unwrap_or_else(|| panic!("unreadable metrics line {l:?}")))
+            .collect();
+        MetricsText {
+            text: text.to_string(),
+            samples,
+        }
+    }
+
+    /// Samples named `name` whose labels include every `(label, value)` of `labels`.
+    pub fn series(&self, name: &str, labels: &[(&str, &str)]) -> Vec<&Sample> {
+        self.samples
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .collect()
+    }
+
+    /// Sum of the matching series, or `None` when there is none.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let series = self.series(name, labels);
+        (!series.is_empty()).then(|| series.iter().map(|s| s.value).sum())
+    }
+
+    /// Sum of the matching series; 0 when there is none.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(name, labels).unwrap_or(0.0)
+    }
+
+    /// `{label value: sample value}` of the series matching `labels`, keyed by `by`.
+    pub fn by_label(&self, name: &str, labels: &[(&str, &str)], by: &str) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        for s in self.series(name, labels) {
+            let key = s.labels.get(by).cloned().unwrap_or_default();
+            *out.entry(key).or_insert(0.0) += s.value;
+        }
+        out
+    }
+}
+
+fn parse_sample(line: &str) -> Option<Sample> {
+    let (name_end, has_labels) = match line.find(['{', ' ']) {
+        Some(i) => (i, line.as_bytes()[i] == b'{'),
+        None => return None,
+    };
+    let name = line[..name_end].to_string();
+    let mut labels = BTreeMap::new();
+    let mut rest = &line[name_end..];
+    if has_labels {
+        rest = &rest[1..];
+        loop {
+            rest = rest.trim_start_matches([',', ' ']);
+            if let Some(r) = rest.strip_prefix('}') {
+                rest = r;
+                break;
+            }
+            let eq = rest.find('=')?;
+            let key = rest[..eq].trim().to_string();
+            rest = rest[eq + 1..].strip_prefix('"')?;
+            let mut value = String::new();
+            let mut chars = rest.char_indices();
+            let end = loop {
+                let (i, c) = chars.next()?;
+                match c {
+                    '\\' => match chars.next()?.1 {
+                        'n' => value.push('\n'),
+                        other => value.push(other),
+                    },
+                    '"' => break i,
+                    c => value.push(c),
+                }
+            };
+            rest = &rest[end + 1..];
+            labels.insert(key, value);
+        }
+    }
+    let value_text = rest.split_whitespace().next()?;
+    let value = match value_text {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().ok()?,
+    };
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

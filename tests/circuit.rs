@@ -1,0 +1,744 @@
+//! End-to-end tests of the rollback circuit (design §5): canaryd in-process in front of fake
+//! upstreams that fail on cue, observed through real traffic, `GET /weights`, `/status` and
+//! `/metrics`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+use serde_json::{json, Value};
+
+/// `[rollback] min_requests` in these tests.
+const MIN_REQUESTS: usize = 20;
+/// Requests that may still reach a canary after the one that tripped it: the window task
+/// runs beside the data path, so a few requests can be routed before the trip is published.
+const SLACK: usize = 5;
+/// How long a trip, reset or reload may take to show.
+const DEADLINE: Duration = Duration::from_secs(10);
+/// Requests in flight at once in bulk checks.
+const CONCURRENCY: usize = 8;
+
+/// A config with the circuit on (the test `ConfigBuilder` turns it off).
+fn circuit_config(stable_url: &str, canary_url: &str, canary_weight: u32) -> ConfigBuilder {
+    ConfigBuilder::new()
+        .upstream("stable", stable_url, &(100 - canary_weight).to_string())
+        .upstream("canary", canary_url, &canary_weight.to_string())
+        .set("rollback", "enabled", "true")
+        .set("rollback", "window", &q("30s"))
+        .set("rollback", "min_requests", &MIN_REQUESTS.to_string())
+        .set("rollback", "max_error_rate", "0.10")
+        .set("rollback", "max_error_rate_increase", "0.02")
+}
+
+/// `n` distinct user ids whose reference bucket (salt "") is in `range`.
+fn users_in(range: Range<u16>, n: usize, tag: &str) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{tag}-{i}"))
+        .filter(|id| range.contains(&reference_bucket("", id)))
+        .take(n)
+        .collect()
+}
+
+/// One request as `user`; returns the reply (any status).
+async fn send_as(client: &HttpClient, addr: SocketAddr, user: &str) -> Reply {
+    client.get(addr, "/", &[("x-user-id", user)]).await
+}
+
+/// Sends `users`' requests one at a time until one is served by the baseline; returns how
+/// many the canary served before. Every canary reply must have `canary_status`.
+async fn drive_until_tripped(
+    client: &HttpClient,
+    addr: SocketAddr,
+    users: &[String],
+    canary_status: u16,
+) -> usize {
+    for (i, user) in users.iter().enumerate() {
+        let reply = send_as(client, addr, user).await;
+        match reply.arm() {
+            Some("stable") => {
+                assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+                return i;
+            }
+            Some("canary") => assert_eq!(reply.status.as_u16(), canary_status, "{reply:?}"),
+            other => panic!("unexpected arm {other:?}: {reply:?}"),
+        }
+    }
+    panic!(
+        "the canary never tripped in {} of its users' requests",
+        users.len()
+    );
+}
+
+/// Every one of `users` is served by `arm` with 200 (concurrently).
+async fn assert_all_served_by(client: &HttpClient, addr: SocketAddr, users: &[String], arm: &str) {
+    let replies = route_all(client, addr, users, CONCURRENCY).await;
+    let wrong: Vec<_> = users
+        .iter()
+        .zip(&replies)
+        .filter(|(_, r)| r.arm() != Some(arm) || r.status != StatusCode::OK)
+        .map(|(u, r)| format!("{u}: {} {:?}", r.status, r.arm()))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} users not served by {arm} with 200; first: {:?}",
+        wrong.len(),
+        users.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+}
+
+fn rollbacks(m: &MetricsText, reason: &str) -> f64 {
+    m.sum(
+        "canaryd_rollbacks_total",
+        &[("upstream", "canary"), ("reason", reason)],
+    )
+}
+
+fn tripped_gauge(m: &MetricsText, arm: &str) -> Option<f64> {
+    m.value("canaryd_upstream_tripped", &[("upstream", arm)])
+}
+
+/// The canary's window in `/status`.
+fn canary_window(status: &Value) -> &Value {
+    let arms = status["arms"].as_array().expect("arms");
+    &arms
+        .iter()
+        .find(|a| a["name"] == "canary")
+        .expect("canary arm")["window"]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_canary_trips_after_min_requests_and_its_users_go_to_the_baseline() {
+    let stable = FakeUpstream::start("stable").await;
+    let canary = FakeUpstream::builder("canary").status(500).start().await;
+    let proxy = Proxy::start(&circuit_config(&stable.url(), &canary.url(), 10).build()).await;
+    let admin = proxy.admin_client();
+    let client = HttpClient::http1();
+    let users = users_in(0..1000, 200, "failing");
+
+    let served = drive_until_tripped(&client, proxy.addr(), &users, 500).await;
+    assert!(
+        (MIN_REQUESTS..=MIN_REQUESTS + SLACK).contains(&served),
+        "tripped after {served} canary requests; min_requests is {MIN_REQUESTS}"
+    );
+    assert_eq!(canary.requests(), served);
+
+    let w = admin.weights().await;
+    let trip = &w["tripped"]["canary"];
+    assert_eq!(trip["reason"], "error_rate", "{w}");
+    assert_eq!(trip["url"], canary.url(), "{w}");
+    assert!(
+        trip["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("errors in")),
+        "the detail gives the numbers: {w}"
+    );
+    assert_eq!(w["effective"], json!({"stable": 100, "canary": 0}), "{w}");
+    assert_eq!(w["configured"], json!({"stable": 90, "canary": 10}), "{w}");
+
+    // Every later canary user goes to the baseline; the canary sees nothing more.
+    let rest = &users[served + 1..];
+    assert_all_served_by(&client, proxy.addr(), rest, "stable").await;
+    assert_eq!(canary.requests(), served, "the tripped canary got traffic");
+
+    let m = admin.metrics().await;
+    assert_eq!(rollbacks(&m, "error_rate"), 1.0, "{}", m.text);
+    assert_eq!(m.sum("canaryd_rollbacks_total", &[]), 1.0, "{}", m.text);
+    assert_eq!(tripped_gauge(&m, "canary"), Some(1.0));
+    assert_eq!(tripped_gauge(&m, "stable"), Some(0.0));
+    assert_eq!(
+        m.value("canaryd_upstream_weight_percent", &[("upstream", "canary")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        m.value("canaryd_upstream_weight_percent", &[("upstream", "stable")]),
+        Some(100.0)
+    );
+    assert_eq!(
+        m.value(
+            "canaryd_requests_total",
+            &[("upstream", "canary"), ("status", "500")]
+        ),
+        Some(served as f64)
+    );
+    assert_eq!(
+        m.sum("canaryd_requests_total", &[("upstream", "stable")]),
+        (users.len() - served) as f64
+    );
+    let s = admin.status().await;
+    assert_eq!(s["circuit"]["tripped"], json!(["canary"]), "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_that_turns_bad_trips_within_a_few_requests() {
+    const HEALTHY: usize = 30;
+    let stable = FakeUpstream::start("stable").await;
+    let canary = FakeUpstream::start("canary").await;
+    let proxy = Proxy::start(&circuit_config(&stable.url(), &canary.url(), 10).build()).await;
+    let admin = proxy.admin_client();
+    let client = HttpClient::http1();
+    let users = users_in(0..1000, HEALTHY + 100, "turns-bad");
+
+    for user in &users[..HEALTHY] {
+        let reply = send_as(&client, proxy.addr(), user).await;
+        assert_eq!(reply.arm(), Some("canary"), "{reply:?}");
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    }
+    canary.set_status(503);
+    // 30 good requests in the window: the 4th error makes 4/34 >= 10%.
+    let failed = drive_until_tripped(&client, proxy.addr(), &users[HEALTHY..], 503).await;
+    assert!(
+        (4..=4 + SLACK).contains(&failed),
+        "tripped after {failed} failing requests, expected the 4th (+{SLACK})"
+    );
+    assert_eq!(
+        admin.trip_reason("canary").await.as_deref(),
+        Some("error_rate")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthy_canary_never_trips() {
+    const REQUESTS: usize = 2000;
+    let stable = FakeUpstream::start("stable").await;
+    // 4xx are not errors with the default error_statuses (5xx).
+    let canary = FakeUpstream::builder("canary")
+        .on_path("/missing", 404, Duration::ZERO)
+        .start()
+        .await;
+    let proxy = Proxy::start(&circuit_config(&stable.url(), &canary.url(), 50).build()).await;
+    let admin = proxy.admin_client();
+    let client = HttpClient::http1();
+
+    let ids = user_ids(REQUESTS);
+    let requests = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let path = if i % 3 == 0 { "/missing" } else { "/ok" };
+            request("GET", proxy.addr(), path, &[("x-user-id", id)], empty())
+        })
+        .collect();
+    let replies = fetch_all(&client, requests, CONCURRENCY).await;
+    let mut per_arm = [0u64; 2];
+    for (id, reply) in ids.iter().zip(&replies) {
+        let canary_user = reference_arm(id, 50);
+        assert_eq!(
+            reply.arm(),
+            Some(if canary_user { "canary" } else { "stable" }),
+            "{id}: {reply:?}"
+        );
+        per_arm[usize::from(canary_user)] += 1;
+    }
+    assert!(per_arm[1] > 800, "canary served {}", per_arm[1]);
+
+    let s = poll_until(DEADLINE, "windows to hold every request", || async {
+        let s = admin.status().await;
+        let n = |i: usize| s["arms"][i]["window"]["requests"].as_u64();
+        (n(0) == Some(per_arm[0]) && n(1) == Some(per_arm[1])).then_some(s)
+    })
+    .await;
+    assert_eq!(canary_window(&s)["errors"], 0, "{s}");
+    let w = admin.weights().await;
+    assert_eq!(w["tripped"], json!({}), "{w}");
+    assert_eq!(w["effective"], json!({"stable": 50, "canary": 50}));
+    let m = admin.metrics().await;
+    assert_eq!(m.sum("canaryd_rollbacks_total", &[]), 0.0, "{}", m.text);
+    assert_eq!(tripped_gauge(&m, "canary"), Some(0.0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The relative rule
+// ---------------------------------------------------------------------------------------------
+
+/// Warm the baseline with `n` requests from its own users (sequentially, so the window sees
+/// them in the order the fake upstream numbered them).
+async fn warm_baseline(client: &HttpClient, addr: SocketAddr, n: usize) {
+    for user in users_in(5000..10000, n, "warm") {
+        let reply = send_as(client, addr, &user).await;
+        assert_eq!(reply.arm(), Some("stable"), "{reply:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_as_bad_as_the_baseline_does_not_trip() {
+    // Baseline fails the 1st, 21st, ... request (always >= 5%); the canary the 20th, 40th, ...
+    // (always <= 5%): equally bad, never worse at any point.
+    let stable = FakeUpstream::builder("stable")
+        .fail_every(20, 0, 500)
+        .start()
+        .await;
+    let canary = FakeUpstream::builder("canary")
+        .fail_every(20, 19, 500)
+        .start()
+        .await;
+    let proxy = Proxy::start(&circuit_config(&stable.url(), &canary.url(), 50).build()).await;
+    let admin = proxy.admin_client();
+    let client = HttpClient::http1();
+    warm_baseline(&client, proxy.addr(), 400).await;
+
+    let users = users_in(0..5000, 400, "as-bad");
+    let mut errors = 0;
+    for user in &users {
+        let reply = send_as(&client, proxy.addr(), user).await;
+        assert_eq!(reply.arm(), Some("canary"), "tripped early: {reply:?}");
+        errors += usize::from(reply.status == StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    assert_eq!(errors, 20, "the canary failed 5% of its requests");
+
+    let s = poll_until(DEADLINE, "windows to hold every request", || async {
+        let s = admin.status().await;
+        (canary_window(&s)["requests"] == 400).then_some(s)
+    })
+    .await;
+    assert_eq!(canary_window(&s)["errors"], 20, "{s}");
+    assert_eq!(s["arms"][0]["window"]["requests"], 400, "{s}");
+    assert_eq!(s["arms"][0]["window"]["errors"], 20, "{s}");
+    assert_eq!(admin.weights().await["tripped"], json!({}));
+    assert_eq!(
+        admin.metrics().await.sum("canaryd_rollbacks_total", &[]),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_worse_than_the_baseline_trips_on_the_increase() {
+    // Baseline at 5%; the canary fails every 12th request (<= 8.3%, under the 10% absolute
+    // limit): at its 24th request it is 8.3% vs 5%, 3.3 points worse.
+    let stable = FakeUpstream::builder("stable")
+        .fail_every(20, 0, 500)
+        .start()
+        .await;
+    let canary = FakeUpstream::builder("canary")
+        .fail_every(12, 11, 500)
+        .start()
+        .await;
+    let proxy = Proxy::start(&circuit_config(&stable.url(), &canary.url(), 50).build()).await;
+    let admin = proxy.admin_client();
+    let client = HttpClient::http1();
+    warm_baseline(&client, proxy.addr(), 400).await;
+
+    let users = users_in(0..5000, 200, "worse");
+    let mut served = 0;
+    for user in &users {
+        let reply = send_as(&client, proxy.addr(), user).await;
+        if reply.arm() == Some("stable") {
+            break;
+        }
+        served += 1;
+    }
+    assert!(
+        (24..=24 + SLACK).contains(&served),
+        "tripped after {served} canary requests, expected the 24th (+{SLACK})"
+    );
+    let w = admin.weights().await;
+    assert_eq!(
+        w["tripped"]["canary"]["reason"], "error_rate_increase",
+        "{w}"
+    );
+    let m = admin.metrics().await;
+    assert_eq!(rollbacks(&m, "error_rate_increase"), 1.0, "{}", m.text);
+    assert_eq!(rollbacks(&m, "error_rate"), 0.0, "{}", m.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relative_rule_needs_a_busy_baseline() {
+    // A canary at 5% errors against a clean baseline: 5 points worse.
+    let stable = FakeUpstream::start("stable").await;
+    let canary = FakeUpstream::builder("canary")
+        .fail_every(20, 19, 500)
+        .start()
+        .await;
+    let proxy = Proxy::start(&circuit_config(&stable.url(), &canary.url(), 50).build()).await;
+    let admin = proxy.admin_client();
+    let client = HttpClient::http1();
+
+    // With 5 baseline requests (< min_requests) the comparison is not made.
+    warm_baseline(&client, proxy.addr(), 5).await;
+    let users = users_in(0..5000, 300, "busy");
+    for user in &users[..100] {
+        let reply = send_as(&client, proxy.addr(), user).await;
+        assert_eq!(
+            reply.arm(),
+            Some("canary"),
+            "quiet baseline tripped it: {reply:?}"
+        );
+    }
+    poll_until(
+        DEADLINE,
+        "the canary window to hold 100 requests",
+        || async { (canary_window(&admin.status().await)["requests"] == 100).then_some(()) },
+    )
+    .await;
+    assert_eq!(admin.weights().await["tripped"], json!({}));
+
+    // Once the baseline has min_requests, the rule is checked on the canary's next request
+    // (a success: 5 of 101 is still 4.95 points above the baseline's 0%) and trips it.
+    warm_baseline(&client, proxy.addr(), MIN_REQUESTS).await;
+    let served = drive_until_tripped(&client, proxy.addr(), &users[100..], 200).await;
+    assert!(
+        (1..=1 + SLACK).contains(&served),
+        "tripped after {served} more canary requests, expected the 1st (+{SLACK})"
+    );
+    assert_eq!(
+        admin.trip_reason("canary").await.as_deref(),
+        Some("error_rate_increase")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A trip lasts until reset or a new build
+// ---------------------------------------------------------------------------------------------
+
+fn with_state(cfg: ConfigBuilder, state: &Path) -> ConfigBuilder {
+    cfg.set("state", "file", &q(state.to_str().unwrap()))
+}
+
+/// Trips the canary (which must be failing with `status`) with canary-range users.
+async fn trip(client: &HttpClient, addr: SocketAddr, tag: &str, status: u16) -> usize {
+    let users = users_in(0..1000, 100, tag);
+    drive_until_tripped(client, addr, &users, status).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trip_survives_reload_and_restart_until_reset() {
+    let stable = FakeUpstream::start("stable").await;
+    let canary = FakeUpstream::builder("canary").status(500).start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state.json");
+    let client = HttpClient::http1();
+    // Bucket in [1000, 2000): stable at 10%, canary at 20%.
+    let mover = user_in_bucket_range(1000..2000);
+    let loyal = users_in(0..1000, 30, "loyal");
+
+    let mut proxy =
+        Proxy::start(&with_state(circuit_config(&stable.url(), &canary.url(), 10), &state).build())
+            .await;
+    let admin = proxy.admin_client();
+    trip(&client, proxy.addr(), "survive", 500).await;
+    let tripped = admin.weights().await["tripped"]["canary"].clone();
+    assert_eq!(tripped["reason"], "error_rate");
+
+    // A reload with the same url (and a new weight) keeps the trip; the weight waits.
+    let reloaded = with_state(circuit_config(&stable.url(), &canary.url(), 20), &state)
+        .set("listen", "access_log", "true")
+        .build();
+    proxy.rewrite_config(&reloaded, Rewrite::Rename);
+    let w = poll_until(DEADLINE, "the reload to apply", || async {
+        let w = admin.weights().await;
+        (w["file"]["canary"] == 20).then_some(w)
+    })
+    .await;
+    assert_eq!(w["tripped"]["canary"], tripped, "{w}");
+    assert_eq!(w["effective"], json!({"stable": 100, "canary": 0}), "{w}");
+    assert_eq!(w["configured"], json!({"stable": 80, "canary": 20}), "{w}");
+    assert_all_served_by(&client, proxy.addr(), &loyal, "stable").await;
+    assert_eq!(
+        send_as(&client, proxy.addr(), &mover).await.arm(),
+        Some("stable")
+    );
+    proxy.shutdown().await.expect("shutdown");
+
+    // A restart with the state file keeps it too.
+    let proxy = Proxy::start(&reloaded).await;
+    let admin = proxy.admin_client();
+    let w = admin.weights().await;
+    assert_eq!(w["tripped"]["canary"], tripped, "after restart: {w}");
+    assert_eq!(w["effective"], json!({"stable": 100, "canary": 0}), "{w}");
+    let m = admin.metrics().await;
+    assert_eq!(tripped_gauge(&m, "canary"), Some(1.0), "{}", m.text);
+    assert_all_served_by(&client, proxy.addr(), &loyal, "stable").await;
+
+    // The fixed canary is back after POST /reset, with the weight the file gave it meanwhile.
+    canary.set_status(200);
+    let before = canary.requests();
+    let doc = admin.post_ok("/reset", None).await;
+    assert_eq!(doc["tripped"], json!({}), "{doc}");
+    assert_eq!(
+        doc["effective"],
+        json!({"stable": 80, "canary": 20}),
+        "{doc}"
+    );
+    assert_all_served_by(&client, proxy.addr(), &loyal, "canary").await;
+    assert_eq!(
+        send_as(&client, proxy.addr(), &mover).await.arm(),
+        Some("canary")
+    );
+    assert_eq!(canary.requests(), before + loyal.len() + 1);
+    let m = admin.metrics().await;
+    assert_eq!(tripped_gauge(&m, "canary"), Some(0.0));
+    assert_eq!(
+        m.value("canaryd_upstream_weight_percent", &[("upstream", "canary")]),
+        Some(20.0)
+    );
+}
+
+/// How the canary gets tripped before a reset.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum TripBy {
+    /// min_requests failures trip the circuit.
+    Circuit,
+    /// A few failures (under min_requests), then `POST /rollback`.
+    Manual,
+}
+
+/// After a reset, the canary starts from an empty window: the errors it had before cannot
+/// trip it again (README: "its window is cleared then, so old errors cannot re-trip it").
+/// With `traffic_between`, baseline traffic flows between the trip and the reset; without,
+/// nothing happens in between.
+async fn reset_starts_a_fresh_window(how: TripBy, traffic_between: bool) {
+    let stable = FakeUpstream::start("stable").await;
+    let canary = FakeUpstream::builder("canary").status(500).start().await;
+    let proxy = Proxy::start(&circuit_config(&stable.url(), &canary.url(), 10).build()).await;
+    let admin = proxy.admin_client();
+    let client = HttpClient::http1();
+    let users = users_in(0..1000, 100, "fresh");
+
+    let failures = match how {
+        TripBy::Circuit => MIN_REQUESTS,
+        TripBy::Manual => MIN_REQUESTS - 5,
+    };
+    for user in &users[..failures] {
+        let reply = send_as(&client, proxy.addr(), user).await;
+        assert_eq!(reply.arm(), Some("canary"), "{reply:?}");
+        assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    // Then nothing more reaches the canary until it is tripped.
+    let reason = match how {
+        TripBy::Circuit => admin.wait_tripped("canary", DEADLINE).await,
+        TripBy::Manual => {
+            poll_until(DEADLINE, "the window to hold the failures", || async {
+                let s = admin.status().await;
+                (canary_window(&s)["errors"] == failures).then_some(())
+            })
+            .await;
+            let doc = admin.post_ok("/rollback", None).await;
+            doc["tripped"]["canary"]["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        }
+    };
+    assert_eq!(
+        reason,
+        if how == TripBy::Circuit {
+            "error_rate"
+        } else {
+            "manual"
+        }
+    );
+    if traffic_between {
+        assert_all_served_by(&client, proxy.addr(), &users[MIN_REQUESTS..60], "stable").await;
+    }
+
+    canary.set_status(200);
+    let doc = admin.post_ok("/reset", None).await;
+    assert_eq!(doc["tripped"], json!({}), "{doc}");
+    // 40 healthy requests. Had the old errors stayed in the window, a few healthy requests
+    // would re-trip it (20 of 21 failed, or 15 of 20).
+    let mut wrong = Vec::new();
+    for user in &users[60..] {
+        let reply = send_as(&client, proxy.addr(), user).await;
+        if reply.arm() != Some("canary") || reply.status != StatusCode::OK {
+            wrong.push(format!("{user}: {} {:?}", reply.status, reply.arm()));
+        }
+    }
+    let w = admin.weights().await;
+    assert!(
+        wrong.is_empty() && w["tripped"] == json!({}),
+        "re-tripped after reset by the old window: {} of 40 healthy canary requests not \
+         served by the canary (first {:?}); /weights {w}",
+        wrong.len(),
+        wrong.first()
+    );
+    let s = poll_until(DEADLINE, "the window to count the new requests", || async {
+        let s = admin.status().await;
+        (canary_window(&s)["requests"] == 40).then_some(s)
+    })
+    .await;
+    assert_eq!(canary_window(&s)["errors"], 0, "{s}");
+    let m = admin.metrics().await;
+    assert_eq!(m.sum("canaryd_rollbacks_total", &[]), 1.0, "{}", m.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_after_traffic_does_not_retrip_from_the_old_window() {
+    reset_starts_a_fresh_window(TripBy::Circuit, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_right_after_the_trip_does_not_retrip_from_the_old_window() {
+    reset_starts_a_fresh_window(TripBy::Circuit, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_after_manual_rollback_and_traffic_starts_a_fresh_window() {
+    reset_starts_a_fresh_window(TripBy::Manual, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_right_after_manual_rollback_starts_a_fresh_window() {
+    reset_starts_a_fresh_window(TripBy::Manual, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_canary_url_clears_the_trip() {
+    let stable = FakeUpstream::start("stable").await;
+    let canary = FakeUpstream::builder("canary").status(500).start().await;
+    let fixed = FakeUpstream::start("canary-build-2").await;
+    let mut proxy = Proxy::start(&circuit_config(&stable.url(), &canary.url(), 10).build()).await;
+    let admin = proxy.admin_client();
+    let client = HttpClient::http1();
+    trip(&client, proxy.addr(), "new-build", 500).await;
+
+    proxy.rewrite_config(
+        &circuit_config(&stable.url(), &fixed.url(), 10).build(),
+        Rewrite::Rename,
+    );
+    let w = poll_until(DEADLINE, "the new url to clear the trip", || async {
+        let w = admin.weights().await;
+        (w["tripped"] == json!({})).then_some(w)
+    })
+    .await;
+    assert_eq!(w["effective"], json!({"stable": 90, "canary": 10}), "{w}");
+
+    // The new build serves the canary's users and starts with a clean window.
+    let users = users_in(0..1000, 40, "new-build-users");
+    let replies = route_all(&client, proxy.addr(), &users, 1).await;
+    for reply in &replies {
+        assert_eq!(reply.arm(), Some("canary"), "{reply:?}");
+        assert_eq!(reply.body, "canary-build-2", "{reply:?}");
+    }
+    assert_eq!(fixed.requests(), users.len());
+    assert_eq!(admin.weights().await["tripped"], json!({}));
+    let s = admin.status().await;
+    assert_eq!(canary_window(&s)["errors"], 0, "{s}");
+    let m = admin.metrics().await;
+    assert_eq!(tripped_gauge(&m, "canary"), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn naming_a_tripped_arm_is_a_conflict_with_the_reason() {
+    let stable = FakeUpstream::start("stable").await;
+    let canary = FakeUpstream::builder("canary").status(502).start().await;
+    let proxy = Proxy::start(&circuit_config(&stable.url(), &canary.url(), 10).build()).await;
+    let admin = proxy.admin_client();
+    let client = HttpClient::http1();
+    trip(&client, proxy.addr(), "conflict", 502).await;
+    let before = admin.weights().await;
+
+    for (method, path, body) in [
+        ("PUT", "/weights", Some(json!({"canary": 25}))),
+        ("PUT", "/weights", Some(json!({"stable": 75, "canary": 25}))),
+        ("POST", "/promote", None),
+        ("POST", "/promote", Some(json!({"upstream": "canary"}))),
+    ] {
+        let text = body.as_ref().map(Value::to_string);
+        let reply = admin.call(method, path, text.as_deref()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::CONFLICT,
+            "{method} {path}: {reply:?}"
+        );
+        let msg = reply.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            msg.contains("canary") && msg.contains("error_rate") && msg.contains("errors in"),
+            "the message names the arm and the reason: {msg:?}"
+        );
+        assert_eq!(
+            admin.weights().await,
+            before,
+            "{method} {path} changed something"
+        );
+    }
+
+    admin.post_ok("/reset", None).await;
+    let doc = admin.set_weights(json!({"canary": 25})).await;
+    assert_eq!(doc["effective"], json!({"stable": 75, "canary": 25}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_canary_fails_over_to_the_baseline_and_trips() {
+    let stable = FakeUpstream::start("stable").await;
+    let dead = closed_port_url().await;
+    let proxy = Proxy::start(&circuit_config(&stable.url(), &dead, 10).build()).await;
+    let admin = proxy.admin_client();
+    let client = HttpClient::http1();
+    let users = users_in(0..1000, 120, "dead");
+
+    // A request with a body cannot be replayed: 502 naming the canary.
+    let reply = client
+        .fetch(request(
+            "POST",
+            proxy.addr(),
+            "/upload",
+            &[("x-user-id", &users[0])],
+            full("payload"),
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{reply:?}");
+    assert_eq!(reply.arm(), Some("canary"));
+
+    // Bodyless requests are answered by the baseline, every one of them.
+    for user in &users[1..60] {
+        let reply = send_as(&client, proxy.addr(), user).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.arm(), Some("stable"), "{reply:?}");
+        assert_eq!(reply.body, "stable", "{reply:?}");
+    }
+    let reason = admin.wait_tripped("canary", DEADLINE).await;
+    assert_eq!(reason, "error_rate");
+
+    let m = admin.metrics().await;
+    let connect = m.sum(
+        "canaryd_upstream_failures_total",
+        &[("upstream", "canary"), ("kind", "connect")],
+    ) as usize;
+    assert!(
+        (MIN_REQUESTS..=MIN_REQUESTS + SLACK).contains(&connect),
+        "{connect} connect failures before the trip (min_requests {MIN_REQUESTS})"
+    );
+    assert_eq!(
+        m.by_label(
+            "canaryd_requests_total",
+            &[("upstream", "canary")],
+            "status"
+        ),
+        [("502".to_string(), 1.0)].into(),
+        "only the request with a body is the canary's"
+    );
+    assert_eq!(
+        m.value(
+            "canaryd_requests_total",
+            &[("upstream", "stable"), ("status", "200")]
+        ),
+        Some(59.0),
+        "failed-over requests count for the baseline that answered"
+    );
+    assert_eq!(stable.requests(), 59);
+    assert_eq!(rollbacks(&m, "error_rate"), 1.0);
+    assert_eq!(tripped_gauge(&m, "canary"), Some(1.0));
+    let s = admin.status().await;
+    let window = canary_window(&s);
+    assert_eq!(window["requests"].as_u64(), Some(connect as u64), "{s}");
+    assert_eq!(window["errors"].as_u64(), Some(connect as u64), "{s}");
+
+    // Once tripped, the canary is not even tried.
+    assert_all_served_by(&client, proxy.addr(), &users[60..], "stable").await;
+    let m = admin.metrics().await;
+    assert_eq!(
+        m.sum(
+            "canaryd_upstream_failures_total",
+            &[("upstream", "canary"), ("kind", "connect")],
+        ) as usize,
+        connect
+    );
+}
