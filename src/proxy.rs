@@ -155,8 +155,8 @@ fn send_outcome(outcomes: &OutcomeSender, metrics: &crate::metrics::Metrics, o: 
 struct Ctx {
     start: Instant,
     decision: Decision,
-    method: http::Method,
-    path: String,
+    /// Method and path for the access log, captured only when it is on.
+    request_line: Option<(http::Method, String)>,
     /// The client side of an HTTP/1.1 Upgrade (WebSocket), if the request asked for one.
     upgrade: Option<OnUpgrade>,
 }
@@ -202,7 +202,8 @@ impl Replay {
 pub struct Proxy {
     control: Arc<Control>,
     outcomes: OutcomeSender,
-    peer: SocketAddr,
+    /// The client's IP as an `x-forwarded-for` entry, formatted once per connection.
+    peer_ip: HeaderValue,
     proto: &'static str,
 }
 
@@ -214,10 +215,13 @@ impl Proxy {
         peer: SocketAddr,
         proto: &'static str,
     ) -> Self {
+        // An IP address always formats to a valid header value.
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Proxy {
             control,
             outcomes,
-            peer,
+            peer_ip,
             proto,
         }
     }
@@ -235,8 +239,9 @@ impl Proxy {
         let mut ctx = Ctx {
             start,
             decision,
-            method: req.method().clone(),
-            path: req.uri().path().to_owned(),
+            request_line: snap
+                .access_log
+                .then(|| (req.method().clone(), req.uri().path().to_owned())),
             upgrade: upgrade_proto
                 .is_some()
                 .then(|| hyper::upgrade::on(&mut req)),
@@ -418,7 +423,7 @@ impl Proxy {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         remove_hop_by_hop(&mut parts.headers);
-        append_forwarded_for(&mut parts.headers, self.peer);
+        append_forwarded_for(&mut parts.headers, &self.peer_ip);
         parts.headers.insert(
             X_FORWARDED_PROTO.clone(),
             HeaderValue::from_static(self.proto),
@@ -529,30 +534,35 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
-    let mut joined = String::new();
-    for v in headers.get_all(&X_FORWARDED_FOR) {
-        if let Ok(s) = v.to_str() {
-            joined.push_str(s);
-            joined.push_str(", ");
-        }
+fn append_forwarded_for(headers: &mut HeaderMap, peer_ip: &HeaderValue) {
+    if !headers.contains_key(&X_FORWARDED_FOR) {
+        headers.insert(X_FORWARDED_FOR.clone(), peer_ip.clone());
+        return;
     }
-    joined.push_str(&ip);
-    if let Ok(v) = HeaderValue::from_str(&joined) {
+    let mut joined = Vec::new();
+    for v in headers.get_all(&X_FORWARDED_FOR) {
+        joined.extend_from_slice(v.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(peer_ip.as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
 }
 
 fn log_access(arm: &str, ctx: &Ctx, status: StatusCode, elapsed: std::time::Duration) {
     let d = &ctx.decision;
+    let (method, path) = ctx
+        .request_line
+        .as_ref()
+        .map_or(("", ""), |(m, p)| (m.as_str(), p.as_str()));
     tracing::info!(
         target: "canaryd::access",
         upstream = %arm,
         source = %d.source,
         bucket = d.bucket.map(i64::from).unwrap_or(-1),
-        method = %ctx.method,
-        path = %ctx.path,
+        method = %method,
+        path = %path,
         status = status.as_u16(),
         duration_ms = elapsed.as_secs_f64() * 1000.0,
         "request"
@@ -590,7 +600,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
-        append_forwarded_for(&mut h, "192.0.2.7:4000".parse().expect("addr"));
+        append_forwarded_for(&mut h, &HeaderValue::from_static("192.0.2.7"));
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 192.0.2.7");
     }
 }
