@@ -210,19 +210,29 @@ pub async fn run(
     Ok(())
 }
 
-async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {
+/// The next connection, or `None` once `stop` fires. Accept errors (EMFILE and friends) are
+/// logged and retried after a short back-off instead of spinning; the listener survives.
+async fn accept(
+    listener: &TcpListener,
+    stop: &mut watch::Receiver<bool>,
+    what: &'static str,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
     loop {
-        let (stream, peer) = tokio::select! {
+        tokio::select! {
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok(x) => return Some(x),
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
+                    tracing::warn!(listener = what, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
             },
-            _ = stop.changed() => break,
-        };
+            _ = stop.changed() => return None,
+        }
+    }
+}
+
+async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {
+    while let Some((stream, peer)) = accept(&listener, &mut stop, "admin").await {
         let admin = admin.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| admin.clone().handle(req));
@@ -275,17 +285,8 @@ async fn serve_proxy(
             },
             _ = stop.changed() => break,
         };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning; the listener survives.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
+        let Some((stream, peer)) = accept(&listener, &mut stop, "proxy").await else {
+            break;
         };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
