@@ -2,10 +2,10 @@
 //!
 //! Fast and offline. Every canaryd config shipped — each file in `config/`, each `*.toml`
 //! block embedded in a YAML manifest under `deploy/`, each full config in `deploy/README.md` —
-//! goes through the real `canaryd check`. The manifests are parsed (a small YAML subset parser
-//! below; no extra dependency) and checked against the config they carry: probes on the admin
-//! port, the ConfigMap mounted as a directory, the Secret and `emptyDir` where the config says
-//! the token and the state file are, a grace period longer than the drain. The systemd unit, the
+//! goes through the real `canaryd check`. The manifests are parsed (`yaml-rust2`, read into
+//! `serde_json` values) and checked against the config they carry: probes on the admin port,
+//! the ConfigMap mounted as a directory, the Secret and `emptyDir` where the config says the
+//! token and the state file are, a grace period longer than the drain. The systemd unit, the
 //! Grafana dashboard, the Prometheus queries and the container build files are checked the same
 //! way. Tools that may be missing here (`openssl`, `kubectl`, `systemd-analyze`) are used when
 //! present and skipped with a printed note otherwise. `deploy/validate.sh` adds the schema
@@ -17,6 +17,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::Value;
+use yaml_rust2::{Yaml, YamlLoader};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -403,10 +404,75 @@ fn full_configs_in_deploy_readme_pass_canaryd_check() {
 // ---------------------------------------------------------------------------------------------
 // Kubernetes manifests
 
+/// The non-empty documents of a YAML stream (`---`-separated), as JSON values.
+fn yaml_documents(text: &str) -> Result<Vec<Value>, String> {
+    YamlLoader::load_from_str(text)
+        .map_err(|e| format!("invalid YAML: {e}"))?
+        .into_iter()
+        .map(yaml_to_json)
+        .filter(|d| !matches!(d, Ok(Value::Null)))
+        .collect()
+}
+
+/// A parsed YAML node as a `serde_json::Value`, so the checks walk one kind of tree. Mapping
+/// keys that are scalars become strings (`80:` is the key "80"); anything else JSON cannot hold
+/// is an error.
+fn yaml_to_json(node: Yaml) -> Result<Value, String> {
+    Ok(match node {
+        Yaml::Null => Value::Null,
+        Yaml::Boolean(b) => Value::Bool(b),
+        Yaml::Integer(n) => Value::from(n),
+        Yaml::String(s) => Value::String(s),
+        Yaml::Real(ref s) => node
+            .as_f64()
+            .and_then(serde_json::Number::from_f64)
+            .map(Value::Number)
+            .ok_or_else(|| format!("{s} is not a finite number"))?,
+        Yaml::Array(items) => items
+            .into_iter()
+            .map(yaml_to_json)
+            .collect::<Result<_, _>>()
+            .map(Value::Array)?,
+        Yaml::Hash(entries) => {
+            let mut map = serde_json::Map::new();
+            for (k, v) in entries {
+                let key = match k {
+                    Yaml::String(s) | Yaml::Real(s) => s,
+                    Yaml::Integer(n) => n.to_string(),
+                    Yaml::Boolean(b) => b.to_string(),
+                    other => return Err(format!("unsupported mapping key {other:?}")),
+                };
+                map.insert(key, yaml_to_json(v)?);
+            }
+            Value::Object(map)
+        }
+        Yaml::Alias(_) | Yaml::BadValue => return Err(format!("unsupported YAML node {node:?}")),
+    })
+}
+
 fn yaml_file(path: &Path) -> Vec<Value> {
     let body = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    yaml::documents(&body).unwrap_or_else(|e| panic!("{}: {e}", rel(path)))
+    yaml_documents(&body).unwrap_or_else(|e| panic!("{}: {e}", rel(path)))
+}
+
+/// The YAML features the manifests use come out as the checks expect them.
+#[test]
+fn yaml_documents_as_json() {
+    let docs = yaml_documents(
+        "a: 1\nb:\n  - x\n  - k: v # c\n    l: [1, \"two\"]\nc: |\n  line1\n\n  line2\nd:\n- {}\n---\ne: 'it''s'\n",
+    )
+    .unwrap();
+    assert_eq!(docs.len(), 2);
+    assert_eq!(docs[0]["a"], 1);
+    assert_eq!(docs[0]["b"][0], "x");
+    assert_eq!(docs[0]["b"][1]["k"], "v");
+    assert_eq!(docs[0]["b"][1]["l"][1], "two");
+    assert_eq!(docs[0]["c"], "line1\n\nline2\n");
+    assert!(docs[0]["d"][0].is_object());
+    assert_eq!(docs[1]["e"], "it's");
+    assert!(yaml_documents("a: 1\n  b: 2\n").is_err());
+    assert!(yaml_documents("a: 1\na: 2\n").is_err());
 }
 
 fn find_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
@@ -873,7 +939,7 @@ fn kustomize_builds_pass_the_same_checks() {
             "kubectl kustomize {label}: {}",
             text(&out.stderr)
         );
-        let docs = yaml::documents(&text(&out.stdout))
+        let docs = yaml_documents(&text(&out.stdout))
             .unwrap_or_else(|e| panic!("{label}: rendered YAML: {e}"));
         let native = !label.contains("pre-1.29");
         check_manifests(&label, &docs, native);
@@ -1684,351 +1750,4 @@ fn validate_script_is_valid_bash() {
         "bash -n deploy/validate.sh: {}",
         text(&out.stderr)
     );
-}
-
-// ---------------------------------------------------------------------------------------------
-// A YAML subset parser, enough for Kubernetes manifests as people and `kubectl` write them:
-// block mappings and sequences (including sequences at their key's indentation), plain and
-// quoted scalars, `|` block scalars, simple flow collections, comments and `---`. Anything else
-// is an error, never a silent misreading.
-
-mod yaml {
-    use serde_json::{Map, Number, Value};
-
-    pub fn documents(text: &str) -> Result<Vec<Value>, String> {
-        let mut docs = vec![Vec::new()];
-        for (n, line) in text.lines().enumerate() {
-            if line.trim_end() == "---" {
-                docs.push(Vec::new());
-            } else {
-                docs.last_mut().unwrap().push((n + 1, line.to_owned()));
-            }
-        }
-        let mut out = Vec::new();
-        for lines in docs {
-            let mut p = Parser { lines, pos: 0 };
-            let v = p.document()?;
-            if !v.is_null() {
-                out.push(v);
-            }
-        }
-        Ok(out)
-    }
-
-    struct Parser {
-        lines: Vec<(usize, String)>,
-        pos: usize,
-    }
-
-    fn indent_of(s: &str) -> usize {
-        s.len() - s.trim_start_matches(' ').len()
-    }
-
-    fn is_seq_item(t: &str) -> bool {
-        t == "-" || t.starts_with("- ")
-    }
-
-    impl Parser {
-        fn err(&self, msg: &str) -> String {
-            let n = self.lines.get(self.pos).map(|l| l.0).unwrap_or(0);
-            format!("YAML line {n}: {msg}")
-        }
-
-        fn document(&mut self) -> Result<Value, String> {
-            let Some((ind, _)) = self.peek() else {
-                return Ok(Value::Null);
-            };
-            let v = self.block(ind)?;
-            if self.peek().is_some() {
-                return Err(self.err("unexpected content"));
-            }
-            Ok(v)
-        }
-
-        /// The next line with content (blank and comment lines skipped): indent and text.
-        fn peek(&mut self) -> Option<(usize, String)> {
-            while let Some((_, l)) = self.lines.get(self.pos) {
-                let t = l.trim();
-                if t.is_empty() || t.starts_with('#') {
-                    self.pos += 1;
-                } else {
-                    break;
-                }
-            }
-            self.lines
-                .get(self.pos)
-                .map(|(_, l)| (indent_of(l), l.trim_start().to_owned()))
-        }
-
-        fn block(&mut self, ind: usize) -> Result<Value, String> {
-            match self.peek() {
-                Some((_, t)) if is_seq_item(&t) => self.seq(ind),
-                Some(_) => self.map(ind),
-                None => Ok(Value::Null),
-            }
-        }
-
-        /// The value of a key or dash with nothing after it on its line.
-        fn nested(&mut self, ind: usize, compact_seq: bool) -> Result<Value, String> {
-            match self.peek() {
-                Some((i, _)) if i > ind => self.block(i),
-                Some((i, t)) if compact_seq && i == ind && is_seq_item(&t) => self.seq(i),
-                _ => Ok(Value::Null),
-            }
-        }
-
-        fn seq(&mut self, ind: usize) -> Result<Value, String> {
-            let mut items = Vec::new();
-            while let Some((i, t)) = self.peek() {
-                if i < ind || (i == ind && !is_seq_item(&t)) {
-                    break;
-                }
-                if i > ind {
-                    return Err(self.err("unexpected indentation in a sequence"));
-                }
-                let rest = t[1..].trim_start().to_owned();
-                let col = ind + t.len() - rest.len();
-                if rest.is_empty() || rest.starts_with('#') {
-                    self.pos += 1;
-                    items.push(self.nested(ind, false)?);
-                } else if rest.starts_with('|') || rest.starts_with('>') {
-                    self.pos += 1;
-                    items.push(Value::String(self.block_scalar(ind, &rest)?));
-                } else if split_key(&rest).is_some() {
-                    // A mapping that starts on the dash's line: re-read the line without it.
-                    self.lines[self.pos].1 = format!("{}{rest}", " ".repeat(col));
-                    items.push(self.map(col)?);
-                } else {
-                    self.pos += 1;
-                    items.push(inline(&strip_comment(&rest)).map_err(|e| self.err(&e))?);
-                }
-            }
-            Ok(Value::Array(items))
-        }
-
-        fn map(&mut self, ind: usize) -> Result<Value, String> {
-            let mut m = Map::new();
-            while let Some((i, t)) = self.peek() {
-                if i < ind || (i == ind && is_seq_item(&t)) {
-                    break;
-                }
-                if i > ind {
-                    return Err(self.err("unexpected indentation in a mapping"));
-                }
-                let (key, rest) = split_key(&t).ok_or_else(|| self.err("expected `key: value`"))?;
-                let rest = strip_comment(rest);
-                let value = if rest.is_empty() {
-                    self.pos += 1;
-                    self.nested(ind, true)?
-                } else if rest.starts_with('|') || rest.starts_with('>') {
-                    self.pos += 1;
-                    Value::String(self.block_scalar(ind, &rest)?)
-                } else {
-                    let v = inline(&rest).map_err(|e| self.err(&e))?;
-                    self.pos += 1;
-                    v
-                };
-                if m.insert(key.clone(), value).is_some() {
-                    return Err(self.err(&format!("duplicate key {key}")));
-                }
-            }
-            Ok(Value::Object(m))
-        }
-
-        fn block_scalar(&mut self, parent: usize, header: &str) -> Result<String, String> {
-            if header.starts_with('>') || header.chars().any(|c| c.is_ascii_digit()) {
-                return Err(self.err("folded scalars and indentation indicators are not supported"));
-            }
-            let mut lines: Vec<String> = Vec::new();
-            let mut content_ind: Option<usize> = None;
-            while let Some((_, l)) = self.lines.get(self.pos) {
-                if l.trim().is_empty() {
-                    lines.push(String::new());
-                    self.pos += 1;
-                    continue;
-                }
-                let i = indent_of(l);
-                if i <= parent || content_ind.is_some_and(|c| i < c) {
-                    break;
-                }
-                let c = *content_ind.get_or_insert(i);
-                lines.push(l[c..].to_owned());
-                self.pos += 1;
-            }
-            let mut trailing = 0;
-            while lines.last().is_some_and(String::is_empty) {
-                lines.pop();
-                trailing += 1;
-            }
-            let body = lines.join("\n");
-            Ok(if header.contains('-') || body.is_empty() {
-                body
-            } else if header.contains('+') {
-                format!("{body}\n{}", "\n".repeat(trailing))
-            } else {
-                format!("{body}\n")
-            })
-        }
-    }
-
-    /// `key: rest` (rest may be empty), with a plain or quoted key.
-    fn split_key(t: &str) -> Option<(String, &str)> {
-        if t.starts_with(['"', '\'']) {
-            let q = t.chars().next().unwrap();
-            let end = t[1..].find(q)? + 1;
-            let rest = t[end + 1..].strip_prefix(':')?;
-            if !(rest.is_empty() || rest.starts_with(' ')) {
-                return None;
-            }
-            return Some((t[1..end].to_owned(), rest.trim()));
-        }
-        if t.starts_with(['[', '{', '#']) {
-            return None;
-        }
-        let pos = t
-            .find(": ")
-            .or_else(|| t.strip_suffix(':').map(|s| s.len()))?;
-        let key = &t[..pos];
-        if key.contains(" #") {
-            return None;
-        }
-        Some((key.trim().to_owned(), t[pos + 1..].trim()))
-    }
-
-    /// `s` without a trailing ` # comment` (outside quotes), trimmed.
-    fn strip_comment(s: &str) -> String {
-        let mut quote: Option<char> = None;
-        let mut prev = ' ';
-        for (i, c) in s.char_indices() {
-            match quote {
-                Some(q) if c == q => quote = None,
-                Some(_) => {}
-                None if c == '"' || c == '\'' => quote = Some(c),
-                None if c == '#' && prev.is_whitespace() => return s[..i].trim().to_owned(),
-                None => {}
-            }
-            prev = c;
-        }
-        s.trim().to_owned()
-    }
-
-    /// Splits flow-collection items at top-level commas.
-    fn split_flow(s: &str) -> Vec<String> {
-        let (mut out, mut cur, mut depth, mut quote) = (Vec::new(), String::new(), 0, None);
-        for c in s.chars() {
-            match (quote, c) {
-                (Some(q), _) if c == q => quote = None,
-                (Some(_), _) => {}
-                (None, '"' | '\'') => quote = Some(c),
-                (None, '[' | '{') => depth += 1,
-                (None, ']' | '}') => depth -= 1,
-                (None, ',') if depth == 0 => {
-                    out.push(std::mem::take(&mut cur));
-                    continue;
-                }
-                _ => {}
-            }
-            cur.push(c);
-        }
-        if !cur.trim().is_empty() {
-            out.push(cur);
-        }
-        out
-    }
-
-    pub fn inline(s: &str) -> Result<Value, String> {
-        let s = s.trim();
-        if let Some(inner) = s.strip_prefix('"') {
-            let inner = inner
-                .strip_suffix('"')
-                .ok_or(format!("unterminated string {s}"))?;
-            let mut out = String::new();
-            let mut chars = inner.chars();
-            while let Some(c) = chars.next() {
-                if c != '\\' {
-                    out.push(c);
-                    continue;
-                }
-                match chars.next() {
-                    Some('n') => out.push('\n'),
-                    Some('t') => out.push('\t'),
-                    Some(c @ ('"' | '\\' | '/')) => out.push(c),
-                    other => return Err(format!("unsupported escape \\{other:?} in {s}")),
-                }
-            }
-            return Ok(Value::String(out));
-        }
-        if let Some(inner) = s.strip_prefix('\'') {
-            let inner = inner
-                .strip_suffix('\'')
-                .ok_or(format!("unterminated string {s}"))?;
-            return Ok(Value::String(inner.replace("''", "'")));
-        }
-        if let Some(inner) = s.strip_prefix('[') {
-            let inner = inner
-                .strip_suffix(']')
-                .ok_or(format!("unterminated flow sequence {s}"))?;
-            return split_flow(inner)
-                .iter()
-                .map(|i| inline(i))
-                .collect::<Result<_, _>>()
-                .map(Value::Array);
-        }
-        if let Some(inner) = s.strip_prefix('{') {
-            let inner = inner
-                .strip_suffix('}')
-                .ok_or(format!("unterminated flow mapping {s}"))?;
-            let mut m = Map::new();
-            for item in split_flow(inner) {
-                let (k, v) =
-                    split_key(item.trim()).ok_or(format!("bad flow mapping item {item}"))?;
-                m.insert(k, inline(v)?);
-            }
-            return Ok(Value::Object(m));
-        }
-        if s.starts_with(['&', '*', '!', '%', '@', '`']) {
-            return Err(format!("unsupported YAML: {s}"));
-        }
-        Ok(match s {
-            "" | "~" | "null" => Value::Null,
-            "true" => Value::Bool(true),
-            "false" => Value::Bool(false),
-            _ => plain_number(s).unwrap_or_else(|| Value::String(s.to_owned())),
-        })
-    }
-
-    fn plain_number(s: &str) -> Option<Value> {
-        let digits = s.strip_prefix('-').unwrap_or(s);
-        if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit() || c == '.') {
-            return None;
-        }
-        if digits.len() > 1 && digits.starts_with('0') && !digits.starts_with("0.") {
-            return None; // 0440: octal in YAML 1.1, kept as written
-        }
-        if !s.contains('.') {
-            return s.parse::<i64>().ok().map(|n| Value::Number(n.into()));
-        }
-        s.parse::<f64>()
-            .ok()
-            .and_then(Number::from_f64)
-            .map(Value::Number)
-    }
-
-    #[test]
-    fn subset() {
-        let docs = documents(
-            "a: 1\nb:\n  - x\n  - k: v # c\n    l: [1, \"two\"]\nc: |\n  line1\n\n  line2\nd:\n- {}\n---\ne: 'it''s'\n",
-        )
-        .unwrap();
-        assert_eq!(docs.len(), 2);
-        assert_eq!(docs[0]["a"], 1);
-        assert_eq!(docs[0]["b"][0], "x");
-        assert_eq!(docs[0]["b"][1]["k"], "v");
-        assert_eq!(docs[0]["b"][1]["l"][1], "two");
-        assert_eq!(docs[0]["c"], "line1\n\nline2\n");
-        assert!(docs[0]["d"][0].is_object());
-        assert_eq!(docs[1]["e"], "it's");
-        assert!(documents("a: 1\n  b: 2\n").is_err());
-        assert!(documents("a: 1\na: 2\n").is_err());
-    }
 }
