@@ -19,6 +19,11 @@ use crate::window::{Window, WindowStats};
 
 /// Outcomes buffered before the data path starts dropping them (counted in metrics).
 pub const CHANNEL_CAPACITY: usize = 16_384;
+/// After handling a batch the task waits this long before taking the next, so under load one
+/// wake-up handles many outcomes instead of one per request. While it waits, senders do not
+/// wake it; an idle task blocks on the channel and costs nothing. This bounds how much later
+/// than the failing request a trip can happen.
+pub const COALESCE: Duration = Duration::from_millis(1);
 
 /// One finished request, as the windows see it.
 #[derive(Debug, Clone)]
@@ -74,9 +79,15 @@ impl Windows {
         self.lock().remove(arm);
     }
 
-    /// One arm's stats.
-    pub fn arm_stats(&self, arm: &str, now: Instant) -> Option<WindowStats> {
-        self.lock().get_mut(arm).map(|w| w.stats(now))
+    /// One arm's stats; quantiles only when `quantiles` is set.
+    pub fn arm_stats(&self, arm: &str, now: Instant, quantiles: bool) -> Option<WindowStats> {
+        self.lock().get_mut(arm).map(|w| {
+            if quantiles {
+                w.stats(now)
+            } else {
+                w.counts(now)
+            }
+        })
     }
 }
 
@@ -189,9 +200,9 @@ pub fn spawn(
     mut rx: mpsc::Receiver<Outcome>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(256);
+        let mut batch = Vec::with_capacity(1024);
         let mut seen = Seen::default();
-        while rx.recv_many(&mut batch, 256).await > 0 {
+        while rx.recv_many(&mut batch, 1024).await > 0 {
             let snap = control.snapshot();
             seen.sync(&snap, &windows);
             let cfg = &snap.config.rollback;
@@ -200,6 +211,7 @@ pub fn spawn(
                 check(&control, &snap, &windows, &batch);
             }
             batch.clear();
+            tokio::time::sleep(COALESCE).await;
         }
     })
 }
@@ -208,6 +220,8 @@ pub fn spawn(
 fn check(control: &Control, snap: &Snapshot, windows: &Windows, batch: &[Outcome]) {
     let baseline = &snap.arms[snap.table.baseline()];
     let now = batch.last().map_or_else(Instant::now, |o| o.at);
+    let cfg = &snap.config.rollback;
+    let quantiles = cfg.max_p99_increase.is_some() || cfg.max_p99_ratio.is_some();
     let mut base: Option<WindowStats> = None;
     for arm in &snap.arms {
         if arm.tripped
@@ -216,11 +230,14 @@ fn check(control: &Control, snap: &Snapshot, windows: &Windows, batch: &[Outcome
         {
             continue;
         }
-        let Some(stats) = windows.arm_stats(&arm.name, now) else {
+        let Some(stats) = windows.arm_stats(&arm.name, now, quantiles) else {
             continue;
         };
-        let base =
-            *base.get_or_insert_with(|| windows.arm_stats(&baseline.name, now).unwrap_or(EMPTY));
+        let base = *base.get_or_insert_with(|| {
+            windows
+                .arm_stats(&baseline.name, now, quantiles)
+                .unwrap_or(EMPTY)
+        });
         if let Some(v) = evaluate(&snap.config.rollback, &stats, &base) {
             control.trip(&arm.name, v.reason, v.detail);
         }

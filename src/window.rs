@@ -132,8 +132,17 @@ impl Window {
         }
     }
 
-    /// The numbers over the window ending at `now`.
+    /// The numbers over the window ending at `now`, with latency quantiles.
     pub fn stats(&mut self, now: Instant) -> WindowStats {
+        let mut s = self.counts(now);
+        s.p50 = quantile(&self.total.latency, s.requests, 0.50);
+        s.p99 = quantile(&self.total.latency, s.requests, 0.99);
+        s
+    }
+
+    /// Requests, errors and error rate over the window ending at `now`; no quantiles (they
+    /// cost a pass over the histogram, and only the latency rules need them).
+    pub fn counts(&mut self, now: Instant) -> WindowStats {
         self.expire(now);
         let t = &self.total;
         WindowStats {
@@ -144,8 +153,8 @@ impl Window {
             } else {
                 t.errors as f64 / t.requests as f64
             },
-            p50: quantile(&t.latency, t.requests, 0.50),
-            p99: quantile(&t.latency, t.requests, 0.99),
+            p50: None,
+            p99: None,
         }
     }
 }
