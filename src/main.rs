@@ -22,6 +22,10 @@ const EXIT_RUNTIME: u8 = 1;
     about = "Sticky canary traffic splitting reverse proxy"
 )]
 struct Cli {
+    /// Worker threads (default: the CPUs available, or $TOKIO_WORKER_THREADS). With 1, canaryd
+    /// runs on a single-threaded runtime, which saves cross-thread synchronisation per request.
+    #[arg(long, global = true, env = "CANARYD_THREADS")]
+    threads: Option<usize>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -78,16 +82,19 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Route { config, key } => route(&config, &key),
-        Command::Run { config } => run(config),
+        Command::Run { config } => run(config, cli.threads),
         Command::Demo {
             canary_error_rate,
             listen,
             admin,
-        } => demo(canaryd::demo::DemoOptions {
-            canary_error_rate,
-            listen,
-            admin,
-        }),
+        } => demo(
+            canaryd::demo::DemoOptions {
+                canary_error_rate,
+                listen,
+                admin,
+            },
+            cli.threads,
+        ),
     }
 }
 
@@ -188,14 +195,26 @@ fn route(path: &Path, key: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            tracing::error!(error = %e, "cannot start the async runtime");
-            ExitCode::from(EXIT_RUNTIME)
-        })
+fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let threads = threads.or_else(|| {
+        std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    let mut builder = match threads {
+        // One core: no work stealing, no cross-thread wake-ups (linkerd2-proxy does the same).
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().build().map_err(|e| {
+        tracing::error!(error = %e, "cannot start the async runtime");
+        ExitCode::from(EXIT_RUNTIME)
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -213,12 +232,12 @@ async fn termination() {
     }
 }
 
-fn run(path: PathBuf) -> ExitCode {
+fn run(path: PathBuf, threads: Option<usize>) -> ExitCode {
     let config = match load(&path) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let rt = match runtime() {
+    let rt = match runtime(threads) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
@@ -244,8 +263,8 @@ fn run(path: PathBuf) -> ExitCode {
     }
 }
 
-fn demo(opts: canaryd::demo::DemoOptions) -> ExitCode {
-    let rt = match runtime() {
+fn demo(opts: canaryd::demo::DemoOptions, threads: Option<usize>) -> ExitCode {
+    let rt = match runtime(threads) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
