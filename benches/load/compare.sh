@@ -1,0 +1,375 @@
+#!/usr/bin/env bash
+# canaryd vs nginx vs HAProxy vs direct: the same sticky 90/10 split by x-user-id, side by side.
+#
+#   benches/load/compare.sh            # full run (3 rounds, ~6 min), writes benches/load/RESULTS.md
+#   benches/load/compare.sh --smoke    # seconds: proves every target serves; writes nothing
+#
+# Options:
+#   --rounds N          rounds; targets alternate inside each round (default 3)
+#   --duration S        seconds per measured phase (default 10)
+#   --connections N     wrk keep-alive connections at saturation (default 64)
+#   --rate R            fixed request rate for the latency phase (default: --rate-pct of the
+#                       slowest proxy's median saturation throughput)
+#   --rate-pct P        that percentage (default 40; see README "Why 40%")
+#   --workers N         worker processes/threads of every proxy and of the upstream (default 1)
+#   --targets LIST      comma-separated subset of direct,canaryd,nginx,haproxy (default: all)
+#   --out FILE          where to write the markdown (default benches/load/RESULTS.md)
+#   --quiet-wait S      at most S seconds in all spent waiting for other processes on the
+#                       machine to go quiet (default 300; 0 = never wait or retake)
+#   --no-install        fail instead of installing missing tools
+#   --smoke             1 round, 1 s phases, oha skipped if absent; no RESULTS.md
+# Environment:
+#   CANARYD_BIN=PATH    benchmark this binary instead of building target/release/canaryd
+#   KEEP_TMP=1          keep the work directory (configs, logs, raw outputs) for inspection
+#
+# Only loopback addresses are used; ports come from the kernel (bind to port 0). Every
+# process started here is killed on exit. Needs root to apt-get install missing tools.
+set -euo pipefail
+
+LOAD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=lib/common.sh
+source "$LOAD_DIR/lib/common.sh"
+
+ROUNDS=3 DURATION=10 CONNS=64 RATE=auto RATE_PCT=40 WORKERS=1 SMOKE=0 INSTALL=1 QUIET_WAIT=300
+TARGETS=(direct canaryd nginx haproxy)
+OUT="$LOAD_DIR/RESULTS.md"
+ORIG_ARGS=("$@")
+while (($#)); do
+  case $1 in
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --connections) CONNS=$2; shift 2 ;;
+    --rate) RATE=$2; shift 2 ;;
+    --rate-pct) RATE_PCT=$2; shift 2 ;;
+    --workers) WORKERS=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --targets) IFS=, read -r -a TARGETS <<<"$2"; shift 2 ;;
+    --no-install) INSTALL=0; shift ;;
+    --quiet-wait) QUIET_WAIT=$2; shift 2 ;;
+    --smoke) SMOKE=1; shift ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    *) die "unknown argument: $1 (see --help)" ;;
+  esac
+done
+[[ $QUIET_WAIT =~ ^[0-9]+$ ]] || die "--quiet-wait must be a number of seconds"
+for v in ROUNDS DURATION CONNS WORKERS RATE_PCT; do
+  [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "--${v,,} must be a positive integer, got '${!v}'"
+done
+[[ $RATE == auto || $RATE =~ ^[1-9][0-9]*$ ]] || die "--rate must be a positive integer or 'auto'"
+for t in "${TARGETS[@]}"; do
+  [[ $t =~ ^(direct|canaryd|nginx|haproxy)$ ]] || die "unknown target '$t' (direct, canaryd, nginx, haproxy)"
+done
+if ((SMOKE)); then ROUNDS=1 DURATION=1; fi
+WARMUP=2
+if ((SMOKE)); then WARMUP=0; fi
+# oha connections: as many as wrk's for the 90% generator, a quarter of that (at least 8) for
+# the 10% one, so that neither generator runs out of connections at the fixed rate
+OHA_CONNS_STABLE=$CONNS
+OHA_CONNS_CANARY=$((CONNS / 4 > 8 ? CONNS / 4 : 8))
+
+WORK=$(mktemp -d /tmp/canaryd-compare.XXXXXX)
+on_exit() {
+  local rc=$?
+  trap - EXIT INT TERM
+  cleanup_spawned
+  if ((rc != 0)) && [[ ${KEEP_TMP:-0} != 1 ]]; then show_logs "$WORK"; fi
+  if [[ ${KEEP_TMP:-0} == 1 ]]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
+  exit "$rc"
+}
+trap on_exit EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+# ---------------------------------------------------------------- tools
+ensure_tools() {
+  local missing=() t
+  for t in nginx haproxy wrk curl; do
+    command -v "$t" >/dev/null || missing+=("$t")
+  done
+  [[ -x /usr/bin/time ]] || missing+=(time)
+  command -v python3 >/dev/null || die "python3 is required (stdlib only)"
+  if ((${#missing[@]})); then
+    ((INSTALL)) || die "missing: ${missing[*]} (run without --no-install, as root, to apt-get them)"
+    [[ $EUID == 0 ]] || die "missing: ${missing[*]}; run as root so apt-get can install them"
+    log "installing with apt-get: ${missing[*]}"
+    apt-get update >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}" >&2
+  fi
+  HAVE_OHA=1
+  if ! command -v oha >/dev/null; then
+    if ((SMOKE)); then
+      HAVE_OHA=0
+      log "NOTE: oha is not installed; smoke mode skips the fixed-rate latency phase"
+    else
+      ((INSTALL)) || die "oha is missing (cargo install oha --locked)"
+      command -v cargo >/dev/null || die "oha is missing and cargo is not available to install it"
+      log "installing oha: cargo install oha --locked (several minutes)"
+      timeout 1800 cargo install oha --locked >&2 || die "cargo install oha failed"
+      export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+  fi
+}
+ensure_tools
+
+BIN=$(prepare_canaryd "$WORK/canaryd")
+
+# ---------------------------------------------------------------- ports and configs
+read -r UP_S UP_C P_CANARYD P_ADMIN P_NGINX P_HAPROXY <<<"$(free_ports 6)"
+mkdir -p "$WORK/upstream-tmp" "$WORK/nginx-proxy-tmp"
+render "$CONF/upstream-nginx.conf.tmpl" "$WORK/upstream.conf" \
+  WORKERS="$WORKERS" DIR="$WORK" STABLE_PORT="$UP_S" CANARY_PORT="$UP_C"
+render "$CONF/nginx-proxy.conf.tmpl" "$WORK/nginx-proxy.conf" \
+  WORKERS="$WORKERS" DIR="$WORK" STABLE_PORT="$UP_S" CANARY_PORT="$UP_C" PORT="$P_NGINX"
+render "$CONF/haproxy.cfg.tmpl" "$WORK/haproxy.cfg" \
+  WORKERS="$WORKERS" DIR="$WORK" STABLE_PORT="$UP_S" CANARY_PORT="$UP_C" PORT="$P_HAPROXY" \
+  HASH_TYPE=consistent
+# canaryd watches its config file's whole directory: keep the file alone in a directory of its
+# own, or every result file written next to it wakes canaryd's watcher (measured: enough CPU
+# and stalls to about double canaryd's CPU per request at the fixed rate).
+mkdir -p "$WORK/canaryd-etc"
+canaryd_toml "$WORK/canaryd-etc/canaryd.toml" "$P_CANARYD" "$P_ADMIN" "$UP_S" "$UP_C" 10
+"$BIN" check --config "$WORK/canaryd-etc/canaryd.toml" >&2 || die "canaryd rejected the generated config"
+nginx -t -q -p "$WORK" -c "$WORK/nginx-proxy.conf" -e "$WORK/nginx-check.log" \
+  || die "nginx rejected the generated config"
+haproxy -c -q -f "$WORK/haproxy.cfg" || die "haproxy rejected the generated config"
+
+spawn upstream "$WORK/upstream.log" nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream.error.log"
+UP_PID=$SPAWN_PID
+wait_http "http://127.0.0.1:$UP_S/" 10 "$UP_PID" || die "the upstream nginx did not start ($WORK/upstream.error.log)"
+wait_http "http://127.0.0.1:$UP_C/" 10 "$UP_PID" || die "the upstream nginx did not start"
+
+# ---------------------------------------------------------------- targets
+T_PID='' T_URL=''
+start_target() {
+  local name=$1
+  case $name in
+    direct)
+      T_PID='' T_URL="http://127.0.0.1:$UP_S/" ;;
+    canaryd)
+      spawn canaryd "$WORK/canaryd.log" env TOKIO_WORKER_THREADS="$WORKERS" RUST_LOG=warn \
+        "$BIN" run --config "$WORK/canaryd-etc/canaryd.toml"
+      T_PID=$SPAWN_PID T_URL="http://127.0.0.1:$P_CANARYD/"
+      wait_http "http://127.0.0.1:$P_ADMIN/readyz" 10 "$T_PID" || die "canaryd did not start ($WORK/canaryd.log)" ;;
+    nginx)
+      spawn nginx "$WORK/nginx-proxy.log" nginx -p "$WORK" -c "$WORK/nginx-proxy.conf" -e "$WORK/nginx-proxy.error.log"
+      T_PID=$SPAWN_PID T_URL="http://127.0.0.1:$P_NGINX/" ;;
+    haproxy)
+      spawn haproxy "$WORK/haproxy.log" haproxy -f "$WORK/haproxy.cfg" -db
+      T_PID=$SPAWN_PID T_URL="http://127.0.0.1:$P_HAPROXY/" ;;
+  esac
+  wait_http "$T_URL" 10 "$T_PID" || die "$name does not serve $T_URL (logs in $WORK; KEEP_TMP=1 keeps them)"
+}
+stop_target() {
+  if [[ -n $T_PID ]]; then stop_pid "$T_PID" TERM 15; fi
+  T_PID=
+}
+
+# rotate ROUND: the target order for a round (each round starts one target later)
+order_for_round() {
+  local r=$1 n=${#TARGETS[@]} i
+  for ((i = 0; i < n; i++)); do echo "${TARGETS[$(((i + r - 1) % n))]}"; done
+}
+
+FAILED=()
+split_check() {
+  local name=$1 uids=$2 extra=() users=1000
+  if [[ $name == canaryd ]]; then extra=(--exact-md5 10); fi
+  if ! python3 "$TOOLS/splitcheck.py" "$T_URL" "$name" --users "$users" --emit-uids "$uids" "${extra[@]}" >&2; then
+    FAILED+=("$name: split check")
+  fi
+}
+
+# sample PID -> "cpu hwm rss" of the target's process tree ("0 0 0" for direct)
+sample() { if [[ -n ${1:-} ]]; then proc_stat "$1"; else echo "0 0 0 0"; fi; }
+
+THR="$WORK/throughput.tsv" LAT="$WORK/latency.tsv"
+printf 'round\ttarget\trequests\trps\terrors\tcpu_s\thwm_kib\trss_kib\tupstream_cpu_s\tseconds\tgen_cpu_s\tforeign_cpu_s\n' > "$THR"
+printf 'round\ttarget\trate\tresponses\tp50_ms\tp99_ms\tp999_ms\tnon2xx\tmissing\tcpu_s\thwm_kib\trss_kib\tupstream_cpu_s\tseconds\tgen_cpu_s\tforeign_cpu_s\n' > "$LAT"
+
+# CPU seconds used by the load generator(s) of the last run: sum of /usr/bin/time outputs
+gen_cpu() { cat "$@" 2>/dev/null | awk 'NF == 2 && $1 ~ /^[0-9.]+$/ {s += $1 + $2} END {printf "%.3f", s}'; }
+# CPU seconds of processes that are not ours (other work on a shared machine) since mark
+foreign_mark() { python3 "$TOOLS/procstat.py" --foreign $$ "$WORK/foreign.json"; }
+foreign_cpu() { python3 "$TOOLS/procstat.py" --foreign $$ "$WORK/foreign.json" --diff; }
+
+run_wrk() { # run_wrk SECONDS OUTFILE  (generator CPU seconds go to OUTFILE.time)
+  timeout $(($1 + 30)) /usr/bin/time -f '%U %S' -o "$2.time" \
+    wrk -t1 -c"$CONNS" -d"${1}s" --timeout 5s -s "$TOOLS/userid.lua" "$T_URL" > "$2" 2>&1 \
+    || { log "wrk failed against $T_URL: $(tail -3 "$2")"; return 1; }
+}
+
+throughput_phase() {
+  local r=$1 name=$2 out="$WORK/wrk-$1-$2.txt"
+  start_target "$name"
+  if ((r == 1)); then split_check "$name" "$WORK/uids-$name"; fi
+  if ((WARMUP)); then run_wrk "$WARMUP" "$WORK/warmup.txt" || true; fi
+  local s0 u0 s1 u1 t0 t1 fc
+  foreign_mark
+  s0=$(sample "$T_PID"); u0=$(proc_stat "$UP_PID"); t0=$(date +%s.%N)
+  if ! run_wrk "$DURATION" "$out"; then FAILED+=("$name: wrk"); stop_target; return; fi
+  t1=$(date +%s.%N); s1=$(sample "$T_PID"); u1=$(proc_stat "$UP_PID")
+  fc=$(foreign_cpu)
+  local requests rps errors
+  read -r requests rps errors < <(python3 "$TOOLS/parse.py" wrk "$out")
+  ((requests > 0)) || FAILED+=("$name: no request served")
+  ((errors == 0)) || FAILED+=("$name: $errors errors under wrk")
+  python3 - "$r" "$name" "$requests" "$rps" "$errors" "$s0" "$s1" "$u0" "$u1" "$t0" "$t1" \
+    "$(gen_cpu "$out.time")" "$fc" > "$WORK/row" <<'EOF'
+import sys
+r, name, req, rps, err, s0, s1, u0, u1, t0, t1, gen, fc = sys.argv[1:]
+s0, s1, u0, u1 = (x.split() for x in (s0, s1, u0, u1))
+print("\t".join([r, name, req, rps, err, f"{float(s1[0]) - float(s0[0]):.3f}", s1[1], s1[2],
+                 f"{float(u1[0]) - float(u0[0]):.3f}", f"{float(t1) - float(t0):.3f}", gen, fc]))
+EOF
+  log "  $name: $rps req/s, $errors errors"
+  stop_target
+}
+
+run_oha() { # run_oha RATE SECONDS PREFIX: one oha per arm (90% stable user, 10% canary user)
+  local rate=$1 secs=$2 prefix=$3 st ca
+  read -r st ca < "$WORK/uids-$CUR"
+  local rs rc
+  rs=$(python3 -c "print(max(1, round($rate * 0.9)))"); rc=$(python3 -c "print(max(1, $rate - $rs))")
+  local pids=() ok=1
+  timeout $((secs + 30)) /usr/bin/time -f '%U %S' -o "$prefix-stable.time" \
+    oha -z "${secs}s" -q "$rs" -c "$OHA_CONNS_STABLE" --latency-correction --no-tui \
+    --worker-threads 1 --output-format csv -H "x-user-id: $st" -o "$prefix-stable.csv" "$T_URL" > "$prefix-stable.log" 2>&1 &
+  pids+=($!)
+  timeout $((secs + 30)) /usr/bin/time -f '%U %S' -o "$prefix-canary.time" \
+    oha -z "${secs}s" -q "$rc" -c "$OHA_CONNS_CANARY" --latency-correction --no-tui \
+    --worker-threads 1 --output-format csv -H "x-user-id: $ca" -o "$prefix-canary.csv" "$T_URL" > "$prefix-canary.log" 2>&1 &
+  pids+=($!)
+  local p
+  for p in "${pids[@]}"; do wait "$p" || ok=0; done
+  ((ok)) || { log "oha failed against $T_URL: $(cat "$prefix"-*.log | tail -3)"; return 1; }
+}
+
+CUR=
+latency_phase() {
+  local r=$1 name=$2 rate=$3 prefix="$WORK/oha-$1-$2"
+  CUR=$name
+  start_target "$name"
+  if [[ ! -f "$WORK/uids-$name" ]]; then split_check "$name" "$WORK/uids-$name"; fi
+  if ((WARMUP)); then run_oha "$rate" "$WARMUP" "$WORK/oha-warmup" || true; fi
+  local s0 u0 s1 u1 t0 t1 fc
+  foreign_mark
+  s0=$(sample "$T_PID"); u0=$(proc_stat "$UP_PID"); t0=$(date +%s.%N)
+  if ! run_oha "$rate" "$DURATION" "$prefix"; then FAILED+=("$name: oha"); stop_target; return; fi
+  t1=$(date +%s.%N); s1=$(sample "$T_PID"); u1=$(proc_stat "$UP_PID")
+  fc=$(foreign_cpu)
+  local resp p50 p99 p999 non2xx missing
+  read -r resp p50 p99 p999 non2xx missing < <(python3 "$TOOLS/parse.py" oha "$rate" "$DURATION" "$prefix"-*.csv)
+  ((resp > 0)) || FAILED+=("$name: no response at fixed rate")
+  ((non2xx == 0)) || FAILED+=("$name: $non2xx non-2xx at fixed rate")
+  python3 - "$r" "$name" "$rate" "$resp" "$p50" "$p99" "$p999" "$non2xx" "$missing" "$s0" "$s1" "$u0" "$u1" "$t0" "$t1" \
+    "$(gen_cpu "$prefix"-*.time)" "$fc" > "$WORK/row" <<'EOF'
+import sys
+a = sys.argv[1:]
+s0, s1, u0, u1 = (x.split() for x in a[9:13])
+t0, t1, gen, fc = a[13:17]
+print("\t".join(a[:9] + [f"{float(s1[0]) - float(s0[0]):.3f}", s1[1], s1[2],
+                         f"{float(u1[0]) - float(u0[0]):.3f}", f"{float(t1) - float(t0):.3f}", gen, fc]))
+EOF
+  log "  $name @ $rate req/s: p50 $p50 ms, p99 $p99 ms, p99.9 $p999 ms ($missing missing)"
+  stop_target
+}
+
+# ---------------------------------------------------------------- run
+# The machine may be shared (builds, test suites). Before the first measurement, wait up to
+# 2 min for other processes to use under 0.2 of a core. A measurement during which they used
+# 0.2 core or more is thrown away and taken again after waiting for quiet (at most twice);
+# what others used is recorded for every kept measurement.
+QUIET_LIMIT=0.2 RETRIES=0 QUIET_SPENT=0
+wait_quiet() {
+  local fc t0=$SECONDS
+  while ((QUIET_SPENT + SECONDS - t0 < QUIET_WAIT)); do
+    foreign_mark; sleep 2; fc=$(foreign_cpu)
+    if python3 -c "import sys; sys.exit(0 if $fc / 2 < $QUIET_LIMIT else 1)"; then
+      QUIET_SPENT=$((QUIET_SPENT + SECONDS - t0)); return 0
+    fi
+    log "other processes are using $(python3 -c "print(round($fc / 2, 2))") cores; waiting for a quiet machine"
+    sleep 3
+  done
+  QUIET_SPENT=$((QUIET_SPENT + SECONDS - t0))
+  log "WARNING: the machine stayed busy (waited ${QUIET_SPENT}s in all, --quiet-wait $QUIET_WAIT); measuring anyway"
+  return 1
+}
+# measure PHASE_FN TSV ARGS...: run the phase, keep its row, retry if others disturbed it
+measure() {
+  local fn=$1 tsv=$2 attempt cores; shift 2
+  for attempt in 1 2 3; do
+    rm -f "$WORK/row"
+    "$fn" "$@"
+    [[ -s "$WORK/row" ]] || return 0
+    cores=$(awk -F'\t' '{printf "%.2f", $NF / $(NF - 2)}' "$WORK/row")
+    if ((SMOKE)) || ((attempt == 3)) || ((QUIET_SPENT >= QUIET_WAIT)) \
+      || python3 -c "import sys; sys.exit(0 if $cores < $QUIET_LIMIT else 1)"; then
+      cat "$WORK/row" >> "$tsv"
+      return 0
+    fi
+    RETRIES=$((RETRIES + 1))
+    log "  other processes used $cores cores during that measurement; measuring again"
+    wait_quiet || true
+  done
+}
+if ((!SMOKE)); then wait_quiet || true; fi
+STARTED=$(date -u '+%Y-%m-%d %H:%M UTC')
+LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+log "work directory $WORK; rounds=$ROUNDS duration=${DURATION}s connections=$CONNS workers=$WORKERS"
+log "phase 1: throughput at saturation (wrk -t1 -c$CONNS -d${DURATION}s)"
+for ((r = 1; r <= ROUNDS; r++)); do
+  log "round $r/$ROUNDS"
+  while read -r t; do measure throughput_phase "$THR" "$r" "$t"; done < <(order_for_round "$r")
+done
+
+if ((HAVE_OHA)); then
+  if [[ $RATE == auto ]]; then
+    RATE=$(python3 - "$THR" "$RATE_PCT" <<'EOF'
+import statistics, sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])][1:]
+by = {}
+for r in rows:
+    if r[1] != "direct":
+        by.setdefault(r[1], []).append(float(r[3]))
+if not by:  # only the direct baseline was measured
+    by = {"direct": [float(r[3]) for r in rows]}
+slowest = min(statistics.median(v) for v in by.values())
+print(max(100, int(slowest * float(sys.argv[2]) / 100 / 100) * 100))
+EOF
+)
+    RATE_NOTE="$RATE_PCT% of the slowest proxy's median saturation throughput, rounded down to 100"
+  else
+    RATE_NOTE="set with --rate"
+  fi
+  log "phase 2: latency at a fixed $RATE req/s (oha --latency-correction, ${DURATION}s)"
+  for ((r = 1; r <= ROUNDS; r++)); do
+    log "round $r/$ROUNDS"
+    while read -r t; do measure latency_phase "$LAT" "$r" "$t" "$RATE"; done < <(order_for_round "$r")
+  done
+else
+  RATE=0 RATE_NOTE="skipped: oha not installed"
+fi
+
+if ((${#FAILED[@]})); then
+  log "FAILED: ${FAILED[*]}"
+  log "(logs are in $WORK; rerun with KEEP_TMP=1 to keep them)"
+  exit 1
+fi
+
+if ((SMOKE)); then
+  python3 "$TOOLS/report.py" compare --thr "$THR" --lat "$LAT" --summary-only >&2
+  log "smoke OK: direct, canaryd, nginx and haproxy all served the split without errors"
+  exit 0
+fi
+
+VERSIONS=$(
+  echo "- canaryd: $(canaryd_version "$BIN"), TOKIO_WORKER_THREADS=$WORKERS"
+  echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //'), worker_processes $WORKERS"
+  echo "- HAProxy: $(haproxy -v | head -1 | awk '{print $3}'), nbthread $WORKERS"
+  echo "- wrk: $(wrk -v 2>&1 | head -1 | awk '{print $2}'); oha: $(oha --version | awk '{print $2}')"
+)
+python3 "$TOOLS/report.py" compare --thr "$THR" --lat "$LAT" --out "$OUT" \
+  --date "$STARTED" --machine "$(machine_info | sed "s/^- Load average at start: .*/- Load average at start: $LOAD_AT_START/")" \
+  --versions "$VERSIONS" --command "benches/load/compare.sh ${ORIG_ARGS[*]:-}" \
+  --rate "$RATE" --rate-note "$RATE_NOTE" --duration "$DURATION" --connections "$CONNS" \
+  --oha-connections "$OHA_CONNS_STABLE + $OHA_CONNS_CANARY" --rounds "$ROUNDS" --workers "$WORKERS" --retries "$RETRIES"
+log "wrote $OUT"

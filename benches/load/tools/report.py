@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Turns compare.sh's per-round TSV files into the markdown of benches/load/RESULTS.md.
+
+Every figure in the main table is the median over rounds. Ratios are ratios of medians.
+"""
+import argparse
+import statistics
+import sys
+
+TARGETS = ["direct", "canaryd", "nginx", "haproxy"]
+PROXIES = ["canaryd", "nginx", "haproxy"]
+MIB = 1024.0
+
+
+def read_tsv(path):
+    try:
+        lines = [l.rstrip("\n").split("\t") for l in open(path)]
+    except FileNotFoundError:
+        return []
+    if not lines:
+        return []
+    head = lines[0]
+    return [dict(zip(head, l)) for l in lines[1:] if l and l[0]]
+
+
+def med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v, digits=1):
+    if v is None:
+        return "—"
+    return f"{v:,.{digits}f}"
+
+
+def ratio(a, b, digits=2):
+    if a is None or b is None or b == 0:
+        return "—"
+    return f"{a / b:.{digits}f}×"
+
+
+def summarize(thr, lat):
+    s = {t: {} for t in TARGETS}
+    for t in TARGETS:
+        rows = [r for r in thr if r["target"] == t]
+        if rows:
+            s[t]["rps"] = med(float(r["rps"]) for r in rows)
+            s[t]["errors"] = sum(int(r["errors"]) for r in rows)
+            s[t]["up_cores_sat"] = med(float(r["upstream_cpu_s"]) / float(r["seconds"]) for r in rows)
+            if t != "direct":
+                s[t]["cpu10k_sat"] = med(float(r["cpu_s"]) / int(r["requests"]) * 1e4 for r in rows if int(r["requests"]))
+                s[t]["cores_sat"] = med(float(r["cpu_s"]) / float(r["seconds"]) for r in rows)
+                s[t]["hwm"] = med(int(r["hwm_kib"]) / MIB for r in rows)
+        rows = [r for r in lat if r["target"] == t]
+        if rows:
+            s[t]["p50"] = med(float(r["p50_ms"]) for r in rows)
+            s[t]["p99"] = med(float(r["p99_ms"]) for r in rows)
+            s[t]["p999"] = med(float(r["p999_ms"]) for r in rows)
+            s[t]["errors"] = s[t].get("errors", 0) + sum(int(r["non2xx"]) for r in rows)
+            s[t]["missing"] = sum(int(r["missing"]) for r in rows)
+            if t != "direct":
+                s[t]["cpu10k_fixed"] = med(float(r["cpu_s"]) / int(r["responses"]) * 1e4 for r in rows if int(r["responses"]))
+                s[t]["rss_fixed"] = med(int(r["rss_kib"]) / MIB for r in rows)
+                s[t]["hwm"] = max(s[t].get("hwm") or 0, med(int(r["hwm_kib"]) / MIB for r in rows))
+    return s
+
+
+def main_table(s):
+    out = [
+        "| target | req/s at saturation | × direct | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req (saturated) | CPU s / 10k req (fixed rate) | peak RSS MiB | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    d = s["direct"].get("rps")
+    for t in TARGETS:
+        x = s[t]
+        out.append(
+            f"| {t} | {fmt(x.get('rps'), 0)} | {ratio(x.get('rps'), d)} | {fmt(x.get('p50'), 3)} | "
+            f"{fmt(x.get('p99'), 3)} | {fmt(x.get('p999'), 3)} | {fmt(x.get('cpu10k_sat'), 3)} | "
+            f"{fmt(x.get('cpu10k_fixed'), 3)} | {fmt(x.get('hwm'), 1)} | {x.get('errors', '—')} |"
+        )
+    return "\n".join(out)
+
+
+def peer_table(s):
+    c = s["canaryd"]
+    rows = [
+        ("throughput (req/s), higher is better", "rps"),
+        ("p50 latency, lower is better", "p50"),
+        ("p99 latency, lower is better", "p99"),
+        ("p99.9 latency, lower is better", "p999"),
+        ("CPU per request at saturation, lower is better", "cpu10k_sat"),
+        ("CPU per request at fixed rate, lower is better", "cpu10k_fixed"),
+        ("peak RSS, lower is better", "hwm"),
+    ]
+    out = ["| canaryd ÷ peer | ÷ nginx | ÷ HAProxy | ÷ direct |", "|---|---:|---:|---:|"]
+    for label, k in rows:
+        out.append(
+            f"| {label} | {ratio(c.get(k), s['nginx'].get(k))} | {ratio(c.get(k), s['haproxy'].get(k))} | "
+            f"{ratio(c.get(k), s['direct'].get(k)) if k in ('rps', 'p50', 'p99', 'p999') else '—'} |"
+        )
+    return "\n".join(out)
+
+
+def targets_check(s):
+    c, n, h = s["canaryd"], s["nginx"], s["haproxy"]
+    lines = []
+
+    def line(ok, text):
+        lines.append(f"- {'PASS' if ok else 'FAIL'}: {text}")
+
+    if c.get("rps") and n.get("rps") and h.get("rps"):
+        best = max(n["rps"], h["rps"])
+        line(c["rps"] >= best, f"throughput ≥ the better of nginx and HAProxy: {c['rps']:,.0f} vs {best:,.0f} req/s")
+    if c.get("p99") is not None and n.get("p99") is not None and h.get("p99") is not None:
+        worst_ok = min(n["p99"], h["p99"])
+        line(c["p99"] <= worst_ok, f"p99 at the fixed rate no worse than theirs: {c['p99']:.3f} ms vs nginx {n['p99']:.3f} ms, HAProxy {h['p99']:.3f} ms")
+    if c.get("hwm") is not None:
+        line(c["hwm"] < 20, f"canaryd peak RSS under 20 MiB: {c['hwm']:.1f} MiB")
+    return "\n".join(lines)
+
+
+def raw_tables(thr, lat):
+    out = ["| round | target | requests | req/s | errors | proxy CPU s | proxy cores busy | peak RSS MiB | upstream cores | wrk cores | others' cores |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in thr:
+        sec = float(r["seconds"])
+        direct = r["target"] == "direct"
+        cpu = "—" if direct else r["cpu_s"]
+        cores = "—" if direct else "%.2f" % (float(r["cpu_s"]) / sec)
+        hwm = "—" if direct else "%.1f" % (int(r["hwm_kib"]) / MIB)
+        out.append(
+            f"| {r['round']} | {r['target']} | {int(r['requests']):,} | {float(r['rps']):,.0f} | {r['errors']} | "
+            f"{cpu} | {cores} | {hwm} | {float(r['upstream_cpu_s']) / sec:.2f} | "
+            f"{float(r['gen_cpu_s']) / sec:.2f} | {float(r['foreign_cpu_s']) / sec:.2f} |"
+        )
+    out += ["", "| round | target | rate | responses | p50 ms | p99 ms | p99.9 ms | non-2xx | missing | proxy CPU s | RSS MiB | oha cores | others' cores |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in lat:
+        direct = r["target"] == "direct"
+        cpu = "—" if direct else r["cpu_s"]
+        rss = "—" if direct else "%.1f" % (int(r["rss_kib"]) / MIB)
+        out.append(
+            f"| {r['round']} | {r['target']} | {r['rate']} | {int(r['responses']):,} | {r['p50_ms']} | {r['p99_ms']} | "
+            f"{r['p999_ms']} | {r['non2xx']} | {r['missing']} | {cpu} | {rss} | "
+            f"{float(r['gen_cpu_s']) / float(r['seconds']):.2f} | {float(r['foreign_cpu_s']) / float(r['seconds']):.2f} |"
+        )
+    return "\n".join(out)
+
+
+def noise(thr, lat):
+    """A note on phases during which other processes on the machine used CPU."""
+    busy = []
+    for kind, rows in (("saturation", thr), ("fixed rate", lat)):
+        for r in rows:
+            cores = float(r["foreign_cpu_s"]) / float(r["seconds"])
+            if cores >= 0.1:
+                busy.append(f"{kind} round {r['round']} {r['target']} ({cores:.2f} cores)")
+    if not busy:
+        return "Other processes on the machine used under 0.1 core during every measured phase."
+    return ("Other processes on the machine used 0.1 core or more during: " + ", ".join(busy)
+            + ". Those rounds may be low; the medians dampen single disturbed rounds.")
+
+
+def compare(a):
+    thr, lat = read_tsv(a.thr), read_tsv(a.lat)
+    s = summarize(thr, lat)
+    if a.summary_only:
+        print(main_table(s))
+        return
+    busy = ", ".join(
+        f"{t} {s[t]['cores_sat']:.2f}" for t in PROXIES if s[t].get("cores_sat") is not None
+    )
+    up = ", ".join(f"{t} {s[t]['up_cores_sat']:.2f}" for t in TARGETS if s[t].get("up_cores_sat") is not None)
+    md = f"""# Load comparison: canaryd vs nginx vs HAProxy
+
+Produced by `benches/load/compare.sh` (see `benches/load/README.md`). Medians of {a.rounds} rounds;
+targets alternate inside each round (each round starts one target later) and every target is
+started fresh for every measurement.
+
+- Date: {a.date}
+{a.machine}
+{a.versions}
+- Command: `{a.command.strip()}`
+
+## Setup
+
+- Upstream: one nginx ({a.workers} worker) with two server blocks, `stable` and `canary`, each
+  answering `200` with a 7-byte body; the same upstream for every target.
+- The split: sticky 90/10 on `x-user-id` in every proxy (canaryd: md5 bucket rule; nginx:
+  `split_clients` on `$http_x_user_id`; HAProxy: `balance hdr(x-user-id)`, `hash-type consistent`,
+  weights 90/10). Keep-alive to clients and to the upstream everywhere; every proxy sets
+  `X-Forwarded-For/-Proto/-Host` and a response header naming the arm. canaryd runs with
+  metrics and the rollback circuit on, access log off.
+- Workers: {a.workers} per proxy (canaryd `TOKIO_WORKER_THREADS={a.workers}`, nginx `worker_processes {a.workers}`,
+  HAProxy `nbthread {a.workers}`); the load generator and the upstream share the 2 CPUs; nothing is pinned.
+- Saturation: `wrk -t1 -c{a.connections} -d{a.duration}s` with a random `x-user-id` per request from a pool
+  of 10,000 ids (`tools/userid.lua`), after a 2 s warm-up.
+- Latency: a fixed {a.rate} req/s ({a.rate_note}) for {a.duration} s, `oha --latency-correction`
+  (coordinated omission corrected), as two generators at 90% and 10% of the rate with one
+  stable-arm and one canary-arm user id each ({a.oha_connections} connections); percentiles over the merged
+  per-request latencies.
+- CPU: utime+stime from `/proc/PID/stat`, summed over the proxy's processes (nginx master and
+  workers), over the measured phase, per 10,000 requests. Peak RSS: `VmHWM` summed over the
+  same processes (the larger of the saturation and fixed-rate runs).
+
+## Results (medians)
+
+{main_table(s)}
+
+Cores busy at saturation (CPU seconds / wall seconds): proxies {busy}; upstream {up}.
+{noise(thr, lat)} Measurements retaken because other processes used ≥ 0.2 core meanwhile: {a.retries or 0}.
+
+## canaryd relative to its peers
+
+{peer_table(s)}
+
+## Targets of issue 7
+
+{targets_check(s)}
+
+## Every round
+
+{raw_tables(thr, lat)}
+"""
+    with open(a.out, "w") as f:
+        f.write(md)
+    print(main_table(s))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compare")
+    c.add_argument("--thr", required=True)
+    c.add_argument("--lat", required=True)
+    c.add_argument("--out")
+    c.add_argument("--summary-only", action="store_true")
+    for k in ("date", "machine", "versions", "command", "rate", "rate-note", "duration",
+              "connections", "oha-connections", "rounds", "workers", "retries"):
+        c.add_argument(f"--{k}", default="")
+    a = ap.parse_args()
+    if a.cmd == "compare":
+        compare(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
