@@ -84,23 +84,14 @@ pub fn load_token(config: &Config) -> Result<Option<String>, AppError> {
 
 /// Binds the proxy and admin listeners named in the config.
 pub async fn bind(config: &Config) -> Result<Listeners, AppError> {
-    let proxy = TcpListener::bind(config.listen.addr)
-        .await
-        .map_err(|source| AppError::Bind {
-            what: "proxy",
-            addr: config.listen.addr,
-            source,
-        })?;
-    let admin = TcpListener::bind(config.admin.addr)
-        .await
-        .map_err(|source| AppError::Bind {
-            what: "admin",
-            addr: config.admin.addr,
-            source,
-        })?;
+    async fn one(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| AppError::Bind { what, addr, source })
+    }
     Ok(Listeners {
-        proxy,
-        admin: Some(admin),
+        proxy: one("proxy", config.listen.addr).await?,
+        admin: Some(one("admin", config.admin.addr).await?),
     })
 }
 
