@@ -7,6 +7,7 @@
 //! (following symlinks), and reloads only when the bytes differ from the last attempt. SIGHUP
 //! always reloads.
 
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +31,7 @@ const POLL_INTERVAL: Duration = Duration::from_secs(2);
 pub fn spawn(path: PathBuf, control: Arc<Control>) -> std::io::Result<JoinHandle<()>> {
     let mut hup = signal(SignalKind::hangup())?;
     let wake = Arc::new(Notify::new());
-    let watcher = watch_dir(&path, wake.clone());
+    let watcher = watch_dir(&[&path], wake.clone());
     let mut last_text = std::fs::read_to_string(&path).ok();
     Ok(tokio::spawn(async move {
         // Dropping the watcher stops it; keep it for the task's lifetime.
@@ -75,10 +76,14 @@ pub fn spawn(path: PathBuf, control: Arc<Control>) -> std::io::Result<JoinHandle
 pub fn spawn_cert_watch(store: Arc<CertStore>) -> JoinHandle<()> {
     let wake = Arc::new(Notify::new());
     let files = store.files().clone();
-    let mut watchers = vec![watch_dir(&files.cert, wake.clone())];
-    if files.cert.parent() != files.key.parent() {
-        watchers.push(watch_dir(&files.key, wake.clone()));
-    }
+    let watchers = if files.cert.parent() == files.key.parent() {
+        vec![watch_dir(&[&files.cert, &files.key], wake.clone())]
+    } else {
+        vec![
+            watch_dir(&[&files.cert], wake.clone()),
+            watch_dir(&[&files.key], wake.clone()),
+        ]
+    };
     let read = move || {
         (
             std::fs::read(&files.cert).ok(),
@@ -148,13 +153,25 @@ fn describe_weights(c: &Config) -> String {
         .join(",")
 }
 
-fn watch_dir(path: &Path, wake: Arc<Notify>) -> Option<Box<dyn Watcher + Send>> {
-    let dir = match path.parent() {
+/// Watches the directory of `files` (which share it). Only events that name one of the files,
+/// the file a symlinked one points to, or a `..`-prefixed entry (Kubernetes' atomic writer:
+/// `..data`, `..data_tmp`, `..2026_...`) wake the task, so busy neighbours in the same
+/// directory cost nothing.
+fn watch_dir(files: &[&Path], wake: Arc<Notify>) -> Option<Box<dyn Watcher + Send>> {
+    let first = files.first()?;
+    let dir = match first.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    let mut names: Vec<OsString> = Vec::new();
+    for f in files {
+        names.extend(f.file_name().map(OsStr::to_owned));
+        if let Ok(target) = std::fs::read_link(f) {
+            names.extend(target.file_name().map(OsStr::to_owned));
+        }
+    }
     let handler = move |res: notify::Result<notify::Event>| match res {
-        Ok(ev) if relevant(&ev.kind) => wake.notify_one(),
+        Ok(ev) if relevant(&ev.kind) && names_match(&ev.paths, &names) => wake.notify_one(),
         Ok(_) => {}
         Err(e) => tracing::debug!(error = %e, "config watcher error"),
     };
@@ -182,6 +199,16 @@ fn watch_dir(path: &Path, wake: Arc<Notify>) -> Option<Box<dyn Watcher + Send>> 
     }
 }
 
+/// Whether an event concerns a watched file. Events without paths (overflow, rescan) count.
+fn names_match(paths: &[PathBuf], names: &[OsString]) -> bool {
+    paths.is_empty()
+        || paths.iter().any(|p| {
+            p.file_name().is_some_and(|n| {
+                names.iter().any(|w| w == n) || n.as_encoded_bytes().starts_with(b"..")
+            })
+        })
+}
+
 /// Our own reads of the file produce open/close events; only writes and entry changes count.
 fn relevant(kind: &EventKind) -> bool {
     match kind {
@@ -192,5 +219,25 @@ fn relevant(kind: &EventKind) -> bool {
         | EventKind::Modify(_)
         | EventKind::Remove(_)
         | EventKind::Other => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_watched_files_and_kubernetes_entries_count() {
+        let names = vec![OsString::from("canaryd.toml")];
+        let p = |s: &str| vec![PathBuf::from(s)];
+        assert!(names_match(&p("/etc/canaryd/canaryd.toml"), &names));
+        assert!(names_match(&p("/etc/canaryd/..data"), &names));
+        assert!(names_match(
+            &p("/etc/canaryd/..2026_11_22_06_00_00.123"),
+            &names
+        ));
+        assert!(names_match(&[], &names), "overflow events carry no path");
+        assert!(!names_match(&p("/etc/canaryd/results.json"), &names));
+        assert!(!names_match(&p("/etc/canaryd/.canaryd.toml.swp"), &names));
     }
 }
