@@ -13,10 +13,10 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::circuit::{OutcomeSender, Windows};
@@ -264,7 +264,8 @@ async fn serve_proxy(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(listen.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    // Tracks connection tasks (TLS handshakes included) so the drain can wait for them.
+    let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(listen.max_connections));
 
     loop {
@@ -284,25 +285,19 @@ async fn serve_proxy(
         }
         let proto = if tls.is_some() { "https" } else { "http" };
         let proxy = Proxy::new(control.clone(), outcomes.clone(), peer, proto);
-        let svc = service_fn(move |req| proxy.clone().serve(req));
-        // The watcher is taken now so a drain also waits for handshakes in progress.
-        let watcher = graceful.watcher();
+        let idle = control.snapshot().config.listen.idle_timeout;
         let builder = builder.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        let stop = stop.clone();
+        tracker.spawn(async move {
             let result = match tls {
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    watcher.watch(conn.into_owned()).await
-                }
+                None => crate::conn::serve(&builder, stream, proxy, idle, stop).await,
                 Some(tls) => {
                     match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream))
                         .await
                     {
                         Ok(Ok(stream)) => {
-                            let conn =
-                                builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                            watcher.watch(conn.into_owned()).await
+                            crate::conn::serve(&builder, stream, proxy, idle, stop).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
@@ -322,9 +317,10 @@ async fn serve_proxy(
         });
     }
     drop(listener);
-    let open = graceful.count();
+    tracker.close();
+    let open = tracker.len();
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!(connections = open, "drained"),
+        _ = tracker.wait() => tracing::info!(connections = open, "drained"),
         _ = tokio::time::sleep(listen.drain_timeout) => {
             tracing::warn!(timeout = ?listen.drain_timeout, "drain timeout reached; closing remaining connections");
         }

@@ -16,6 +16,7 @@
 //! - [`state`]: the state file (admin overrides, tripped arms), written atomically.
 //! - [`tls`]: rustls termination with hot-reloaded certificates; upstream client configs.
 //! - [`app`]: binds listeners, runs the accept loop and tasks, drains on shutdown.
+//! - [`conn`]: one downstream connection: hyper, idle timeout, graceful stop.
 //! - [`demo`]: built-in model upstreams for `canaryd demo`.
 //!
 //! A request: accept ([`app`]) → [`proxy`] loads the snapshot once → [`routing`] picks the arm
@@ -29,6 +30,7 @@ pub mod admin;
 pub mod app;
 pub mod circuit;
 pub mod config;
+pub mod conn;
 pub mod control;
 pub mod demo;
 pub mod metrics;

@@ -18,6 +18,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 
 use crate::circuit::{Outcome, OutcomeSender};
+use crate::conn::{Activity, Busy};
 use crate::control::{Arm, Control, Snapshot};
 use crate::metrics::{ArmMetrics, InFlight};
 use crate::routing::Decision;
@@ -37,6 +38,7 @@ pub struct ProxyBody {
     inner: Either<Incoming, Option<Bytes>>,
     grpc: Option<GrpcWatch>,
     _in_flight: Option<InFlight>,
+    _busy: Option<Busy>,
 }
 
 impl ProxyBody {
@@ -45,6 +47,7 @@ impl ProxyBody {
             inner: Either::Right(Some(Bytes::from(text))),
             grpc: None,
             _in_flight: None,
+            _busy: None,
         }
     }
 }
@@ -159,6 +162,8 @@ struct Ctx {
     request_line: Option<(http::Method, String)>,
     /// The client side of an HTTP/1.1 Upgrade (WebSocket), if the request asked for one.
     upgrade: Option<OnUpgrade>,
+    /// Keeps the connection from counting as idle until the response body ends.
+    busy: Option<Busy>,
 }
 
 /// A bodyless upstream request, ready to be sent again to another arm.
@@ -202,6 +207,8 @@ impl Replay {
 pub struct Proxy {
     control: Arc<Control>,
     outcomes: OutcomeSender,
+    /// The connection's activity, for its idle timeout.
+    activity: Option<Arc<Activity>>,
     /// The client's IP as an `x-forwarded-for` entry, formatted once per connection.
     peer_ip: HeaderValue,
     proto: &'static str,
@@ -221,9 +228,16 @@ impl Proxy {
         Proxy {
             control,
             outcomes,
+            activity: None,
             peer_ip,
             proto,
         }
+    }
+
+    /// Reports requests in progress to the connection's idle timer.
+    pub fn with_activity(mut self, activity: Arc<Activity>) -> Self {
+        self.activity = Some(activity);
+        self
     }
 
     /// Handles one request. Never fails: every failure becomes a response.
@@ -245,6 +259,7 @@ impl Proxy {
             upgrade: upgrade_proto
                 .is_some()
                 .then(|| hyper::upgrade::on(&mut req)),
+            busy: self.activity.as_ref().map(|a| a.begin()),
         };
         let in_flight = arm.metrics.start();
         let up = match self.upstream_request(req, arm) {
@@ -367,6 +382,7 @@ impl Proxy {
             inner: Either::Left(body),
             grpc,
             _in_flight: in_flight,
+            _busy: ctx.busy.take(),
         };
         let resp = Response::from_parts(parts, body);
         self.finish(snap, arm, ctx, resp, (!deferred).then_some(error))

@@ -722,3 +722,57 @@ async fn response_header_can_be_renamed_or_turned_off() {
     assert_eq!(reply.arm(), None, "{reply:?}");
     assert_eq!(reply.body, "stable");
 }
+
+/// Read one HTTP/1.1 response head from a raw stream; returns it lower-cased.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .expect("response head in time")
+            .expect("read");
+        assert_eq!(n, 1, "closed before a full response head: {head:?}");
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).to_lowercase()
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_but_slow_requests_finish() {
+    let stable = FakeUpstream::builder("stable")
+        .delay(Duration::from_millis(1200))
+        .start()
+        .await;
+    let cfg = ConfigBuilder::new()
+        .set("listen", "idle_timeout", &q("300ms"))
+        .upstream("stable", &stable.url(), "100")
+        .build();
+    let proxy = Proxy::start(&cfg).await;
+
+    // A request that waits 1.2 s on the upstream (no bytes moving) outlives the 300 ms idle
+    // timeout and still completes on the same connection.
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let started = Instant::now();
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(started.elapsed() >= Duration::from_millis(1150));
+
+    // Then the keep-alive connection sits idle: closed about 300 ms later.
+    let idle_from = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection is closed by the proxy")
+        .expect("read");
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_millis(250) && idle < Duration::from_secs(3),
+        "closed after {idle:?} idle, idle_timeout is 300ms"
+    );
+    assert_eq!(stable.requests(), 1);
+}

@@ -49,6 +49,8 @@ pub struct ListenConfig {
     pub request_timeout: Duration,
     /// How long a client may take to send a request head.
     pub header_read_timeout: Duration,
+    /// A connection with no bytes moving for this long is closed (gracefully).
+    pub idle_timeout: Duration,
     /// Grace period for in-flight requests on shutdown.
     pub drain_timeout: Duration,
     /// Concurrent downstream connections; further clients wait in the accept backlog.

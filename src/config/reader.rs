@@ -57,6 +57,7 @@ const LISTEN_KEYS: &[&str] = &[
     "tls_handshake_timeout",
     "request_timeout",
     "header_read_timeout",
+    "idle_timeout",
     "drain_timeout",
     "max_connections",
     "max_header_bytes",
@@ -192,6 +193,7 @@ impl<'s> Reader<'s> {
         let request_timeout = self.duration(t, p, "request_timeout", Duration::from_secs(60));
         let header_read_timeout =
             self.duration(t, p, "header_read_timeout", Duration::from_secs(10));
+        let idle_timeout = self.duration(t, p, "idle_timeout", Duration::from_secs(60));
         let drain_timeout = self.duration(t, p, "drain_timeout", Duration::from_secs(20));
         let max_connections = self.int(t, p, "max_connections", 10_000, 1..=1_000_000);
         let max_header_bytes = self.int(
@@ -208,6 +210,7 @@ impl<'s> Reader<'s> {
             tls_handshake_timeout: tls_handshake_timeout?,
             request_timeout: request_timeout?,
             header_read_timeout: header_read_timeout?,
+            idle_timeout: idle_timeout?,
             drain_timeout: drain_timeout?,
             max_connections: usize::try_from(max_connections?).ok()?,
             max_header_bytes: usize::try_from(max_header_bytes?).ok()?,
