@@ -708,17 +708,7 @@ async fn websocket_upgrade_is_routed_sticky_and_relayed_both_ways() {
         canary_user()
     );
     tcp.write_all(handshake.as_bytes()).await.expect("write");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(TIMEOUT, tcp.read(&mut byte))
-            .await
-            .expect("head in time")
-            .expect("read");
-        assert_eq!(n, 1, "connection closed during the handshake: {head:?}");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let head = read_response_head(&mut tcp).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     assert!(head.contains("x-canaryd-upstream: canary"), "{head}");

@@ -723,21 +723,6 @@ async fn response_header_can_be_renamed_or_turned_off() {
     assert_eq!(reply.body, "stable");
 }
 
-/// Read one HTTP/1.1 response head from a raw stream; returns it lower-cased.
-async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
-            .await
-            .expect("response head in time")
-            .expect("read");
-        assert_eq!(n, 1, "closed before a full response head: {head:?}");
-        head.push(byte[0]);
-    }
-    String::from_utf8_lossy(&head).to_lowercase()
-}
-
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed_but_slow_requests_finish() {
     let stable = FakeUpstream::builder("stable")
@@ -758,7 +743,7 @@ async fn idle_keep_alive_connections_are_closed_but_slow_requests_finish() {
         .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let head = read_head(&mut stream).await;
+    let head = read_response_head(&mut stream).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(started.elapsed() >= Duration::from_millis(1150));
 

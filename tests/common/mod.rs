@@ -1801,3 +1801,23 @@ impl Drop for CanarydProcess {
         }
     }
 }
+
+/// Reads one HTTP/1.1 response head (through the blank line) from a raw stream, byte by byte so
+/// nothing after it is consumed; returns it lower-cased.
+pub async fn read_response_head(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .expect("response head in time")
+            .expect("read");
+        assert_eq!(
+            n, 1,
+            "connection closed before a full response head: {head:?}"
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).to_lowercase()
+}
