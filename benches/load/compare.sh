@@ -67,17 +67,7 @@ if ((SMOKE)); then WARMUP=0; fi
 OHA_CONNS_STABLE=$CONNS
 OHA_CONNS_CANARY=$((CONNS / 4 > 8 ? CONNS / 4 : 8))
 
-WORK=$(mktemp -d /tmp/canaryd-compare.XXXXXX)
-on_exit() {
-  local rc=$?
-  trap - EXIT INT TERM
-  cleanup_spawned
-  if ((rc != 0)) && [[ ${KEEP_TMP:-0} != 1 ]]; then show_logs "$WORK"; fi
-  if [[ ${KEEP_TMP:-0} == 1 ]]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
-  exit "$rc"
-}
-trap on_exit EXIT
-trap 'log "interrupted"; exit 130' INT TERM
+setup_workdir compare   # sets WORK; cleans up spawned processes and WORK on exit
 
 # ---------------------------------------------------------------- tools
 ensure_tools() {

@@ -51,17 +51,7 @@ fi
 RATE=1000          # requests/s of the background load (Python client; leaves CPU for canaryd)
 CONNS=32
 
-WORK=$(mktemp -d /tmp/canaryd-reliability.XXXXXX)
-on_exit() {
-  local rc=$?
-  trap - EXIT INT TERM
-  cleanup_spawned
-  if ((rc != 0)) && [[ ${KEEP_TMP:-0} != 1 ]]; then show_logs "$WORK"; fi
-  if [[ ${KEEP_TMP:-0} == 1 ]]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
-  exit "$rc"
-}
-trap on_exit EXIT
-trap 'log "interrupted"; exit 130' INT TERM
+setup_workdir reliability   # sets WORK; cleans up spawned processes and WORK on exit
 
 for t in python3 curl; do
   command -v "$t" >/dev/null && continue

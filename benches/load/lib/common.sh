@@ -192,3 +192,20 @@ canaryd_version() {
   fi
   echo "$v (git $rev$dirty)"
 }
+
+# setup_workdir NAME: creates $WORK (/tmp/canaryd-NAME.XXXXXX) and installs the exit traps that
+# kill every spawned process, show logs on failure, and remove $WORK (kept with KEEP_TMP=1).
+setup_workdir() {
+  WORK=$(mktemp -d "/tmp/canaryd-$1.XXXXXX")
+  trap on_exit EXIT
+  trap 'log "interrupted"; exit 130' INT TERM
+}
+
+on_exit() {
+  local rc=$?
+  trap - EXIT INT TERM
+  cleanup_spawned
+  if ((rc != 0)) && [[ ${KEEP_TMP:-0} != 1 ]]; then show_logs "$WORK"; fi
+  if [[ ${KEEP_TMP:-0} == 1 ]]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
+  exit "$rc"
+}
