@@ -5,12 +5,18 @@
 //! socket is wrapped to record when bytes last moved in either direction, and the connection
 //! is shut down gracefully after `idle_timeout` of silence — graceful, so a request waiting on a
 //! slow upstream (no bytes moving) still completes before the connection closes.
+//!
+//! Recording activity must cost next to nothing (it happens on every read and write), so it
+//! only bumps a counter; the idle timer looks at the counter a few times per `idle_timeout`
+//! and closes the connection between `idle_timeout` and 1¼ × `idle_timeout` after the last
+//! byte moved.
 
+use std::future::{poll_fn, Future};
 use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -22,26 +28,26 @@ use tokio::time::Instant;
 
 use crate::proxy::Proxy;
 
-/// When bytes last moved on a connection, and how many requests on it are in progress.
+/// Whether bytes moved on a connection, and how many requests on it are in progress.
 #[derive(Debug)]
 pub struct Activity {
-    epoch: Instant,
-    last_ms: AtomicU64,
+    /// Changes whenever bytes move or a request ends.
+    moves: AtomicU64,
     busy: AtomicUsize,
 }
 
 impl Activity {
     fn new() -> Self {
         Activity {
-            epoch: Instant::now(),
-            last_ms: AtomicU64::new(0),
+            moves: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
         }
     }
 
     fn touch(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
+        // Only a change matters, so a plain store (no read-modify-write) is enough.
+        let n = self.moves.load(Ordering::Relaxed);
+        self.moves.store(n.wrapping_add(1), Ordering::Relaxed);
     }
 
     /// Marks a request in progress until the guard is dropped (end of its response body).
@@ -50,22 +56,21 @@ impl Activity {
         Busy(self.clone())
     }
 
-    /// Resolves once no request is in progress and nothing has moved for `idle`; wakes at
-    /// most once per `idle`.
+    /// Resolves once no request is in progress and nothing has moved for `idle`: between
+    /// `idle` and 1¼ × `idle` after the last activity. Wakes four times per `idle`.
     async fn idle_for(&self, idle: Duration) {
+        let step = idle / 4;
+        let mut seen = self.moves.load(Ordering::Relaxed);
+        let mut quiet_since = Instant::now();
         loop {
-            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = self.epoch + last + idle;
-            let busy = self.busy.load(Ordering::Relaxed) > 0;
-            if !busy && Instant::now() >= deadline {
+            tokio::time::sleep(step).await;
+            let now = self.moves.load(Ordering::Relaxed);
+            if now != seen || self.busy.load(Ordering::Relaxed) > 0 {
+                seen = now;
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= idle {
                 return;
             }
-            let next = if busy {
-                Instant::now() + idle
-            } else {
-                deadline
-            };
-            tokio::time::sleep_until(next).await;
         }
     }
 }
@@ -161,19 +166,73 @@ where
     let proxy = proxy.with_activity(activity.clone());
     let svc = service_fn(move |req| proxy.clone().serve(req));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    let mut conn = std::pin::pin!(conn);
-    let mut closing = false;
-    loop {
+    let mut conn = pin!(conn);
+    // Either ends the connection gracefully: idle too long, or the proxy is stopping.
+    let mut trigger = pin!(async {
         tokio::select! {
-            result = conn.as_mut() => return result,
-            _ = activity.idle_for(idle), if !closing => {
+            _ = activity.idle_for(idle) => {}
+            _ = stop.changed() => {}
+        }
+    });
+    // The connection task wakes for every socket event; the trigger is polled only when its
+    // own timer or signal woke it.
+    let wake = Arc::new(TriggerWake::default());
+    let trigger_waker = Waker::from(wake.clone());
+    let mut closing = false;
+    poll_fn(|cx| {
+        if !closing {
+            wake.set_task(cx.waker());
+            if wake.woken.swap(false, Ordering::AcqRel)
+                && trigger
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&trigger_waker))
+                    .is_ready()
+            {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
-            _ = stop.changed(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
+        }
+        conn.as_mut().poll(cx)
+    })
+    .await
+}
+
+/// The waker of a connection's shutdown trigger: notes that the trigger has something to
+/// look at, and wakes the connection task.
+struct TriggerWake {
+    woken: AtomicBool,
+    task: Mutex<Option<Waker>>,
+}
+
+impl Default for TriggerWake {
+    fn default() -> Self {
+        TriggerWake {
+            // The trigger has never been polled: it must be, once.
+            woken: AtomicBool::new(true),
+            task: Mutex::new(None),
+        }
+    }
+}
+
+impl TriggerWake {
+    fn set_task(&self, waker: &Waker) {
+        let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+        if !task.as_ref().is_some_and(|t| t.will_wake(waker)) {
+            *task = Some(waker.clone());
+        }
+    }
+}
+
+impl Wake for TriggerWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        let task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(t) = task.as_ref() {
+            t.wake_by_ref();
         }
     }
 }
@@ -185,14 +244,19 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_for_waits_for_silence_since_the_last_activity() {
         let a = Arc::new(Activity::new());
-        tokio::time::advance(Duration::from_millis(900)).await;
-        a.touch();
         let start = Instant::now();
-        a.idle_for(Duration::from_secs(1)).await;
+        let idle = tokio::spawn({
+            let a = a.clone();
+            async move { a.idle_for(Duration::from_secs(1)).await }
+        });
+        tokio::time::advance(Duration::from_millis(600)).await;
+        a.touch();
+        idle.await.expect("idle task");
         let waited = start.elapsed();
+        // Silence since 600 ms: idle after 1 s of it, at most a quarter of that late.
         assert!(
-            waited >= Duration::from_millis(990) && waited <= Duration::from_millis(1010),
-            "waited {waited:?} after the last activity"
+            waited >= Duration::from_millis(1600) && waited <= Duration::from_millis(1850),
+            "idle {waited:?} after the start, activity at 600 ms"
         );
     }
 
