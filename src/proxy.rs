@@ -22,7 +22,7 @@ use crate::conn::{Activity, Busy};
 use crate::control::{Arm, Control, Snapshot};
 use crate::metrics::{ArmMetrics, InFlight};
 use crate::routing::Decision;
-use crate::upstream::{UpstreamBody, UpstreamError};
+use crate::upstream::{Lease, UpstreamBody, UpstreamError};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -32,10 +32,13 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// Response body: the upstream's streamed body, or a short local message. Holds the request
 /// in the arm's in-flight gauge until the body is finished or dropped, and, for a gRPC
-/// response whose status comes in trailers, reports the outcome when they arrive.
+/// response whose status comes in trailers, reports the outcome when they arrive. An HTTP/1.1
+/// upstream connection is driven from here while the body streams, and goes back to its
+/// pool when the body has ended.
 #[derive(Debug)]
 pub struct ProxyBody {
     inner: Either<Incoming, Option<Bytes>>,
+    lease: Option<Lease>,
     grpc: Option<GrpcWatch>,
     _in_flight: Option<InFlight>,
     _busy: Option<Busy>,
@@ -45,6 +48,7 @@ impl ProxyBody {
     fn local(text: String) -> Self {
         ProxyBody {
             inner: Either::Right(Some(Bytes::from(text))),
+            lease: None,
             grpc: None,
             _in_flight: None,
             _busy: None,
@@ -62,7 +66,28 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = match &mut this.inner {
-            Either::Left(incoming) => Pin::new(incoming).poll_frame(cx),
+            Either::Left(incoming) => {
+                if let Some(lease) = &mut this.lease {
+                    lease.drive(cx);
+                }
+                let polled = Pin::new(&mut *incoming).poll_frame(cx);
+                let ended = match &polled {
+                    Poll::Ready(None) => true,
+                    Poll::Ready(Some(Ok(_))) => incoming.is_end_stream(),
+                    // A broken body leaves the connection unusable: the lease closes it.
+                    Poll::Ready(Some(Err(_))) => {
+                        this.lease = None;
+                        false
+                    }
+                    Poll::Pending => false,
+                };
+                if ended {
+                    if let Some(lease) = this.lease.take() {
+                        lease.release();
+                    }
+                }
+                polled
+            }
             Either::Right(local) => return Poll::Ready(local.take().map(|b| Ok(Frame::data(b)))),
         };
         if let Some(watch) = &mut this.grpc {
@@ -290,21 +315,28 @@ impl Proxy {
             Replay::of(&up, base)
         };
         let result = arm.upstream.send(up, snap.request_timeout).await;
-        if let (Err(e @ UpstreamError::Connect(_)), Some(replay)) = (&result, replay) {
-            tracing::debug!(upstream = %arm.name, error = %e, "connect failed; failing over to the baseline");
-            arm.metrics.failure(e.kind());
-            self.report(Outcome {
-                arm: arm.name.clone(),
-                error: true,
-                latency: start.elapsed(),
-                at: Instant::now(),
-            });
-            drop(in_flight);
-            let in_flight = base.metrics.start();
-            let timeout = snap.request_timeout.saturating_sub(start.elapsed());
-            let result = base.upstream.send(replay.into_request(), timeout).await;
-            return Ok(self.respond(&snap, base, &mut ctx, result, in_flight));
-        }
+        let result = match (result, replay) {
+            (Err(e @ UpstreamError::Connect(_)), Some(replay)) => Err((e, replay)),
+            (result, _) => Ok(result),
+        };
+        let result = match result {
+            Ok(result) => result,
+            Err((e, replay)) => {
+                tracing::debug!(upstream = %arm.name, error = %e, "connect failed; failing over to the baseline");
+                arm.metrics.failure(e.kind());
+                self.report(Outcome {
+                    arm: arm.name.clone(),
+                    error: true,
+                    latency: start.elapsed(),
+                    at: Instant::now(),
+                });
+                drop(in_flight);
+                let in_flight = base.metrics.start();
+                let timeout = snap.request_timeout.saturating_sub(start.elapsed());
+                let result = base.upstream.send(replay.into_request(), timeout).await;
+                return Ok(self.respond(&snap, base, &mut ctx, result, in_flight));
+            }
+        };
         Ok(self.respond(&snap, arm, &mut ctx, result, in_flight))
     }
 
@@ -314,11 +346,11 @@ impl Proxy {
         snap: &Snapshot,
         arm: &Arm,
         ctx: &mut Ctx,
-        result: Result<Response<Incoming>, UpstreamError>,
+        result: Result<(Response<Incoming>, Option<Lease>), UpstreamError>,
         in_flight: InFlight,
     ) -> Response<ProxyBody> {
-        let mut resp = match result {
-            Ok(resp) => resp,
+        let (mut resp, lease) = match result {
+            Ok(r) => r,
             Err(e) => {
                 tracing::debug!(upstream = %arm.name, error = %e, "upstream failed");
                 arm.metrics.failure(e.kind());
@@ -333,10 +365,14 @@ impl Proxy {
             .error_statuses
             .contains(status.as_u16());
         let mut in_flight = Some(in_flight);
+        let mut lease = lease;
         let upgraded = match (ctx.upgrade.take(), in_flight.take()) {
             (Some(client), Some(guard)) if status == StatusCode::SWITCHING_PROTOCOLS => {
                 let proto = resp.headers().get(header::UPGRADE).cloned();
                 relay_upgrade(client, hyper::upgrade::on(&mut resp), guard, arm);
+                if let Some(lease) = lease.take() {
+                    lease.detach();
+                }
                 proto
             }
             (_, guard) => {
@@ -345,7 +381,8 @@ impl Proxy {
             }
         };
         let (mut parts, body) = resp.into_parts();
-        remove_hop_by_hop(&mut parts.headers);
+        // Whatever was removed, the response goes on.
+        let _ = remove_hop_by_hop(&mut parts.headers);
         if let Some(proto) = upgraded {
             parts
                 .headers
@@ -378,8 +415,15 @@ impl Proxy {
             }
         }
         let deferred = grpc.is_some();
+        // A body that is empty from the start is never polled: its connection is free now.
+        if body.is_end_stream() {
+            if let Some(lease) = lease.take() {
+                lease.release();
+            }
+        }
         let body = ProxyBody {
             inner: Either::Left(body),
+            lease,
             grpc,
             _in_flight: in_flight,
             _busy: ctx.busy.take(),
@@ -431,22 +475,35 @@ impl Proxy {
         arm: &Arm,
     ) -> Result<Request<UpstreamBody>, http::Error> {
         let (mut parts, body) = req.into_parts();
-        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        let from_header = parts.headers.get(header::HOST).cloned();
+        let has_host = from_header.is_some();
+        let host = from_header.or_else(|| {
             // HTTP/2 carries the host in :authority only.
             parts
                 .uri
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        remove_hop_by_hop(&mut parts.headers);
+        // `Connection: host` would have removed it.
+        let has_host = has_host && !remove_hop_by_hop(&mut parts.headers);
         append_forwarded_for(&mut parts.headers, &self.peer_ip);
         parts.headers.insert(
             X_FORWARDED_PROTO.clone(),
             HeaderValue::from_static(self.proto),
         );
-        if let Some(host) = host {
-            parts.headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-            parts.headers.insert(header::HOST, host);
+        match host {
+            Some(host) => {
+                if !has_host {
+                    parts.headers.insert(header::HOST, host.clone());
+                }
+                parts.headers.insert(X_FORWARDED_HOST.clone(), host);
+            }
+            // HTTP/1.0 without Host: the upstream's own name (HTTP/1.1 requires one).
+            None => {
+                if let Ok(v) = HeaderValue::from_str(arm.upstream.authority().as_str()) {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
         }
         parts.uri = arm.upstream.uri_for(parts.uri.path_and_query())?;
         parts.version = if arm.upstream.http2() {
@@ -518,51 +575,81 @@ fn local_response(status: StatusCode, arm: &Arm, cause: &str) -> Response<ProxyB
 }
 
 /// Removes connection-scoped headers (RFC 9110 §7.6.1), including those named in `Connection`.
-/// `TE: trailers` survives: gRPC needs it end to end.
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+/// `TE: trailers` survives: gRPC needs it end to end. Returns whether there was any to look at.
+fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
+    // One pass of cheap name comparisons finds which are present (most messages carry none,
+    // or only `Connection: keep-alive`); only those are then removed by their hashed name.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
+            present |= 1 << i;
+        } else if name == header::TE {
+            present |= 1 << HOP_BY_HOP.len();
+        }
     }
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
-        headers.remove(name);
+    if present == 0 {
+        return false;
     }
-    let te_trailers = headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !te_trailers {
-        headers.remove(header::TE);
+    if present & 1 != 0 {
+        // HOP_BY_HOP[0] is Connection: the headers it names go too.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // `close` names no header; `keep-alive` is removed below anyway.
+            .filter(|n| !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
+        }
+    }
+    if present & (1 << HOP_BY_HOP.len()) != 0 {
+        let te_trailers = headers
+            .get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        if !te_trailers {
+            headers.remove(header::TE);
+        }
+    }
+    true
 }
 
+/// Connection-scoped headers, always removed (`TE` is handled on its own). Connection first.
+static HOP_BY_HOP: [&HeaderName; 8] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+];
+
 fn append_forwarded_for(headers: &mut HeaderMap, peer_ip: &HeaderValue) {
-    if !headers.contains_key(&X_FORWARDED_FOR) {
-        headers.insert(X_FORWARDED_FOR.clone(), peer_ip.clone());
-        return;
-    }
+    let mut entry = match headers.entry(&X_FORWARDED_FOR) {
+        header::Entry::Vacant(v) => {
+            v.insert(peer_ip.clone());
+            return;
+        }
+        header::Entry::Occupied(o) => o,
+    };
     let mut joined = Vec::new();
-    for v in headers.get_all(&X_FORWARDED_FOR) {
+    for v in entry.iter() {
         joined.extend_from_slice(v.as_bytes());
         joined.extend_from_slice(b", ");
     }
     joined.extend_from_slice(peer_ip.as_bytes());
     if let Ok(v) = HeaderValue::from_bytes(&joined) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+        entry.insert(v);
     }
 }
 
@@ -601,7 +688,7 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
         h.insert("x-kept", HeaderValue::from_static("1"));
-        remove_hop_by_hop(&mut h);
+        assert!(remove_hop_by_hop(&mut h));
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
 
