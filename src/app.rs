@@ -139,11 +139,18 @@ pub async fn run(
     let (outcomes, outcome_rx) = crate::circuit::channel();
     let windows = Arc::new(Windows::default());
     let circuit = crate::circuit::spawn(control.clone(), windows.clone(), outcome_rx);
-    let upkeep = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
-        loop {
-            tick.tick().await;
-            metrics.upkeep();
+    let upkeep = tokio::spawn({
+        let control = control.clone();
+        async move {
+            let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+            loop {
+                tick.tick().await;
+                metrics.upkeep();
+                // Idle upstream connections: closed by the peer, or idle for too long.
+                for arm in &control.snapshot().arms {
+                    arm.upstream.sweep(UPKEEP_INTERVAL);
+                }
+            }
         }
     });
     // Config loaded and listeners bound (they were bound by the caller): ready.
