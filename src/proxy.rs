@@ -67,13 +67,19 @@ impl Body for ProxyBody {
         let this = self.get_mut();
         let polled = match &mut this.inner {
             Either::Left(incoming) => {
-                if let Some(lease) = &mut this.lease {
-                    lease.drive(cx);
+                let mut polled = Pin::new(&mut *incoming).poll_frame(cx);
+                // Nothing buffered: move the upstream connection, then look again.
+                if polled.is_pending() {
+                    if let Some(lease) = &mut this.lease {
+                        lease.drive(cx);
+                        polled = Pin::new(&mut *incoming).poll_frame(cx);
+                    }
                 }
-                let polled = Pin::new(&mut *incoming).poll_frame(cx);
                 let ended = match &polled {
                     Poll::Ready(None) => true,
-                    Poll::Ready(Some(Ok(_))) => incoming.is_end_stream(),
+                    // Trailers are the last frame: hyper's server stops polling after them,
+                    // and `is_end_stream` never turns true for a chunked body.
+                    Poll::Ready(Some(Ok(f))) => f.is_trailers() || incoming.is_end_stream(),
                     // A broken body leaves the connection unusable: the lease closes it.
                     Poll::Ready(Some(Err(_))) => {
                         this.lease = None;
@@ -580,26 +586,38 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // One pass of cheap name comparisons finds which are present (most messages carry none,
     // or only `Connection: keep-alive`); only those are then removed by their hashed name.
     let mut present = 0u16;
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
-            present |= 1 << i;
-        } else if name == header::TE {
-            present |= 1 << HOP_BY_HOP.len();
-        }
+    // Whether `Connection` names a header other than `keep-alive` (removed anyway) or `close`
+    // (not a header).
+    let mut names_more = false;
+    for (name, value) in headers.iter() {
+        // Names are lowercase; a match on the string is a length switch and a compare.
+        let bit = match name.as_str() {
+            "connection" => {
+                names_more |= connection_tokens(value).any(|t| {
+                    !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive")
+                });
+                0
+            }
+            "keep-alive" => 1,
+            "proxy-connection" => 2,
+            "proxy-authenticate" => 3,
+            "proxy-authorization" => 4,
+            "trailer" => 5,
+            "transfer-encoding" => 6,
+            "upgrade" => 7,
+            "te" => 8,
+            _ => continue,
+        };
+        present |= 1 << bit;
     }
     if present == 0 {
         return false;
     }
-    if present & 1 != 0 {
-        // HOP_BY_HOP[0] is Connection: the headers it names go too.
+    if names_more {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            // `close` names no header; `keep-alive` is removed below anyway.
-            .filter(|n| !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive"))
+            .flat_map(connection_tokens)
             .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
             .collect();
         for name in named {
@@ -622,7 +640,19 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
     true
 }
 
-/// Connection-scoped headers, always removed (`TE` is handled on its own). Connection first.
+/// The comma-separated tokens of a `Connection` value (none if it is not visible ASCII).
+fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value
+        .to_str()
+        .ok()
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Connection-scoped headers, always removed (`TE` is handled on its own); in the bit order
+/// of `remove_hop_by_hop`.
 static HOP_BY_HOP: [&HeaderName; 8] = [
     &header::CONNECTION,
     &KEEP_ALIVE,
@@ -696,6 +726,27 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         remove_hop_by_hop(&mut h);
         assert!(h.contains_key(header::TE));
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_is_removed_on_its_own() {
+        for name in HOP_BY_HOP.iter().copied().chain([&header::TE]) {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("x"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            assert!(remove_hop_by_hop(&mut h), "{name} not seen");
+            assert!(!h.contains_key(name), "{name} kept");
+            assert!(h.contains_key("x-kept"));
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::HOST, HeaderValue::from_static("example"));
+        assert!(remove_hop_by_hop(&mut h));
+        assert_eq!(h.len(), 1);
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("example"));
+        assert!(!remove_hop_by_hop(&mut h));
     }
 
     #[test]
