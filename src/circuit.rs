@@ -44,11 +44,22 @@ pub type OutcomeSender = mpsc::Sender<Outcome>;
 /// The windows of every arm.
 #[derive(Debug, Default)]
 pub struct Windows {
-    inner: Mutex<HashMap<Arc<str>, Window>>,
+    /// A handful of arms: a list searched by name pointer first (outcomes carry the arm's
+    /// own `Arc<str>`) is faster than hashing the name for every outcome.
+    inner: Mutex<Vec<(Arc<str>, Window)>>,
+}
+
+/// The window of `arm` in `arms`, if it has one.
+fn find<'a>(arms: &'a mut [(Arc<str>, Window)], arm: &str) -> Option<&'a mut Window> {
+    let i = arms
+        .iter()
+        .position(|(n, _)| std::ptr::eq(n.as_ptr(), arm.as_ptr()) && n.len() == arm.len())
+        .or_else(|| arms.iter().position(|(n, _)| **n == *arm))?;
+    Some(&mut arms[i].1)
 }
 
 impl Windows {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Window>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Arc<str>, Window)>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -64,9 +75,16 @@ impl Windows {
     pub fn record(&self, batch: &[Outcome], length: Duration) {
         let mut arms = self.lock();
         for o in batch {
-            let w = arms
-                .entry(o.arm.clone())
-                .or_insert_with(|| Window::new(length, o.at));
+            let w = match find(&mut arms, &o.arm) {
+                Some(w) => w,
+                None => {
+                    arms.push((o.arm.clone(), Window::new(length, o.at)));
+                    let Some((_, w)) = arms.last_mut() else {
+                        continue;
+                    };
+                    w
+                }
+            };
             if w.length() != length {
                 *w = Window::new(length, o.at);
             }
@@ -76,12 +94,12 @@ impl Windows {
 
     /// Forgets an arm's history (after a reset or a new build).
     pub fn clear(&self, arm: &str) {
-        self.lock().remove(arm);
+        self.lock().retain(|(n, _)| **n != *arm);
     }
 
     /// One arm's stats; quantiles only when `quantiles` is set.
     pub fn arm_stats(&self, arm: &str, now: Instant, quantiles: bool) -> Option<WindowStats> {
-        self.lock().get_mut(arm).map(|w| {
+        find(&mut self.lock(), arm).map(|w| {
             if quantiles {
                 w.stats(now)
             } else {

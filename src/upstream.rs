@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::{poll_fn, Future};
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
@@ -188,21 +188,19 @@ impl H1Pool {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The warmest idle connection that is still open and ready; closed ones are dropped.
-    fn checkout(&self, cx: &mut Context<'_>) -> Option<H1> {
-        loop {
-            let mut conn = self.lock().pop_back()?;
-            if conn.ready(cx) {
-                return Some(conn);
-            }
-        }
+    /// The warmest idle connection. It is not polled here: if the upstream closed it while
+    /// it was parked, the first poll in [`H1Pool::send`] finds out before writing anything,
+    /// and the request is handed back to go on another connection.
+    fn checkout(&self) -> Option<H1> {
+        self.lock().pop_back()
     }
 
     /// Parks a connection whose exchange is complete, or closes it when it is not reusable.
     fn checkin(&self, mut conn: H1) {
-        // Nobody waits on a parked connection: poll it once with a waker that does nothing,
-        // to let it finish the exchange and ask for the next request.
-        if !conn.ready(&mut Context::from_waker(Waker::noop())) {
+        // Usually the last poll of the response body already left the connection asking for
+        // the next request. If not, poll it once more, with a waker that does nothing: nobody
+        // waits on a parked connection.
+        if !conn.send.is_ready() && !conn.ready(&mut Context::from_waker(Waker::noop())) {
             return;
         }
         conn.idle_epoch = self.epoch.load(Ordering::Relaxed);
@@ -259,24 +257,43 @@ impl H1Pool {
         drop(closed);
     }
 
-    /// Sends a request on a pooled or new connection and drives it to the response head.
+    /// Sends a request on a pooled or new connection and drives it to the response head,
+    /// for at most `timeout`.
     async fn send(
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
+        timeout: Duration,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        // Polled in place rather than wrapping this future in `tokio::time::timeout`, which
+        // would move it (a few hundred bytes) on every request.
+        let mut deadline = pin!(tokio::time::sleep(timeout));
         loop {
-            let (mut conn, reused) = match poll_fn(|cx| Poll::Ready(self.checkout(cx))).await {
+            let (mut conn, reused) = match self.checkout() {
                 Some(conn) => (conn, true),
                 // Boxed: connecting is rare, and its future would otherwise make every
-                // request's future (moved several times per request) several times larger.
-                None => (Box::pin(self.connect()).await?, false),
+                // request's future several times larger.
+                None => {
+                    let mut connecting = Box::pin(self.connect());
+                    let connected = poll_fn(|cx| match connecting.as_mut().poll(cx) {
+                        Poll::Ready(r) => Poll::Ready(Some(r)),
+                        Poll::Pending => deadline.as_mut().poll(cx).map(|()| None),
+                    })
+                    .await;
+                    (connected.ok_or(UpstreamError::Timeout(timeout))??, false)
+                }
             };
-            let mut sent = std::pin::pin!(conn.send.try_send_request(req));
+            let mut sent = pin!(conn.send.try_send_request(req));
             let result = poll_fn(|cx| {
                 conn.drive(cx);
-                sent.as_mut().poll(cx)
+                match sent.as_mut().poll(cx) {
+                    Poll::Ready(r) => Poll::Ready(Some(r)),
+                    Poll::Pending => deadline.as_mut().poll(cx).map(|()| None),
+                }
             })
             .await;
+            let Some(result) = result else {
+                return Err(UpstreamError::Timeout(timeout));
+            };
             match result {
                 Ok(resp) => {
                     let lease = Lease {
@@ -463,16 +480,15 @@ impl Upstream {
         req: Request<UpstreamBody>,
         timeout: Duration,
     ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
-        let sent = async {
-            match &self.pool {
-                Pool::H1(pool) => pool.send(req).await.map(|(r, l)| (r, Some(l))),
-                Pool::H2Plain(c) => legacy(c.request(req).await),
-                Pool::H2Tls(c) => legacy(c.request(req).await),
-            }
+        let sent = match &self.pool {
+            Pool::H1(pool) => return pool.send(req, timeout).await.map(|(r, l)| (r, Some(l))),
+            Pool::H2Plain(c) => c.request(req),
+            Pool::H2Tls(c) => c.request(req),
         };
-        tokio::time::timeout(timeout, sent)
-            .await
-            .unwrap_or(Err(UpstreamError::Timeout(timeout)))
+        match tokio::time::timeout(timeout, sent).await {
+            Ok(result) => legacy(result),
+            Err(_) => Err(UpstreamError::Timeout(timeout)),
+        }
     }
 
     /// Closes idle connections the upstream has closed or that have idled for longer than
