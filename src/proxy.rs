@@ -67,14 +67,10 @@ impl Body for ProxyBody {
         let this = self.get_mut();
         let polled = match &mut this.inner {
             Either::Left(incoming) => {
-                let mut polled = Pin::new(&mut *incoming).poll_frame(cx);
-                // Nothing buffered: move the upstream connection, then look again.
-                if polled.is_pending() {
-                    if let Some(lease) = &mut this.lease {
-                        lease.drive(cx);
-                        polled = Pin::new(&mut *incoming).poll_frame(cx);
-                    }
-                }
+                let polled = match &mut this.lease {
+                    Some(lease) => lease.poll_body(cx, incoming),
+                    None => Pin::new(&mut *incoming).poll_frame(cx),
+                };
                 let ended = match &polled {
                     Poll::Ready(None) => true,
                     // Trailers are the last frame: hyper's server stops polling after them,

@@ -285,7 +285,10 @@ impl H1Pool {
             let mut sent = pin!(conn.send.try_send_request(req));
             let result = poll_fn(|cx| {
                 conn.drive(cx);
-                match sent.as_mut().poll(cx) {
+                // Only the driver, polled just above with this task's waker, ever completes
+                // `sent`: registering the task with it too would only make the driver wake
+                // the task once more, for nothing.
+                match sent.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
                     Poll::Ready(r) => Poll::Ready(Some(r)),
                     Poll::Pending => deadline.as_mut().poll(cx).map(|()| None),
                 }
@@ -330,10 +333,26 @@ impl fmt::Debug for Lease {
 }
 
 impl Lease {
-    /// Moves the connection forward: reads the rest of the response into its body.
-    pub fn drive(&mut self, cx: &mut Context<'_>) {
-        if let Some(conn) = &mut self.conn {
-            conn.drive(cx);
+    /// Polls the response body of the request this lease was made for, driving the
+    /// connection when the body has nothing buffered.
+    pub fn poll_body(
+        &mut self,
+        cx: &mut Context<'_>,
+        body: &mut Incoming,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        use http_body::Body as _;
+        let Some(conn) = &mut self.conn else {
+            return Pin::new(body).poll_frame(cx);
+        };
+        // Frames come only from the driver, polled here with this task's waker: the body
+        // need not register the task too (that would only wake it once more, for nothing).
+        let quiet = &mut Context::from_waker(Waker::noop());
+        match Pin::new(&mut *body).poll_frame(quiet) {
+            Poll::Pending => {
+                conn.drive(cx);
+                Pin::new(&mut *body).poll_frame(quiet)
+            }
+            polled => polled,
         }
     }
 
