@@ -163,7 +163,7 @@ where
         inner: io,
         activity: activity.clone(),
     };
-    let proxy = proxy.with_activity(activity.clone());
+    let proxy = Arc::new(proxy.with_activity(activity.clone()));
     let svc = service_fn(move |req| proxy.clone().serve(req));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     let mut conn = pin!(conn);

@@ -267,9 +267,10 @@ impl Proxy {
         self
     }
 
-    /// Handles one request. Never fails: every failure becomes a response.
+    /// Handles one request. Never fails: every failure becomes a response. Shared by the
+    /// connection's requests (one reference count per request, not a clone of each field).
     pub async fn serve(
-        self,
+        self: Arc<Self>,
         mut req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
@@ -522,6 +523,8 @@ fn upgrade_protocol(req: &Request<Incoming>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
     }
+    // Most requests have no Upgrade header: one lookup settles it.
+    let upgrade = req.headers().get(header::UPGRADE)?;
     let asks = req
         .headers()
         .get_all(header::CONNECTION)
@@ -529,8 +532,7 @@ fn upgrade_protocol(req: &Request<Incoming>) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| req.headers().get(header::UPGRADE).cloned())
-        .flatten()
+    asks.then(|| upgrade.clone())
 }
 
 /// Relays bytes both ways between the upgraded client and upstream connections until either

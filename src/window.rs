@@ -61,6 +61,9 @@ pub struct Window {
     slots: Vec<Counts>,
     ids: Vec<u64>,
     total: Counts,
+    /// The slot number up to which slots were last expired: nothing more can expire until
+    /// the current slot moves on.
+    expired_to: u64,
 }
 
 impl std::fmt::Debug for Window {
@@ -82,6 +85,7 @@ impl Window {
             slot_width,
             slots: vec![Counts::new(); SLOTS],
             ids: vec![u64::MAX; SLOTS],
+            expired_to: 0,
             total: Counts::new(),
         }
     }
@@ -98,7 +102,15 @@ impl Window {
 
     /// Drops slots that fell out of the window ending at `now`.
     fn expire(&mut self, now: Instant) {
-        let current = self.slot_id(now);
+        self.expire_to(self.slot_id(now));
+    }
+
+    /// Drops slots that fell out of the window whose newest slot is `current`.
+    fn expire_to(&mut self, current: u64) {
+        if current == self.expired_to {
+            return;
+        }
+        self.expired_to = current;
         for i in 0..SLOTS {
             let id = self.ids[i];
             if id != u64::MAX && id + (SLOTS as u64) <= current {
@@ -116,8 +128,8 @@ impl Window {
 
     /// Records one finished request.
     pub fn record(&mut self, now: Instant, error: bool, latency: Duration) {
-        self.expire(now);
         let id = self.slot_id(now);
+        self.expire_to(id);
         let i = (id % SLOTS as u64) as usize;
         self.ids[i] = id;
         let b = bucket_of(latency);
