@@ -7,7 +7,8 @@
 //! - [`routing`]: the exact bucket rule of the design (§3) and the validated weight table; pure.
 //! - [`control`]: owns the running config and publishes the immutable snapshot requests read.
 //! - [`proxy`]: the hyper service: route, forward with streaming bodies, map failures.
-//! - [`upstream`]: pooled keep-alive clients per upstream, kept across reloads.
+//! - [`upstream`]: keep-alive pools per upstream, kept across reloads: HTTP/1.1 connections
+//!   driven by the request that holds them, hyper-util's client for HTTP/2.
 //! - [`reload`]: directory watch + SIGHUP → parse → validate → atomic swap.
 //! - [`admin`]: the admin API (weights, promote, rollback, reset, status, route, metrics).
 //! - [`metrics`]: Prometheus names and per-arm handles resolved once.

@@ -317,7 +317,7 @@ impl H1Pool {
 }
 
 /// An HTTP/1.1 connection lent to one request until its response body has been read. The
-/// holder drives it ([`Lease::drive`]) and gives it back ([`Lease::release`]); dropped
+/// holder drives it ([`Lease::poll_body`]) and gives it back ([`Lease::release`]); dropped
 /// otherwise (response body abandoned half-way), it closes the connection.
 pub struct Lease {
     conn: Option<H1>,

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, counted by callgrind: the one speed measure on
+# this machine that other processes cannot disturb (wall-clock and CPU-time figures from
+# compare.sh move by ±15% between rounds here). Kernel time is not counted; canaryd makes the
+# same syscalls per request as nginx and HAProxy (2 writev + 2 recvfrom).
+#
+#   benches/load/instructions.sh                    # this tree
+#   benches/load/instructions.sh --against cbb95d6  # and a git revision, built in a worktree,
+#                                                   # measured in the same run, with the ratio
+# Options:
+#   --requests N    requests counted (default 30000; each binary runs twice, with 2,000 and
+#                   2,000 + N requests, and the difference is divided by N, so start-up and
+#                   shut-down cancel out)
+#   --against REV   also measure REV (git worktree + cargo build --release: a few minutes)
+#   --smoke         300 requests, no baseline
+# Environment: CANARYD_BIN=PATH measures that binary instead of building this tree.
+#
+# Setup: one nginx upstream pair (conf/upstream-nginx.conf.tmpl, as in compare.sh), canaryd
+# with metrics and the rollback circuit on (`TOKIO_WORKER_THREADS=1`), oha with 32 keep-alive
+# connections and one x-user-id, all on loopback ports chosen by the kernel.
+set -euo pipefail
+
+LOAD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=lib/common.sh
+source "$LOAD_DIR/lib/common.sh"
+
+REQUESTS=30000 AGAINST="" SMOKE=0
+while (($#)); do
+  case $1 in
+    --requests) REQUESTS=$2; shift 2 ;;
+    --against) AGAINST=$2; shift 2 ;;
+    --smoke) SMOKE=1; shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) die "unknown argument: $1 (see --help)" ;;
+  esac
+done
+[[ $REQUESTS =~ ^[1-9][0-9]*$ ]] || die "--requests must be a positive integer"
+if ((SMOKE)); then REQUESTS=300; AGAINST=""; fi
+WARM=2000
+if ((SMOKE)); then WARM=100; fi
+
+setup_workdir instructions
+
+missing=()
+for t in nginx valgrind curl; do command -v "$t" >/dev/null || missing+=("$t"); done
+if ((${#missing[@]})); then
+  log "installing ${missing[*]} (apt-get)"
+  apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2 \
+    || die "apt-get install ${missing[*]} failed"
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v oha >/dev/null; then
+  if ((SMOKE)); then
+    log "oha not installed: the smoke run sends its requests with curl on one connection"
+  else
+    log "installing oha: cargo install oha --locked (several minutes)"
+    timeout 1800 cargo install oha --locked >&2 || die "cargo install oha failed"
+  fi
+fi
+
+BIN=$(prepare_canaryd "$WORK/canaryd")
+BASE_BIN=""
+if [[ -n $AGAINST ]]; then
+  rev=$(cd "$REPO_DIR" && git rev-parse --short "$AGAINST") || die "unknown revision $AGAINST"
+  log "building $rev in a worktree"
+  (cd "$REPO_DIR" && git worktree add --detach "$WORK/base" "$rev") >&2
+  trap '(cd "$REPO_DIR" && git worktree remove --force "$WORK/base") 2>/dev/null || true; on_exit' EXIT
+  (cd "$WORK/base" && CARGO_TARGET_DIR="$WORK/base-target" timeout 1800 cargo build --release --bin canaryd) >&2 \
+    || die "building $rev failed"
+  BASE_BIN="$WORK/canaryd-$rev"
+  cp "$WORK/base-target/release/canaryd" "$BASE_BIN"
+fi
+
+read -r UP_S UP_C P_CANARYD P_ADMIN <<<"$(free_ports 4)"
+mkdir -p "$WORK/upstream-tmp" "$WORK/canaryd-etc"
+render "$CONF/upstream-nginx.conf.tmpl" "$WORK/upstream.conf" \
+  WORKERS=1 DIR="$WORK" STABLE_PORT="$UP_S" CANARY_PORT="$UP_C"
+canaryd_toml "$WORK/canaryd-etc/canaryd.toml" "$P_CANARYD" "$P_ADMIN" "$UP_S" "$UP_C" 10
+spawn upstream "$WORK/upstream.log" nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream.error.log"
+wait_http "http://127.0.0.1:$UP_S/" 10 "$SPAWN_PID" || die "the upstream nginx did not start"
+
+# count BIN REQUESTS: sets COUNT to the instructions of one canaryd run serving REQUESTS
+# requests. (Not run in $(...): canaryd must be spawned by this shell to be cleaned up.)
+COUNT=
+count() {
+  local bin=$1 n=$2 out="$WORK/callgrind.out" pid i
+  rm -f "$out"
+  spawn canaryd "$WORK/canaryd.log" env TOKIO_WORKER_THREADS=1 RUST_LOG=warn \
+    valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" run --config "$WORK/canaryd-etc/canaryd.toml"
+  pid=$SPAWN_PID
+  wait_http "http://127.0.0.1:$P_ADMIN/readyz" 60 "$pid" || die "canaryd did not start under valgrind"
+  if command -v oha >/dev/null; then
+    oha -n "$n" -c 32 --no-tui -H 'x-user-id: user7' "http://127.0.0.1:$P_CANARYD/" > "$WORK/oha.txt" \
+      || die "oha failed"
+    grep -q '\[200\] '"$n"' responses' "$WORK/oha.txt" || die "not every request got a 200 ($WORK/oha.txt)"
+  else
+    for ((i = 0; i < n; i++)); do
+      printf 'url = "http://127.0.0.1:%s/"\noutput = "/dev/null"\n' "$P_CANARYD"
+    done > "$WORK/curl.conf"
+    curl -s -H 'x-user-id: user7' -w '%{http_code}\n' -K "$WORK/curl.conf" > "$WORK/codes.txt" \
+      || die "curl failed"
+    [[ $(grep -c '^200$' "$WORK/codes.txt") == "$n" ]] || die "not every request got a 200 ($WORK/codes.txt)"
+  fi
+  stop_pid "$pid" INT 60
+  [[ -s $out ]] || die "callgrind wrote nothing"
+  COUNT=$(grep -m1 -o 'summary: [0-9]*' "$out" | cut -d' ' -f2)
+}
+
+# per_request BIN: sets PER to the instructions per request
+PER=
+per_request() {
+  local a
+  count "$1" "$WARM"
+  a=$COUNT
+  count "$1" $((WARM + REQUESTS))
+  PER=$(python3 -c "print(round(($COUNT - $a) / $REQUESTS))")
+}
+
+per_request "$BIN"
+CUR=$PER
+log "this tree ($(canaryd_version "$BIN")): $CUR instructions per request"
+echo "| build | instructions per request | ratio |"
+echo "|---|---:|---:|"
+if [[ -n $BASE_BIN ]]; then
+  per_request "$BASE_BIN"
+  BASE=$PER
+  log "$AGAINST: $BASE instructions per request"
+  echo "| $AGAINST | $BASE | 1.00× |"
+  echo "| this tree | $CUR | $(python3 -c "print(f'{$CUR / $BASE:.2f}')")× |"
+else
+  echo "| this tree | $CUR | — |"
+fi
