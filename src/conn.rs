@@ -179,9 +179,14 @@ where
     let wake = Arc::new(TriggerWake::default());
     let trigger_waker = Waker::from(wake.clone());
     let mut closing = false;
+    // The task's waker as last handed to `wake`; the shared copy is locked only when it changes.
+    let mut task: Option<Waker> = None;
     poll_fn(|cx| {
         if !closing {
-            wake.set_task(cx.waker());
+            if !task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+                task = Some(cx.waker().clone());
+                wake.set_task(cx.waker());
+            }
             if wake.woken.swap(false, Ordering::AcqRel)
                 && trigger
                     .as_mut()
@@ -216,10 +221,7 @@ impl Default for TriggerWake {
 
 impl TriggerWake {
     fn set_task(&self, waker: &Waker) {
-        let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
-        if !task.as_ref().is_some_and(|t| t.will_wake(waker)) {
-            *task = Some(waker.clone());
-        }
+        *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(waker.clone());
     }
 }
 

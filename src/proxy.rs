@@ -319,12 +319,7 @@ impl Proxy {
         };
         let result = arm.upstream.send(up, snap.request_timeout).await;
         let result = match (result, replay) {
-            (Err(e @ UpstreamError::Connect(_)), Some(replay)) => Err((e, replay)),
-            (result, _) => Ok(result),
-        };
-        let result = match result {
-            Ok(result) => result,
-            Err((e, replay)) => {
+            (Err(e @ UpstreamError::Connect(_)), Some(replay)) => {
                 tracing::debug!(upstream = %arm.name, error = %e, "connect failed; failing over to the baseline");
                 arm.metrics.failure(e.kind());
                 self.report(Outcome {
@@ -339,6 +334,7 @@ impl Proxy {
                 let result = base.upstream.send(replay.into_request(), timeout).await;
                 return Ok(self.respond(&snap, base, &mut ctx, result, in_flight));
             }
+            (result, _) => result,
         };
         Ok(self.respond(&snap, arm, &mut ctx, result, in_flight))
     }
@@ -352,7 +348,7 @@ impl Proxy {
         result: Result<(Response<Incoming>, Option<Lease>), UpstreamError>,
         in_flight: InFlight,
     ) -> Response<ProxyBody> {
-        let (mut resp, lease) = match result {
+        let (mut resp, mut lease) = match result {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(upstream = %arm.name, error = %e, "upstream failed");
@@ -368,7 +364,6 @@ impl Proxy {
             .error_statuses
             .contains(status.as_u16());
         let mut in_flight = Some(in_flight);
-        let mut lease = lease;
         let upgraded = match (ctx.upgrade.take(), in_flight.take()) {
             (Some(client), Some(guard)) if status == StatusCode::SWITCHING_PROTOCOLS => {
                 let proto = resp.headers().get(header::UPGRADE).cloned();
