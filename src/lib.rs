@@ -34,6 +34,7 @@ pub mod config;
 pub mod conn;
 pub mod control;
 pub mod demo;
+pub mod h1;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -14,31 +14,29 @@ use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 
 use crate::circuit::{Outcome, OutcomeSender};
 use crate::conn::{Activity, Busy};
 use crate::control::{Arm, Control, Snapshot};
+use crate::h1::{BoxError, Upgraded};
 use crate::metrics::{ArmMetrics, InFlight};
 use crate::routing::Decision;
-use crate::upstream::{Lease, UpstreamBody, UpstreamError};
+use crate::upstream::{
+    Forwarded, UpstreamBody, UpstreamError, UpstreamResponseBody, X_FORWARDED_FOR,
+};
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Response body: the upstream's streamed body, or a short local message. Holds the request
 /// in the arm's in-flight gauge until the body is finished or dropped, and, for a gRPC
-/// response whose status comes in trailers, reports the outcome when they arrive. An HTTP/1.1
-/// upstream connection is driven from here while the body streams, and goes back to its
-/// pool when the body has ended.
+/// response whose status comes in trailers, reports the outcome when they arrive.
 #[derive(Debug)]
 pub struct ProxyBody {
-    inner: Either<Incoming, Option<Bytes>>,
-    lease: Option<Lease>,
+    inner: Either<UpstreamResponseBody, Option<Bytes>>,
     grpc: Option<GrpcWatch>,
     _in_flight: Option<InFlight>,
     _busy: Option<Busy>,
@@ -48,7 +46,6 @@ impl ProxyBody {
     fn local(text: String) -> Self {
         ProxyBody {
             inner: Either::Right(Some(Bytes::from(text))),
-            lease: None,
             grpc: None,
             _in_flight: None,
             _busy: None,
@@ -58,38 +55,15 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = match &mut this.inner {
-            Either::Left(incoming) => {
-                let polled = match &mut this.lease {
-                    Some(lease) => lease.poll_body(cx, incoming),
-                    None => Pin::new(&mut *incoming).poll_frame(cx),
-                };
-                let ended = match &polled {
-                    Poll::Ready(None) => true,
-                    // Trailers are the last frame: hyper's server stops polling after them,
-                    // and `is_end_stream` never turns true for a chunked body.
-                    Poll::Ready(Some(Ok(f))) => f.is_trailers() || incoming.is_end_stream(),
-                    // A broken body leaves the connection unusable: the lease closes it.
-                    Poll::Ready(Some(Err(_))) => {
-                        this.lease = None;
-                        false
-                    }
-                    Poll::Pending => false,
-                };
-                if ended {
-                    if let Some(lease) = this.lease.take() {
-                        lease.release();
-                    }
-                }
-                polled
-            }
+            Either::Left(upstream) => Pin::new(upstream).poll_frame(cx),
             Either::Right(local) => return Poll::Ready(local.take().map(|b| Ok(Frame::data(b)))),
         };
         if let Some(watch) = &mut this.grpc {
@@ -110,14 +84,14 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            Either::Left(incoming) => incoming.is_end_stream(),
+            Either::Left(upstream) => upstream.is_end_stream(),
             Either::Right(local) => local.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Either::Left(incoming) => incoming.size_hint(),
+            Either::Left(upstream) => upstream.size_hint(),
             Either::Right(local) => {
                 SizeHint::with_exact(local.as_ref().map_or(0, |b| b.len() as u64))
             }
@@ -290,14 +264,14 @@ impl Proxy {
             busy: self.activity.as_ref().map(|a| a.begin()),
         };
         let in_flight = arm.metrics.start();
-        let up = match self.upstream_request(req, arm) {
-            Ok(mut up) => {
+        let (up, forwarded) = match self.upstream_request(req, arm) {
+            Ok((mut up, forwarded)) => {
                 if let Some(proto) = upgrade_proto {
                     let h = up.headers_mut();
                     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                     h.insert(header::UPGRADE, proto);
                 }
-                up
+                (up, forwarded)
             }
             // A request canaryd cannot express upstream is the client's fault, not the arm's.
             Err(e) => {
@@ -317,7 +291,10 @@ impl Proxy {
         } else {
             Replay::of(&up, base)
         };
-        let result = arm.upstream.send(up, snap.request_timeout).await;
+        let result = arm
+            .upstream
+            .send(up, &forwarded, snap.request_timeout)
+            .await;
         let result = match (result, replay) {
             (Err(e @ UpstreamError::Connect(_)), Some(replay)) => {
                 tracing::debug!(upstream = %arm.name, error = %e, "connect failed; failing over to the baseline");
@@ -331,7 +308,10 @@ impl Proxy {
                 drop(in_flight);
                 let in_flight = base.metrics.start();
                 let timeout = snap.request_timeout.saturating_sub(start.elapsed());
-                let result = base.upstream.send(replay.into_request(), timeout).await;
+                let result = base
+                    .upstream
+                    .send(replay.into_request(), &forwarded, timeout)
+                    .await;
                 return Ok(self.respond(&snap, base, &mut ctx, result, in_flight));
             }
             (result, _) => result,
@@ -345,10 +325,10 @@ impl Proxy {
         snap: &Snapshot,
         arm: &Arm,
         ctx: &mut Ctx,
-        result: Result<(Response<Incoming>, Option<Lease>), UpstreamError>,
+        result: Result<Response<UpstreamResponseBody>, UpstreamError>,
         in_flight: InFlight,
     ) -> Response<ProxyBody> {
-        let (mut resp, mut lease) = match result {
+        let mut resp = match result {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(upstream = %arm.name, error = %e, "upstream failed");
@@ -366,11 +346,20 @@ impl Proxy {
         let mut in_flight = Some(in_flight);
         let upgraded = match (ctx.upgrade.take(), in_flight.take()) {
             (Some(client), Some(guard)) if status == StatusCode::SWITCHING_PROTOCOLS => {
+                let upstream = match resp.body_mut() {
+                    UpstreamResponseBody::H1(body) => body.take_upgrade(),
+                    UpstreamResponseBody::H2(_) => None,
+                };
+                let Some(upstream) = upstream else {
+                    let resp = local_response(
+                        StatusCode::BAD_GATEWAY,
+                        arm,
+                        "101 Switching Protocols without a connection to switch",
+                    );
+                    return self.finish(snap, arm, ctx, resp, Some(true));
+                };
                 let proto = resp.headers().get(header::UPGRADE).cloned();
-                relay_upgrade(client, hyper::upgrade::on(&mut resp), guard, arm);
-                if let Some(lease) = lease.take() {
-                    lease.detach();
-                }
+                relay_upgrade(client, upstream, guard, arm);
                 proto
             }
             (_, guard) => {
@@ -379,8 +368,12 @@ impl Proxy {
             }
         };
         let (mut parts, body) = resp.into_parts();
-        // Whatever was removed, the response goes on.
-        let _ = remove_hop_by_hop(&mut parts.headers);
+        // canaryd's HTTP/1.1 client has consumed the usual connection fields already.
+        let consumed = matches!(&body, UpstreamResponseBody::H1(b) if !b.has_hop_by_hop());
+        if !consumed {
+            // Whatever was removed, the response goes on.
+            let _ = remove_hop_by_hop(&mut parts.headers);
+        }
         if let Some(proto) = upgraded {
             parts
                 .headers
@@ -413,15 +406,8 @@ impl Proxy {
             }
         }
         let deferred = grpc.is_some();
-        // A body that is empty from the start is never polled: its connection is free now.
-        if body.is_end_stream() {
-            if let Some(lease) = lease.take() {
-                lease.release();
-            }
-        }
         let body = ProxyBody {
             inner: Either::Left(body),
-            lease,
             grpc,
             _in_flight: in_flight,
             _busy: ctx.busy.take(),
@@ -465,13 +451,13 @@ impl Proxy {
         send_outcome(&self.outcomes, self.control.metrics(), outcome);
     }
 
-    /// Rewrites the downstream request for the arm: URI, version, hop-by-hop and forwarding
-    /// headers. The body is passed through untouched (streamed).
+    /// Rewrites the downstream request for the arm: URI, version, hop-by-hop headers, and
+    /// the forwarding headers to add. The body is passed through untouched (streamed).
     fn upstream_request(
         &self,
         req: Request<Incoming>,
         arm: &Arm,
-    ) -> Result<Request<UpstreamBody>, http::Error> {
+    ) -> Result<(Request<UpstreamBody>, Forwarded), http::Error> {
         let (mut parts, body) = req.into_parts();
         let from_header = parts.headers.get(header::HOST).cloned();
         let has_host = from_header.is_some();
@@ -484,17 +470,16 @@ impl Proxy {
         });
         // `Connection: host` would have removed it.
         let has_host = has_host && !remove_hop_by_hop(&mut parts.headers);
-        append_forwarded_for(&mut parts.headers, &self.peer_ip);
-        parts.headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(self.proto),
-        );
+        let forwarded = Forwarded {
+            for_: forwarded_for(&parts.headers, &self.peer_ip),
+            proto: HeaderValue::from_static(self.proto),
+            host: host.clone(),
+        };
         match host {
             Some(host) => {
                 if !has_host {
-                    parts.headers.insert(header::HOST, host.clone());
+                    parts.headers.insert(header::HOST, host);
                 }
-                parts.headers.insert(X_FORWARDED_HOST.clone(), host);
             }
             // HTTP/1.0 without Host: the upstream's own name (HTTP/1.1 requires one).
             None => {
@@ -509,7 +494,7 @@ impl Proxy {
         } else {
             Version::HTTP_11
         };
-        Ok(Request::from_parts(parts, Either::Left(body)))
+        Ok((Request::from_parts(parts, Either::Left(body)), forwarded))
     }
 }
 
@@ -532,18 +517,19 @@ fn upgrade_protocol(req: &Request<Incoming>) -> Option<HeaderValue> {
 
 /// Relays bytes both ways between the upgraded client and upstream connections until either
 /// side closes. The request stays in flight for as long as the tunnel is open.
-fn relay_upgrade(client: OnUpgrade, upstream: OnUpgrade, in_flight: InFlight, arm: &Arm) {
+fn relay_upgrade(client: OnUpgrade, upstream: Upgraded, in_flight: InFlight, arm: &Arm) {
     let name = arm.name.clone();
     tokio::spawn(async move {
         let _in_flight = in_flight;
-        match tokio::try_join!(client, upstream) {
-            Ok((c, u)) => {
-                let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                    tracing::debug!(upstream = %name, error = %e, "upgraded connection ended");
-                }
-            }
-            Err(e) => tracing::debug!(upstream = %name, error = %e, "upgrade failed"),
+        let Upgraded { io: mut u, read } = upstream;
+        let relayed = async {
+            let mut c = TokioIo::new(client.await.map_err(std::io::Error::other)?);
+            // What the upstream sent right behind its 101 head goes first.
+            c.write_all(&read).await?;
+            tokio::io::copy_bidirectional(&mut c, &mut u).await
+        };
+        if let Err(e) = relayed.await {
+            tracing::debug!(upstream = %name, error = %e, "upgraded connection ended");
         }
     });
 }
@@ -657,23 +643,19 @@ static HOP_BY_HOP: [&HeaderName; 8] = [
     &header::UPGRADE,
 ];
 
-fn append_forwarded_for(headers: &mut HeaderMap, peer_ip: &HeaderValue) {
-    let mut entry = match headers.entry(&X_FORWARDED_FOR) {
-        header::Entry::Vacant(v) => {
-            v.insert(peer_ip.clone());
-            return;
-        }
-        header::Entry::Occupied(o) => o,
-    };
+/// The `X-Forwarded-For` value to send: the client's list, if any, with the peer appended.
+fn forwarded_for(headers: &HeaderMap, peer_ip: &HeaderValue) -> HeaderValue {
+    let mut sent = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    if sent.peek().is_none() {
+        return peer_ip.clone();
+    }
     let mut joined = Vec::new();
-    for v in entry.iter() {
+    for v in sent {
         joined.extend_from_slice(v.as_bytes());
         joined.extend_from_slice(b", ");
     }
     joined.extend_from_slice(peer_ip.as_bytes());
-    if let Ok(v) = HeaderValue::from_bytes(&joined) {
-        entry.insert(v);
-    }
+    HeaderValue::from_bytes(&joined).unwrap_or_else(|_| peer_ip.clone())
 }
 
 fn log_access(arm: &str, ctx: &Ctx, status: StatusCode, elapsed: std::time::Duration) {
@@ -747,7 +729,8 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
-        append_forwarded_for(&mut h, &HeaderValue::from_static("192.0.2.7"));
-        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 192.0.2.7");
+        let peer = HeaderValue::from_static("192.0.2.7");
+        assert_eq!(forwarded_for(&h, &peer), "10.0.0.1, 10.0.0.2, 192.0.2.7");
+        assert_eq!(forwarded_for(&HeaderMap::new(), &peer), "192.0.2.7");
     }
 }
