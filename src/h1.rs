@@ -254,11 +254,17 @@ fn encode_head(
     send.filter(|_| has_body)
 }
 
+/// Writes `name: value` and CRLF. The separators are single bytes: `put_slice` of a short
+/// constant still ends in a `memcpy` call.
 fn put_field(buf: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
-    buf.put_slice(name.as_str().as_bytes());
-    buf.put_slice(b": ");
-    buf.put_slice(value.as_bytes());
-    buf.put_slice(b"\r\n");
+    let (name, value) = (name.as_str().as_bytes(), value.as_bytes());
+    buf.reserve(name.len() + value.len() + 4);
+    buf.extend_from_slice(name);
+    buf.put_u8(b':');
+    buf.put_u8(b' ');
+    buf.extend_from_slice(value);
+    buf.put_u8(b'\r');
+    buf.put_u8(b'\n');
 }
 
 /// The request body still to be sent.
@@ -459,7 +465,9 @@ fn parse_head(rbuf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, B
 
 /// A request and its response in progress on one connection.
 struct Exchange {
-    conn: Conn,
+    /// Boxed for its whole life, so that handing it between the pool, the request and the
+    /// response body moves a pointer rather than the buffers and the socket.
+    conn: Box<Conn>,
     /// The request body still to come from the client, if any.
     outgoing: Option<Outgoing>,
     /// Whether the connection may serve another request once this exchange is complete.
@@ -580,7 +588,7 @@ struct Target {
 /// The idle HTTP/1.1 connections of one upstream, and how to make more.
 pub struct H1Pool {
     /// Most recently used last: requests take the warmest connection.
-    idle: Mutex<VecDeque<Conn>>,
+    idle: Mutex<VecDeque<Box<Conn>>>,
     connector: HttpConnector,
     target: Target,
     /// Counts [`H1Pool::sweep`] calls; an idle connection remembers the one it was parked at.
@@ -620,12 +628,12 @@ impl H1Pool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Conn>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Box<Conn>>> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The warmest idle connection that is still open.
-    fn checkout(&self) -> Option<Conn> {
+    fn checkout(&self) -> Option<Box<Conn>> {
         loop {
             let mut conn = self.lock().pop_back()?;
             if conn.alive() {
@@ -635,7 +643,7 @@ impl H1Pool {
     }
 
     /// Parks a connection whose exchange is complete.
-    fn checkin(&self, mut conn: Conn) {
+    fn checkin(&self, mut conn: Box<Conn>) {
         conn.idle_epoch = self.epoch.load(Ordering::Relaxed);
         let mut idle = self.lock();
         if idle.len() < POOL_MAX_IDLE {
@@ -644,7 +652,7 @@ impl H1Pool {
     }
 
     /// Opens a new connection (TCP, then TLS for `https://`).
-    async fn connect(&self) -> Result<Conn, UpstreamError> {
+    async fn connect(&self) -> Result<Box<Conn>, UpstreamError> {
         let tcp = self
             .connector
             .clone()
@@ -660,7 +668,7 @@ impl H1Pool {
                     .map_err(|e| UpstreamError::Connect(format!("TLS handshake: {e}")))?,
             )),
         };
-        Ok(Conn::new(io))
+        Ok(Box::new(Conn::new(io)))
     }
 
     /// Closes connections the upstream has closed and those idle for longer than
@@ -792,10 +800,11 @@ impl H1Body {
             return None;
         }
         self.framing = Framing::Done;
-        let ex = self.exchange.take()?;
+        let conn = self.exchange.take()?.conn;
+        let Conn { io, rbuf, .. } = *conn;
         Some(Upgraded {
-            io: ex.conn.io,
-            read: ex.conn.rbuf.freeze(),
+            io,
+            read: rbuf.freeze(),
         })
     }
 
