@@ -421,6 +421,9 @@ fn parse_head(rbuf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, B
     }
     let mut reuse = !close && (minor == 1 || keep_alive);
     let framing = if status == StatusCode::SWITCHING_PROTOCOLS {
+        // The connection speaks another protocol now: never back to the pool, even when
+        // nobody takes it for a tunnel.
+        reuse = false;
         Framing::Upgrade
     } else if head_request
         || status.is_informational()
@@ -429,8 +432,12 @@ fn parse_head(rbuf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, B
     {
         Framing::Done
     } else if let Some(chunked) = chunked {
-        // Both framings present is a smuggling pattern: believe the coding, then close.
-        reuse &= length.is_none();
+        // Both framings present is a smuggling pattern: believe the coding, then close. The
+        // length is not passed on: it does not describe the body the client will get.
+        if length.is_some() {
+            reuse = false;
+            headers.remove(header::CONTENT_LENGTH);
+        }
         if chunked {
             Framing::Chunked(Chunk::Size)
         } else {
@@ -1030,6 +1037,7 @@ mod tests {
         );
         let h = h.expect("complete");
         assert_eq!(h.framing, Framing::Upgrade);
+        assert!(!h.reuse);
         assert!(h.hop_by_hop);
         assert_eq!(h.response.headers()["upgrade"], "websocket");
 
@@ -1073,6 +1081,7 @@ mod tests {
         let h = h.expect("complete");
         assert_eq!(h.framing, Framing::Chunked(Chunk::Size));
         assert!(!h.reuse, "both framings: close after");
+        assert!(!h.response.headers().contains_key("content-length"));
 
         let (h, rest) = head("HTTP/1.1 200 OK\r\nContent-Le", false);
         assert!(h.is_none());

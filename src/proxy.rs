@@ -249,9 +249,20 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
         let snap = self.control.snapshot();
-        let decision = snap.router.decide(&snap.table, req.headers());
+        let scan = RequestScan::of(req.headers(), snap.router.headers());
+        let decision = snap
+            .router
+            .decide_with(&snap.table, scan.sticky, scan.override_value);
         let arm = &snap.arms[decision.arm];
-        let upgrade_proto = upgrade_protocol(&req);
+        let upgrade_proto = scan
+            .upgrade
+            .filter(|_| scan.connection_upgrade && req.version() == Version::HTTP_11)
+            .cloned();
+        let found = Found {
+            host: scan.host.cloned(),
+            forwarded_for: scan.forwarded_for,
+            hop: scan.hop,
+        };
         let mut ctx = Ctx {
             start,
             decision,
@@ -264,7 +275,7 @@ impl Proxy {
             busy: self.activity.as_ref().map(|a| a.begin()),
         };
         let in_flight = arm.metrics.start();
-        let (up, forwarded) = match self.upstream_request(req, arm) {
+        let (up, forwarded) = match self.upstream_request(req, found, arm) {
             Ok((mut up, forwarded)) => {
                 if let Some(proto) = upgrade_proto {
                     let h = up.headers_mut();
@@ -456,22 +467,27 @@ impl Proxy {
     fn upstream_request(
         &self,
         req: Request<Incoming>,
+        found: Found,
         arm: &Arm,
     ) -> Result<(Request<UpstreamBody>, Forwarded), http::Error> {
         let (mut parts, body) = req.into_parts();
-        let from_header = parts.headers.get(header::HOST).cloned();
-        let has_host = from_header.is_some();
-        let host = from_header.or_else(|| {
+        let removed = found.hop.remove(&mut parts.headers);
+        // `Connection: host` would have removed it.
+        let has_host =
+            found.host.is_some() && (!removed || parts.headers.contains_key(header::HOST));
+        let host = found.host.or_else(|| {
             // HTTP/2 carries the host in :authority only.
             parts
                 .uri
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        // `Connection: host` would have removed it.
-        let has_host = has_host && !remove_hop_by_hop(&mut parts.headers);
         let forwarded = Forwarded {
-            for_: forwarded_for(&parts.headers, &self.peer_ip),
+            for_: if found.forwarded_for {
+                forwarded_for(&parts.headers, &self.peer_ip)
+            } else {
+                self.peer_ip.clone()
+            },
             proto: HeaderValue::from_static(self.proto),
             host: host.clone(),
         };
@@ -498,21 +514,68 @@ impl Proxy {
     }
 }
 
-/// The `Upgrade` protocol of an HTTP/1.1 upgrade request (`Connection: upgrade`).
-fn upgrade_protocol(req: &Request<Incoming>) -> Option<HeaderValue> {
-    if req.version() != Version::HTTP_11 {
-        return None;
+/// What one pass over a request's headers finds: what routing, the upgrade check, the
+/// forwarding headers and hop-by-hop removal need, instead of a hashed lookup for each.
+struct RequestScan<'a> {
+    /// The first value of the router's sticky header.
+    sticky: Option<&'a HeaderValue>,
+    /// The first value of the router's override header, if one is configured.
+    override_value: Option<&'a HeaderValue>,
+    host: Option<&'a HeaderValue>,
+    upgrade: Option<&'a HeaderValue>,
+    /// A `Connection` header lists `upgrade`.
+    connection_upgrade: bool,
+    /// The client sent `X-Forwarded-For`.
+    forwarded_for: bool,
+    hop: HopByHop,
+}
+
+impl<'a> RequestScan<'a> {
+    fn of(
+        headers: &'a HeaderMap,
+        (sticky, override_name): (&HeaderName, Option<&HeaderName>),
+    ) -> Self {
+        let mut scan = RequestScan {
+            sticky: None,
+            override_value: None,
+            host: None,
+            upgrade: None,
+            connection_upgrade: false,
+            forwarded_for: false,
+            hop: HopByHop::default(),
+        };
+        for (name, value) in headers {
+            if name == sticky {
+                scan.sticky.get_or_insert(value);
+            } else if Some(name) == override_name {
+                scan.override_value.get_or_insert(value);
+            }
+            match name.as_str() {
+                "host" => {
+                    scan.host.get_or_insert(value);
+                }
+                "x-forwarded-for" => scan.forwarded_for = true,
+                "connection" => {
+                    scan.connection_upgrade |=
+                        connection_tokens(value).any(|t| t.eq_ignore_ascii_case("upgrade"));
+                    scan.hop.see(name, value);
+                }
+                "upgrade" => {
+                    scan.upgrade.get_or_insert(value);
+                    scan.hop.see(name, value);
+                }
+                _ => scan.hop.see(name, value),
+            }
+        }
+        scan
     }
-    // Most requests have no Upgrade header: one lookup settles it.
-    let upgrade = req.headers().get(header::UPGRADE)?;
-    let asks = req
-        .headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| upgrade.clone())
+}
+
+/// What [`RequestScan`] found that outlives the borrow of the headers.
+struct Found {
+    host: Option<HeaderValue>,
+    forwarded_for: bool,
+    hop: HopByHop,
 }
 
 /// Relays bytes both ways between the upgraded client and upstream connections until either
@@ -562,17 +625,32 @@ fn local_response(status: StatusCode, arm: &Arm, cause: &str) -> Response<ProxyB
 /// Removes connection-scoped headers (RFC 9110 §7.6.1), including those named in `Connection`.
 /// `TE: trailers` survives: gRPC needs it end to end. Returns whether there was any to look at.
 fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
-    // One pass of cheap name comparisons finds which are present (most messages carry none,
-    // or only `Connection: keep-alive`); only those are then removed by their hashed name.
-    let mut present = 0u16;
-    // Whether `Connection` names a header other than `keep-alive` (removed anyway) or `close`
-    // (not a header).
-    let mut names_more = false;
+    let mut hop = HopByHop::default();
     for (name, value) in headers.iter() {
+        hop.see(name, value);
+    }
+    hop.remove(headers)
+}
+
+/// The connection-scoped headers found in a message, found by cheap name comparisons in one
+/// pass (most messages carry none, or only `Connection: keep-alive`); only those are then
+/// removed by their hashed name.
+#[derive(Debug, Default, Clone, Copy)]
+struct HopByHop {
+    /// Bit `i`: `HOP_BY_HOP[i]` is present; the bit after them: `TE`.
+    present: u16,
+    /// `Connection` names a header other than `keep-alive` (removed anyway) or `close` (not
+    /// a header).
+    names_more: bool,
+}
+
+impl HopByHop {
+    /// Notes one header field.
+    fn see(&mut self, name: &HeaderName, value: &HeaderValue) {
         // Names are lowercase; a match on the string is a length switch and a compare.
         let bit = match name.as_str() {
             "connection" => {
-                names_more |= connection_tokens(value).any(|t| {
+                self.names_more |= connection_tokens(value).any(|t| {
                     !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive")
                 });
                 0
@@ -585,38 +663,42 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
             "transfer-encoding" => 6,
             "upgrade" => 7,
             "te" => 8,
-            _ => continue,
+            _ => return,
         };
-        present |= 1 << bit;
+        self.present |= 1 << bit;
     }
-    if present == 0 {
-        return false;
-    }
-    if names_more {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(connection_tokens)
-            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+
+    /// Removes what was found (and what `Connection` names); returns whether there was any.
+    fn remove(&self, headers: &mut HeaderMap) -> bool {
+        if self.present == 0 {
+            return false;
         }
-    }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            headers.remove(*name);
+        if self.names_more {
+            let named: Vec<HeaderName> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(connection_tokens)
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect();
+            for name in named {
+                headers.remove(name);
+            }
         }
-    }
-    if present & (1 << HOP_BY_HOP.len()) != 0 {
-        let te_trailers = headers
-            .get(header::TE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-        if !te_trailers {
-            headers.remove(header::TE);
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            if self.present & (1 << i) != 0 {
+                headers.remove(*name);
+            }
         }
+        if self.present & (1 << HOP_BY_HOP.len()) != 0 {
+            let te_trailers = headers
+                .get(header::TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+            if !te_trailers {
+                headers.remove(header::TE);
+            }
+        }
+        true
     }
-    true
 }
 
 /// The comma-separated tokens of a `Connection` value (none if it is not visible ASCII).

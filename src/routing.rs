@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use http::header::{HeaderMap, HeaderName};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use md5::{Digest, Md5};
 
 /// Number of buckets: weights are in basis points (1% = 100).
@@ -184,19 +184,30 @@ impl Router {
     /// Routes a request by its headers (§3: override, then sticky bucket, then random).
     #[inline]
     pub fn decide(&self, table: &WeightTable, headers: &HeaderMap) -> Decision {
-        if let Some(h) = &self.override_header {
-            if let Some(v) = headers.get(h) {
-                let v = v.as_bytes();
-                if let Some(arm) = self.names.iter().position(|n| **n == *v) {
-                    return Decision {
-                        arm,
-                        bucket: None,
-                        source: Source::Override,
-                    };
-                }
+        let override_value = self.override_header.as_ref().and_then(|h| headers.get(h));
+        self.decide_with(table, headers.get(&self.sticky_header), override_value)
+    }
+
+    /// [`Router::decide`] given the request's values of the sticky header and of the override
+    /// header (see [`Router::headers`]), for a caller that found them in its own pass over
+    /// the headers.
+    pub fn decide_with(
+        &self,
+        table: &WeightTable,
+        sticky: Option<&HeaderValue>,
+        override_value: Option<&HeaderValue>,
+    ) -> Decision {
+        if let Some(v) = override_value {
+            let v = v.as_bytes();
+            if let Some(arm) = self.names.iter().position(|n| **n == *v) {
+                return Decision {
+                    arm,
+                    bucket: None,
+                    source: Source::Override,
+                };
             }
         }
-        let (bucket, source) = match headers.get(&self.sticky_header) {
+        let (bucket, source) = match sticky {
             Some(v) => (self.bucket(v.as_bytes()), Source::Sticky),
             None => (random_bucket(), Source::Random),
         };
@@ -205,6 +216,11 @@ impl Router {
             bucket: Some(bucket),
             source,
         }
+    }
+
+    /// The names of the sticky header and of the override header (if configured).
+    pub fn headers(&self) -> (&HeaderName, Option<&HeaderName>) {
+        (&self.sticky_header, self.override_header.as_ref())
     }
 
     /// The bucket of a sticky key under this router's salt.

@@ -1003,3 +1003,204 @@ async fn upstream_that_never_answers_gets_504_and_the_proxy_keeps_serving() {
     );
     assert_ne!(up.last_conn(), hung, "{}", up.describe());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interim_responses_are_skipped_and_the_connection_is_reused() {
+    let up = RawUpstream::start(|req| {
+        Action::Reply(vec![
+            b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(),
+            head("103 Early Hints", &[("link", "</style.css>; rel=preload")]),
+            ok(hello(&req.path)),
+        ])
+    })
+    .await;
+    let proxy = Proxy::start(&single_arm(&up.url()).build()).await;
+    let client = HttpClient::http1();
+    for path in ["/interim/1", "/interim/2"] {
+        let reply = client.get(proxy.addr(), path, &[]).await;
+        assert_hello(&reply, path, &up);
+        assert_eq!(
+            reply.header("link"),
+            None,
+            "a 103's fields are not the response's"
+        );
+    }
+    assert_eq!(up.accepted(), 1, "{}", up.describe());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_delimited_responses_arrive_whole_and_their_connection_is_not_reused() {
+    let up = RawUpstream::start(|req| match req.path.as_str() {
+        // No length and no chunking: the body is everything until the upstream closes.
+        "/http10" => Action::ReplyAndClose(vec![
+            b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\n".to_vec(),
+            b"an HTTP/1.0 body ".to_vec(),
+            b"in two writes".to_vec(),
+        ]),
+        "/until-close" => Action::ReplyAndClose(vec![
+            head("200 OK", &[("content-type", "text/plain")]),
+            b"read until ".to_vec(),
+            b"the end".to_vec(),
+        ]),
+        path => Action::Reply(vec![ok(hello(path))]),
+    })
+    .await;
+    let proxy = Proxy::start(&single_arm(&up.url()).build()).await;
+    let client = HttpClient::http1();
+    let reply = client.get(proxy.addr(), "/http10", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.body, "an HTTP/1.0 body in two writes");
+    let reply = client.get(proxy.addr(), "/until-close", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.body, "read until the end");
+    let reply = client.get(proxy.addr(), "/plain", &[]).await;
+    assert_hello(&reply, "/plain", &up);
+    assert_eq!(
+        up.accepted(),
+        3,
+        "each close-delimited response used up its connection; {}",
+        up.describe()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_with_both_framings_is_read_as_chunked_and_its_connection_closed() {
+    let up = RawUpstream::start(|req| match req.path.as_str() {
+        "/both" => Action::Reply(vec![
+            head(
+                "200 OK",
+                &[("content-length", "3"), ("transfer-encoding", "chunked")],
+            ),
+            b"5\r\nhello\r\n0\r\n\r\n".to_vec(),
+        ]),
+        path => Action::Reply(vec![ok(hello(path))]),
+    })
+    .await;
+    let proxy = Proxy::start(&single_arm(&up.url()).build()).await;
+    let client = HttpClient::http1();
+    let reply = client.get(proxy.addr(), "/both", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(
+        reply.body, "hello",
+        "the chunked coding wins over Content-Length"
+    );
+    up.wait_proxy_closed(0, QUICK, "a response with both framings")
+        .await;
+    let reply = client.get(proxy.addr(), "/plain", &[]).await;
+    assert_hello(&reply, "/plain", &up);
+    assert_eq!(up.last_conn(), 1, "{}", up.describe());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_upstream_responses_are_502_and_the_proxy_keeps_serving() {
+    let up = RawUpstream::start(|req| match req.path.as_str() {
+        "/not-http" => Action::ReplyAndClose(vec![b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec()]),
+        "/two-lengths" => Action::Reply(vec![
+            head(
+                "200 OK",
+                &[("content-length", "5"), ("content-length", "6")],
+            ),
+            b"hello!".to_vec(),
+        ]),
+        "/bad-chunk" => Action::Reply(vec![
+            head("200 OK", &[("transfer-encoding", "chunked")]),
+            b"zz\r\nhello\r\n0\r\n\r\n".to_vec(),
+        ]),
+        "/closed-early" => Action::ReplyAndClose(vec![
+            head("200 OK", &[("content-length", "100")]),
+            b"only part".to_vec(),
+        ]),
+        path => Action::Reply(vec![ok(hello(path))]),
+    })
+    .await;
+    let proxy = Proxy::start(&single_arm(&up.url()).build()).await;
+    let client = HttpClient::http1();
+    for (path, cause) in [
+        ("/not-http", "invalid response head"),
+        ("/two-lengths", "conflicting content-length"),
+    ] {
+        let reply = client.get(proxy.addr(), path, &[]).await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{path}: {reply:?}");
+        assert!(
+            reply.body.contains(cause) && reply.body.contains("\"only\""),
+            "{path}: the 502 names the arm and the cause: {reply:?}"
+        );
+    }
+    // Once the head has gone to the client, a broken body can only be cut off.
+    for path in ["/bad-chunk", "/closed-early"] {
+        let result = tokio::time::timeout(QUICK, reqwest_like_get(proxy.addr(), path))
+            .await
+            .unwrap_or_else(|_| panic!("{path}: no answer within {QUICK:?}"));
+        assert!(
+            result.is_err(),
+            "{path}: a broken body must not look complete: {result:?}"
+        );
+    }
+    let reply = client.get(proxy.addr(), "/plain", &[]).await;
+    assert_hello(&reply, "/plain", &up);
+}
+
+/// A GET on a fresh connection whose body is read to the end: `Err` if the body broke.
+async fn reqwest_like_get(addr: SocketAddr, path: &str) -> Result<Bytes, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", "test")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    resp.into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_the_upstream_sends_right_behind_its_101_reach_the_client() {
+    let up = RawUpstream::start(|_| {
+        // The head and the first tunnel bytes in one write: canaryd reads them together.
+        let mut first = head(
+            "101 Switching Protocols",
+            &[("connection", "upgrade"), ("upgrade", "x-echo")],
+        );
+        first.extend_from_slice(b"hello-behind-101");
+        Action::Reply(vec![first])
+    })
+    .await;
+    let proxy = Proxy::start(&single_arm(&up.url()).build()).await;
+    let mut client = TcpStream::connect(proxy.addr()).await.expect("connect");
+    client
+        .write_all(
+            b"GET /tunnel HTTP/1.1\r\nhost: test\r\nconnection: upgrade\r\nupgrade: x-echo\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + QUICK;
+    while find(&got, b"hello-behind-101").is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(left, client.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no tunnel bytes within {QUICK:?}: {:?}",
+                    String::from_utf8_lossy(&got)
+                )
+            })
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed before the tunnel bytes: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert_eq!(up.requests()[0].header("upgrade"), Some("x-echo"));
+}
