@@ -12,7 +12,9 @@
 #                   2,000 + N requests, and the difference is divided by N, so start-up and
 #                   shut-down cancel out)
 #   --against REV   also measure REV (git worktree + cargo build --release: a few minutes)
-#   --smoke         300 requests, no baseline
+#   --peers         also measure nginx and HAProxy doing the same split (the configs of
+#                   compare.sh, one process each: nginx with `master_process off`)
+#   --smoke         300 requests, no baseline, no peers
 # Environment: CANARYD_BIN=PATH measures that binary instead of building this tree.
 #
 # Setup: one nginx upstream pair (conf/upstream-nginx.conf.tmpl, as in compare.sh), canaryd
@@ -24,18 +26,19 @@ LOAD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib/common.sh
 source "$LOAD_DIR/lib/common.sh"
 
-REQUESTS=30000 AGAINST="" SMOKE=0
+REQUESTS=30000 AGAINST="" SMOKE=0 PEERS=0
 while (($#)); do
   case $1 in
     --requests) REQUESTS=$2; shift 2 ;;
     --against) AGAINST=$2; shift 2 ;;
+    --peers) PEERS=1; shift ;;
     --smoke) SMOKE=1; shift ;;
     -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
 [[ $REQUESTS =~ ^[1-9][0-9]*$ ]] || die "--requests must be a positive integer"
-if ((SMOKE)); then REQUESTS=300; AGAINST=""; fi
+if ((SMOKE)); then REQUESTS=300; AGAINST=""; PEERS=0; fi
 WARM=2000
 if ((SMOKE)); then WARM=100; fi
 
@@ -43,6 +46,7 @@ setup_workdir instructions
 
 missing=()
 for t in nginx valgrind curl; do command -v "$t" >/dev/null || missing+=("$t"); done
+if ((PEERS)) && ! command -v haproxy >/dev/null; then missing+=(haproxy); fi
 if ((${#missing[@]})); then
   log "installing ${missing[*]} (apt-get)"
   apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2 \
@@ -71,39 +75,58 @@ if [[ -n $AGAINST ]]; then
   cp "$WORK/base-target/release/canaryd" "$BASE_BIN"
 fi
 
-read -r UP_S UP_C P_CANARYD P_ADMIN <<<"$(free_ports 4)"
-mkdir -p "$WORK/upstream-tmp" "$WORK/canaryd-etc"
+read -r UP_S UP_C P_CANARYD P_ADMIN P_NGINX P_HAPROXY <<<"$(free_ports 6)"
+mkdir -p "$WORK/upstream-tmp" "$WORK/canaryd-etc" "$WORK/nginx-proxy-tmp"
 render "$CONF/upstream-nginx.conf.tmpl" "$WORK/upstream.conf" \
   WORKERS=1 DIR="$WORK" STABLE_PORT="$UP_S" CANARY_PORT="$UP_C"
+render "$CONF/nginx-proxy.conf.tmpl" "$WORK/nginx-proxy.conf" \
+  WORKERS=1 DIR="$WORK" STABLE_PORT="$UP_S" CANARY_PORT="$UP_C" PORT="$P_NGINX"
+render "$CONF/haproxy.cfg.tmpl" "$WORK/haproxy.cfg" \
+  WORKERS=1 DIR="$WORK" STABLE_PORT="$UP_S" CANARY_PORT="$UP_C" PORT="$P_HAPROXY" \
+  HASH_TYPE=consistent
 canaryd_toml "$WORK/canaryd-etc/canaryd.toml" "$P_CANARYD" "$P_ADMIN" "$UP_S" "$UP_C" 10
 spawn upstream "$WORK/upstream.log" nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream.error.log"
 wait_http "http://127.0.0.1:$UP_S/" 10 "$SPAWN_PID" || die "the upstream nginx did not start"
 
-# count BIN REQUESTS: sets COUNT to the instructions of one canaryd run serving REQUESTS
-# requests. (Not run in $(...): canaryd must be spawned by this shell to be cleaned up.)
+# count TARGET REQUESTS: sets COUNT to the instructions of one run of TARGET (a canaryd
+# binary, or `nginx` / `haproxy`) serving REQUESTS requests. (Not run in $(...): the process
+# must be spawned by this shell to be cleaned up.)
 COUNT=
 count() {
-  local bin=$1 n=$2 out="$WORK/callgrind.out" pid i
+  local target=$1 n=$2 out="$WORK/callgrind.out" pid i port ready stop=INT
+  local vg=(valgrind --tool=callgrind --callgrind-out-file="$out")
   rm -f "$out"
-  spawn canaryd "$WORK/canaryd.log" env TOKIO_WORKER_THREADS=1 RUST_LOG=warn \
-    valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" run --config "$WORK/canaryd-etc/canaryd.toml"
+  case $target in
+    nginx)
+      spawn nginx "$WORK/nginx-vg.log" "${vg[@]}" nginx -p "$WORK" -c "$WORK/nginx-proxy.conf" \
+        -e "$WORK/nginx-proxy.error.log" -g 'master_process off;'
+      port=$P_NGINX ready="http://127.0.0.1:$P_NGINX/" stop=QUIT ;;
+    haproxy)
+      spawn haproxy "$WORK/haproxy-vg.log" "${vg[@]}" haproxy -db -f "$WORK/haproxy.cfg"
+      port=$P_HAPROXY ready="http://127.0.0.1:$P_HAPROXY/" stop=USR1 ;;
+    *)
+      spawn canaryd "$WORK/canaryd.log" env TOKIO_WORKER_THREADS=1 RUST_LOG=warn \
+        "${vg[@]}" "$target" run --config "$WORK/canaryd-etc/canaryd.toml"
+      port=$P_CANARYD ready="http://127.0.0.1:$P_ADMIN/readyz" ;;
+  esac
   pid=$SPAWN_PID
-  wait_http "http://127.0.0.1:$P_ADMIN/readyz" 60 "$pid" || die "canaryd did not start under valgrind"
+  wait_http "$ready" 60 "$pid" || die "$target did not start under valgrind"
   if command -v oha >/dev/null; then
-    oha -n "$n" -c 32 --no-tui -H 'x-user-id: user7' "http://127.0.0.1:$P_CANARYD/" > "$WORK/oha.txt" \
+    oha -n "$n" -c 32 --no-tui -H 'x-user-id: user7' "http://127.0.0.1:$port/" > "$WORK/oha.txt" \
       || die "oha failed"
     grep -q '\[200\] '"$n"' responses' "$WORK/oha.txt" || die "not every request got a 200 ($WORK/oha.txt)"
   else
     for ((i = 0; i < n; i++)); do
-      printf 'url = "http://127.0.0.1:%s/"\noutput = "/dev/null"\n' "$P_CANARYD"
+      printf 'url = "http://127.0.0.1:%s/"\noutput = "/dev/null"\n' "$port"
     done > "$WORK/curl.conf"
     curl -s -H 'x-user-id: user7' -w '%{http_code}\n' -K "$WORK/curl.conf" > "$WORK/codes.txt" \
       || die "curl failed"
     [[ $(grep -c '^200$' "$WORK/codes.txt") == "$n" ]] || die "not every request got a 200 ($WORK/codes.txt)"
   fi
-  stop_pid "$pid" INT 60
-  [[ -s $out ]] || die "callgrind wrote nothing"
-  COUNT=$(grep -m1 -o 'summary: [0-9]*' "$out" | cut -d' ' -f2)
+  stop_pid "$pid" "$stop" 60
+  [[ -s $out ]] || die "callgrind wrote nothing for $target"
+  # One count over all the processes and threads callgrind saw.
+  COUNT=$(grep -h -o 'summary: [0-9]*' "$out"* | awk '{s += $2} END {print s}')
 }
 
 # per_request BIN: sets PER to the instructions per request
@@ -129,4 +152,11 @@ if [[ -n $BASE_BIN ]]; then
   echo "| this tree | $CUR | $(python3 -c "print(f'{$CUR / $BASE:.2f}')")× |"
 else
   echo "| this tree | $CUR | — |"
+fi
+if ((PEERS)); then
+  for peer in nginx haproxy; do
+    per_request "$peer"
+    log "$peer: $PER instructions per request"
+    echo "| $peer | $PER | canaryd ÷ $peer: $(python3 -c "print(f'{$CUR / $PER:.2f}')")× |"
+  done
 fi
