@@ -264,7 +264,9 @@ async fn serve_proxy(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(listen.header_read_timeout)
+        // The request-head timeout is canaryd's own (`conn::Timeouts::head`), checked by the
+        // connection's one timer instead of a timer per request.
+        .header_read_timeout(None)
         .max_buf_size(listen.max_header_bytes);
     builder
         .http2()
@@ -292,19 +294,22 @@ async fn serve_proxy(
         }
         let proto = if tls.is_some() { "https" } else { "http" };
         let proxy = Proxy::new(control.clone(), outcomes.clone(), peer, proto);
-        let idle = control.snapshot().config.listen.idle_timeout;
+        let timeouts = crate::conn::Timeouts {
+            idle: control.snapshot().config.listen.idle_timeout,
+            head: Some(listen.header_read_timeout),
+        };
         let builder = builder.clone();
         let tls = tls.clone();
         let stop = stop.clone();
         tracker.spawn(async move {
             let result = match tls {
-                None => crate::conn::serve(&builder, stream, proxy, idle, stop).await,
+                None => crate::conn::serve(&builder, stream, proxy, timeouts, stop).await,
                 Some(tls) => {
                     match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream))
                         .await
                     {
                         Ok(Ok(stream)) => {
-                            crate::conn::serve(&builder, stream, proxy, idle, stop).await
+                            crate::conn::serve(&builder, stream, proxy, timeouts, stop).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");

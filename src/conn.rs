@@ -1,15 +1,24 @@
-//! One downstream connection: served by hyper, closed when idle, drained on shutdown.
+//! One downstream connection: served by hyper, closed when idle or too slow to send a request
+//! head, drained on shutdown.
 //!
-//! hyper's `header_read_timeout` only bounds a request head that has started; a keep-alive
-//! connection that sends nothing would otherwise hold a `max_connections` slot forever. The
-//! socket is wrapped to record when bytes last moved in either direction, and the connection
-//! is shut down gracefully after `idle_timeout` of silence — graceful, so a request waiting on a
-//! slow upstream (no bytes moving) still completes before the connection closes.
+//! Two timeouts watch a connection, both checked by one timer a few times per period rather
+//! than by a timer per request (hyper's own `header_read_timeout` arms, allocates and
+//! deregisters a timer for every request, measured at ~1,900 instructions of the ~26,600 a
+//! proxied request cost):
+//!
+//! - **Request head** (`header_read_timeout`, HTTP/1): from the moment the connection is ready
+//!   for its next request (accepted, TLS handshake done, or the previous response finished)
+//!   until a request head is complete. Bytes trickling in (slowloris) do not extend it; a
+//!   response still being written to a slow reader does. When it expires the connection is
+//!   closed at once. Once a connection has carried an HTTP/2 request, only the idle timeout
+//!   applies to it.
+//! - **Idle** (`idle_timeout`): no request in progress and no bytes moving in either
+//!   direction. The connection is shut down gracefully, so a request waiting on a slow
+//!   upstream (no bytes moving) still completes before the connection closes.
 //!
 //! Recording activity must cost next to nothing (it happens on every read and write), so it
-//! only bumps a counter; the idle timer looks at the counter a few times per `idle_timeout`
-//! and closes the connection between `idle_timeout` and 1¼ × `idle_timeout` after the last
-//! byte moved.
+//! only bumps counters; the timer looks at them four times per period and fires between 1 and
+//! 1¼ × the timeout after the last relevant activity.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -28,48 +37,99 @@ use tokio::time::Instant;
 
 use crate::proxy::Proxy;
 
-/// Whether bytes moved on a connection, and how many requests on it are in progress.
+/// Whether bytes moved on a connection, whether requests made progress, and how many
+/// requests on it are in progress.
 #[derive(Debug)]
 pub struct Activity {
     /// Changes whenever bytes move or a request ends.
     moves: AtomicU64,
+    /// Changes whenever a request begins or ends or bytes are written to the client; not
+    /// when bytes only arrive (a request head trickling in is not progress).
+    progress: AtomicU64,
     busy: AtomicUsize,
+    /// The connection carries HTTP/2: no request-head timeout.
+    http2: AtomicBool,
+}
+
+/// Why a connection's watch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    /// No request and no bytes for `idle_timeout`: shut down gracefully.
+    Idle,
+    /// No complete request head for `header_read_timeout`: closed at once.
+    Head,
+}
+
+/// Only a change of these counters matters, so a plain store (no read-modify-write) is
+/// enough, even when two threads race.
+fn bump(counter: &AtomicU64) {
+    let n = counter.load(Ordering::Relaxed);
+    counter.store(n.wrapping_add(1), Ordering::Relaxed);
 }
 
 impl Activity {
     fn new() -> Self {
         Activity {
             moves: AtomicU64::new(0),
+            progress: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
+            http2: AtomicBool::new(false),
         }
     }
 
     fn touch(&self) {
-        // Only a change matters, so a plain store (no read-modify-write) is enough.
-        let n = self.moves.load(Ordering::Relaxed);
-        self.moves.store(n.wrapping_add(1), Ordering::Relaxed);
+        bump(&self.moves);
+    }
+
+    /// Bytes went to the client: activity, and progress (a response is being delivered).
+    fn wrote(&self) {
+        bump(&self.moves);
+        bump(&self.progress);
     }
 
     /// Marks a request in progress until the guard is dropped (end of its response body).
     pub fn begin(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::Relaxed);
+        bump(&self.progress);
         Busy(self.clone())
     }
 
-    /// Resolves once no request is in progress and nothing has moved for `idle`: between
-    /// `idle` and 1¼ × `idle` after the last activity. Wakes four times per `idle`.
-    async fn idle_for(&self, idle: Duration) {
-        let step = idle / 4;
-        let mut seen = self.moves.load(Ordering::Relaxed);
+    /// Notes that the connection speaks HTTP/2 (its requests have no head timeout).
+    pub fn http2(&self) {
+        if !self.http2.load(Ordering::Relaxed) {
+            self.http2.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Resolves when the connection has expired: no request in progress and nothing moved
+    /// for `idle` ([`Expired::Idle`]), or, for HTTP/1, no request begun and nothing written
+    /// for `head` while none was in progress ([`Expired::Head`]). Each fires between 1 and
+    /// 1¼ × its timeout after the last activity; the timer wakes four times per the shorter.
+    async fn watch(&self, idle: Duration, head: Option<Duration>) -> Expired {
+        let step = head.map_or(idle, |h| h.min(idle)) / 4;
+        let mut moves = self.moves.load(Ordering::Relaxed);
+        let mut progress = self.progress.load(Ordering::Relaxed);
         let mut quiet_since = Instant::now();
+        let mut waiting_since = quiet_since;
         loop {
             tokio::time::sleep(step).await;
-            let now = self.moves.load(Ordering::Relaxed);
-            if now != seen || self.busy.load(Ordering::Relaxed) > 0 {
-                seen = now;
-                quiet_since = Instant::now();
-            } else if quiet_since.elapsed() >= idle {
-                return;
+            let now = Instant::now();
+            let busy = self.busy.load(Ordering::Relaxed) > 0;
+            let m = self.moves.load(Ordering::Relaxed);
+            if m != moves || busy {
+                moves = m;
+                quiet_since = now;
+            } else if now - quiet_since >= idle {
+                return Expired::Idle;
+            }
+            let p = self.progress.load(Ordering::Relaxed);
+            if p != progress || busy {
+                progress = p;
+                waiting_since = now;
+            } else if head.is_some_and(|h| now - waiting_since >= h)
+                && !self.http2.load(Ordering::Relaxed)
+            {
+                return Expired::Head;
             }
         }
     }
@@ -82,8 +142,10 @@ pub struct Busy(Arc<Activity>);
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.busy.fetch_sub(1, Ordering::Relaxed);
-        // The idle period starts when the last request ends.
+        // The idle period, and the wait for the next request head, start when the last
+        // request ends.
         self.0.touch();
+        bump(&self.0.progress);
     }
 }
 
@@ -116,7 +178,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.wrote();
         }
         polled
     }
@@ -128,7 +190,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.wrote();
         }
         polled
     }
@@ -152,7 +214,7 @@ pub async fn serve<S>(
     builder: &auto::Builder<TokioExecutor>,
     io: S,
     proxy: Proxy,
-    idle: Duration,
+    timeouts: Timeouts,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
@@ -167,11 +229,12 @@ where
     let svc = service_fn(move |req| proxy.clone().serve(req));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     let mut conn = pin!(conn);
-    // Either ends the connection gracefully: idle too long, or the proxy is stopping.
+    // Ends the connection: gracefully when idle too long or the proxy is stopping (`None`),
+    // at once when a request head is too slow to come.
     let mut trigger = pin!(async {
         tokio::select! {
-            _ = activity.idle_for(idle) => {}
-            _ = stop.changed() => {}
+            expired = activity.watch(timeouts.idle, timeouts.head) => Some(expired),
+            _ = stop.changed() => None,
         }
     });
     // The connection task wakes for every socket event; the trigger is polled only when its
@@ -187,19 +250,33 @@ where
                 task = Some(cx.waker().clone());
                 wake.set_task(cx.waker());
             }
-            if wake.woken.swap(false, Ordering::AcqRel)
-                && trigger
+            if wake.woken.swap(false, Ordering::AcqRel) {
+                if let Poll::Ready(why) = trigger
                     .as_mut()
                     .poll(&mut Context::from_waker(&trigger_waker))
-                    .is_ready()
-            {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
+                {
+                    if why == Some(Expired::Head) {
+                        // Dropping the connection closes the socket.
+                        tracing::debug!("no complete request head in time; closing");
+                        return Poll::Ready(Ok(()));
+                    }
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
             }
         }
-        conn.as_mut().poll(cx)
+        conn.as_mut().poll(cx).map_err(Into::into)
     })
     .await
+}
+
+/// How long a downstream connection may wait.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// `listen.idle_timeout`: no request and no bytes moving.
+    pub idle: Duration,
+    /// `listen.header_read_timeout`: for a complete HTTP/1 request head (`None`: no limit).
+    pub head: Option<Duration>,
 }
 
 /// The waker of a connection's shutdown trigger: notes that the trigger has something to
@@ -243,21 +320,30 @@ impl Wake for TriggerWake {
 mod tests {
     use super::*;
 
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Runs `watch` in a task; paused time.
+    fn watching(
+        a: &Arc<Activity>,
+        idle: Duration,
+        head: Option<Duration>,
+    ) -> tokio::task::JoinHandle<Expired> {
+        let a = a.clone();
+        tokio::spawn(async move { a.watch(idle, head).await })
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn idle_for_waits_for_silence_since_the_last_activity() {
+    async fn idle_waits_for_silence_since_the_last_activity() {
         let a = Arc::new(Activity::new());
         let start = Instant::now();
-        let idle = tokio::spawn({
-            let a = a.clone();
-            async move { a.idle_for(Duration::from_secs(1)).await }
-        });
-        tokio::time::advance(Duration::from_millis(600)).await;
+        let idle = watching(&a, Duration::from_secs(1), None);
+        tokio::time::advance(600 * MS).await;
         a.touch();
-        idle.await.expect("idle task");
+        assert_eq!(idle.await.expect("watch task"), Expired::Idle);
         let waited = start.elapsed();
         // Silence since 600 ms: idle after 1 s of it, at most a quarter of that late.
         assert!(
-            waited >= Duration::from_millis(1600) && waited <= Duration::from_millis(1850),
+            waited >= 1600 * MS && waited <= 1850 * MS,
             "idle {waited:?} after the start, activity at 600 ms"
         );
     }
@@ -266,16 +352,71 @@ mod tests {
     async fn a_request_in_progress_is_never_idle() {
         let a = Arc::new(Activity::new());
         let busy = a.begin();
-        let idle = tokio::spawn({
-            let a = a.clone();
-            async move { a.idle_for(Duration::from_secs(1)).await }
-        });
+        let idle = watching(&a, Duration::from_secs(1), Some(Duration::from_secs(1)));
         tokio::time::advance(Duration::from_secs(30)).await;
         tokio::task::yield_now().await;
-        assert!(!idle.is_finished(), "idle while a request was in progress");
+        assert!(
+            !idle.is_finished(),
+            "expired while a request was in progress"
+        );
         drop(busy);
         let ended = Instant::now();
-        idle.await.expect("idle task");
-        assert!(ended.elapsed() >= Duration::from_millis(990));
+        idle.await.expect("watch task");
+        assert!(ended.elapsed() >= 990 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_head_trickling_in_expires_at_the_head_timeout() {
+        let a = Arc::new(Activity::new());
+        let start = Instant::now();
+        let watch = watching(&a, Duration::from_secs(60), Some(Duration::from_secs(1)));
+        // Slowloris: a byte every 100 ms keeps the connection from being idle, not from
+        // expiring.
+        let trickle = tokio::spawn({
+            let a = a.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(100 * MS).await;
+                    a.touch();
+                }
+            }
+        });
+        assert_eq!(watch.await.expect("watch task"), Expired::Head);
+        trickle.abort();
+        let waited = start.elapsed();
+        assert!(
+            waited >= 1000 * MS && waited <= 1250 * MS,
+            "head timeout after {waited:?}, expected 1 s to 1.25 s"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_head_timeout_restarts_when_a_response_ends_and_spares_http2() {
+        let a = Arc::new(Activity::new());
+        let watch = watching(&a, Duration::from_secs(60), Some(Duration::from_secs(1)));
+        tokio::time::advance(700 * MS).await;
+        let busy = a.begin();
+        // Writing a long response to a slow reader is progress, however long it takes.
+        for _ in 0..20 {
+            tokio::time::advance(300 * MS).await;
+            a.wrote();
+        }
+        drop(busy);
+        let ended = Instant::now();
+        assert_eq!(watch.await.expect("watch task"), Expired::Head);
+        let waited = ended.elapsed();
+        assert!(
+            waited >= 1000 * MS && waited <= 1250 * MS,
+            "head timeout {waited:?} after the response ended"
+        );
+
+        let a = Arc::new(Activity::new());
+        a.http2();
+        let watch = watching(&a, Duration::from_secs(5), Some(Duration::from_secs(1)));
+        assert_eq!(
+            watch.await.expect("watch task"),
+            Expired::Idle,
+            "an HTTP/2 connection waits for its idle timeout only"
+        );
     }
 }

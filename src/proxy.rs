@@ -272,7 +272,12 @@ impl Proxy {
             upgrade: upgrade_proto
                 .is_some()
                 .then(|| hyper::upgrade::on(&mut req)),
-            busy: self.activity.as_ref().map(|a| a.begin()),
+            busy: self.activity.as_ref().map(|a| {
+                if req.version() == Version::HTTP_2 {
+                    a.http2();
+                }
+                a.begin()
+            }),
         };
         let in_flight = arm.metrics.start();
         let (up, forwarded) = match self.upstream_request(req, found, arm) {

@@ -761,3 +761,75 @@ async fn idle_keep_alive_connections_are_closed_but_slow_requests_finish() {
     );
     assert_eq!(stable.requests(), 1);
 }
+
+#[tokio::test]
+async fn slow_request_heads_are_cut_off_but_slow_upstreams_are_waited_for() {
+    let stable = FakeUpstream::builder("stable")
+        .on_path("/slow", 200, Duration::from_millis(1200))
+        .start()
+        .await;
+    let cfg = ConfigBuilder::new()
+        .set("listen", "header_read_timeout", &q("400ms"))
+        .upstream("stable", &stable.url(), "100")
+        .build();
+    let proxy = Proxy::start(&cfg).await;
+
+    // Slowloris: a head that keeps trickling in is closed once header_read_timeout has passed
+    // since the connection opened, bytes or not.
+    let mut slow = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let opened = Instant::now();
+    let trickle = b"GET / HTTP/1.1\r\nHost: x\r\nx-a: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+    let mut closed_after = None;
+    for byte in trickle.iter() {
+        if slow.write_all(&[*byte]).await.is_err() {
+            closed_after = Some(opened.elapsed());
+            break;
+        }
+        let mut buf = [0u8; 64];
+        if let Ok(read) =
+            tokio::time::timeout(Duration::from_millis(50), slow.read(&mut buf)).await
+        {
+            assert_eq!(read.unwrap_or(0), 0, "no response to a head that never ended");
+            closed_after = Some(opened.elapsed());
+            break;
+        }
+    }
+    let closed_after = closed_after.expect("the trickling connection was closed");
+    assert!(
+        closed_after >= Duration::from_millis(350) && closed_after < Duration::from_secs(3),
+        "closed after {closed_after:?}, header_read_timeout is 400ms"
+    );
+
+    // A request waiting 1.2 s on its upstream is not a slow head: it completes, and the
+    // next request on the same connection too.
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    for path in ["/slow", "/fast"] {
+        let started = Instant::now();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let head = read_response_head(&mut stream).await;
+        assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+        if path == "/slow" {
+            assert!(started.elapsed() >= Duration::from_millis(1150));
+        }
+        // Read the body ("stable") so the next head starts clean.
+        let mut body = [0u8; 6];
+        stream.read_exact(&mut body).await.unwrap();
+        assert_eq!(&body, b"stable");
+    }
+    // Then no next request comes: closed about header_read_timeout after the last response.
+    let waiting_from = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("the waiting connection is closed by the proxy")
+        .expect("read");
+    let waited = waiting_from.elapsed();
+    assert!(
+        waited >= Duration::from_millis(350) && waited < Duration::from_secs(3),
+        "closed {waited:?} after the last response, header_read_timeout is 400ms"
+    );
+    assert_eq!(stable.requests(), 2);
+}
