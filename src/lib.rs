@@ -7,8 +7,10 @@
 //! - [`routing`]: the exact bucket rule of the design (§3) and the validated weight table; pure.
 //! - [`control`]: owns the running config and publishes the immutable snapshot requests read.
 //! - [`proxy`]: the hyper service: route, forward with streaming bodies, map failures.
-//! - [`upstream`]: keep-alive pools per upstream, kept across reloads: HTTP/1.1 connections
-//!   driven by the request that holds them, hyper-util's client for HTTP/2.
+//! - [`upstream`]: one client per upstream, kept across reloads: canaryd's own for HTTP/1.1
+//!   ([`h1`]), hyper-util's for HTTP/2; the `X-Forwarded-*` fields of a request.
+//! - [`h1`]: the HTTP/1.1 client: a keep-alive pool whose connections are driven by the
+//!   request that holds them, and the codec (httparse for parsing; framing, reuse rules).
 //! - [`reload`]: directory watch + SIGHUP → parse → validate → atomic swap.
 //! - [`admin`]: the admin API (weights, promote, rollback, reset, status, route, metrics).
 //! - [`metrics`]: Prometheus names and per-arm handles resolved once.
@@ -17,7 +19,7 @@
 //! - [`state`]: the state file (admin overrides, tripped arms), written atomically.
 //! - [`tls`]: rustls termination with hot-reloaded certificates; upstream client configs.
 //! - [`app`]: binds listeners, runs the accept loop and tasks, drains on shutdown.
-//! - [`conn`]: one downstream connection: hyper, idle timeout, graceful stop.
+//! - [`conn`]: one downstream connection: hyper, idle and request-head timeouts, graceful stop.
 //! - [`demo`]: built-in model upstreams for `canaryd demo`.
 //!
 //! A request: accept ([`app`]) → [`proxy`] loads the snapshot once → [`routing`] picks the arm

@@ -1,7 +1,8 @@
-//! End-to-end tests of canaryd's HTTP/1.1 upstream keep-alive pool (src/upstream.rs):
-//! connection reuse, upstreams that close connections (with and without `Connection: close`),
-//! chunked and bodyless responses, responses abandoned half-way, streamed request bodies on a
-//! reused connection, the idle sweep, and upstreams that never answer.
+//! End-to-end tests of canaryd's HTTP/1.1 upstream client (src/h1.rs): connection reuse,
+//! upstreams that close connections (with and without `Connection: close`), chunked and
+//! bodyless responses, responses abandoned half-way, streamed request bodies on a reused
+//! connection, the idle sweep, upstreams that never answer, interim `1xx` responses,
+//! close-delimited and doubly framed responses, invalid responses, and bytes behind a `101`.
 //!
 //! The upstream here is [`RawUpstream`], a hand-written HTTP/1.1 server on raw TCP: it counts
 //! the connections it accepts, records every request with the connection it came on, sees
