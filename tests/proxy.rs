@@ -786,10 +786,13 @@ async fn slow_request_heads_are_cut_off_but_slow_upstreams_are_waited_for() {
             break;
         }
         let mut buf = [0u8; 64];
-        if let Ok(read) =
-            tokio::time::timeout(Duration::from_millis(50), slow.read(&mut buf)).await
+        if let Ok(read) = tokio::time::timeout(Duration::from_millis(50), slow.read(&mut buf)).await
         {
-            assert_eq!(read.unwrap_or(0), 0, "no response to a head that never ended");
+            assert_eq!(
+                read.unwrap_or(0),
+                0,
+                "no response to a head that never ended"
+            );
             closed_after = Some(opened.elapsed());
             break;
         }
