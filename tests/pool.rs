@@ -1129,7 +1129,7 @@ async fn invalid_upstream_responses_are_502_and_the_proxy_keeps_serving() {
     }
     // Once the head has gone to the client, a broken body can only be cut off.
     for path in ["/bad-chunk", "/closed-early"] {
-        let result = tokio::time::timeout(QUICK, reqwest_like_get(proxy.addr(), path))
+        let result = tokio::time::timeout(QUICK, get_to_the_end(proxy.addr(), path))
             .await
             .unwrap_or_else(|_| panic!("{path}: no answer within {QUICK:?}"));
         assert!(
@@ -1142,7 +1142,7 @@ async fn invalid_upstream_responses_are_502_and_the_proxy_keeps_serving() {
 }
 
 /// A GET on a fresh connection whose body is read to the end: `Err` if the body broke.
-async fn reqwest_like_get(addr: SocketAddr, path: &str) -> Result<Bytes, String> {
+async fn get_to_the_end(addr: SocketAddr, path: &str) -> Result<Bytes, String> {
     let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
