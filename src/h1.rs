@@ -41,10 +41,12 @@ use crate::upstream::{Forwarded, UpstreamBody, UpstreamError};
 /// Errors of a streamed body (request or response).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Idle connections are closed after about this long (see [`H1Pool::sweep`]).
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Idle connections kept per upstream; enough for a saturated sidecar, bounded for memory.
-const POOL_MAX_IDLE: usize = 512;
+/// Idle connections are closed after about this long (see [`H1Pool::sweep`]); the HTTP/2
+/// client's pool uses the same.
+pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per upstream (both pools); enough for a saturated sidecar, bounded
+/// for memory.
+pub(crate) const POOL_MAX_IDLE: usize = 512;
 /// The largest response head (status line and headers) accepted, as in hyper.
 const MAX_HEAD: usize = 64 * 1024;
 /// The most response header fields accepted, as in hyper.

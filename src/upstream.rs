@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::ClientConfig;
 
 use crate::config::{UpstreamConfig, UpstreamTls};
-use crate::h1::{BoxError, H1Body, H1Pool};
+use crate::h1::{BoxError, H1Body, H1Pool, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE};
 
 /// `X-Forwarded-For`.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -78,11 +78,6 @@ impl Forwarded {
 
 /// Request body sent upstream: the client's streamed body, or nothing.
 pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
-
-/// Idle keep-alive connections are closed after about this long.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Idle connections kept per upstream; enough for a saturated sidecar, bounded for memory.
-const POOL_MAX_IDLE: usize = 512;
 
 /// A response body from an upstream: canaryd's HTTP/1.1 client or hyper's HTTP/2 one.
 #[derive(Debug)]
