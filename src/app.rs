@@ -297,6 +297,7 @@ async fn serve_proxy(
         let timeouts = crate::conn::Timeouts {
             idle: control.snapshot().config.listen.idle_timeout,
             head: Some(listen.header_read_timeout),
+            drain_linger: crate::conn::DRAIN_LINGER.min(listen.drain_timeout),
         };
         let builder = builder.clone();
         let tls = tls.clone();

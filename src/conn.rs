@@ -49,6 +49,8 @@ pub struct Activity {
     busy: AtomicUsize,
     /// The connection carries HTTP/2: no request-head timeout.
     http2: AtomicBool,
+    /// The proxy is stopping: HTTP/1 responses carry `Connection: close`.
+    draining: AtomicBool,
 }
 
 /// Why a connection's watch ended.
@@ -74,7 +76,19 @@ impl Activity {
             progress: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
             http2: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// The proxy is stopping: an HTTP/1 response must tell the client to close the
+    /// connection, so the client does not send another request on it.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection has carried an HTTP/2 request.
+    pub fn is_http2(&self) -> bool {
+        self.http2.load(Ordering::Relaxed)
     }
 
     fn touch(&self) {
@@ -241,11 +255,11 @@ where
     // own timer or signal woke it.
     let wake = Arc::new(TriggerWake::default());
     let trigger_waker = Waker::from(wake.clone());
-    let mut closing = false;
+    let mut state = Ending::Open;
     // The task's waker as last handed to `wake`; the shared copy is locked only when it changes.
     let mut task: Option<Waker> = None;
     poll_fn(|cx| {
-        if !closing {
+        if let Ending::Open = state {
             if !task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
                 task = Some(cx.waker().clone());
                 wake.set_task(cx.waker());
@@ -255,19 +269,53 @@ where
                     .as_mut()
                     .poll(&mut Context::from_waker(&trigger_waker))
                 {
-                    if why == Some(Expired::Head) {
-                        // Dropping the connection closes the socket.
-                        tracing::debug!("no complete request head in time; closing");
-                        return Poll::Ready(Ok(()));
+                    match why {
+                        Some(Expired::Head) => {
+                            // Dropping the connection closes the socket.
+                            tracing::debug!("no complete request head in time; closing");
+                            return Poll::Ready(Ok(()));
+                        }
+                        Some(Expired::Idle) => {
+                            conn.as_mut().graceful_shutdown();
+                            state = Ending::Closing;
+                        }
+                        None => {
+                            activity.draining.store(true, Ordering::Relaxed);
+                            let idle = activity.busy.load(Ordering::Relaxed) == 0;
+                            if idle && !activity.is_http2() {
+                                state = Ending::Lingering(Box::pin(tokio::time::sleep(
+                                    timeouts.drain_linger,
+                                )));
+                            } else {
+                                conn.as_mut().graceful_shutdown();
+                                state = Ending::Closing;
+                            }
+                        }
                     }
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
                 }
+            }
+        }
+        if let Ending::Lingering(linger) = &mut state {
+            if linger.as_mut().poll(cx).is_ready() {
+                conn.as_mut().graceful_shutdown();
+                state = Ending::Closing;
             }
         }
         conn.as_mut().poll(cx).map_err(Into::into)
     })
     .await
+}
+
+/// How far a connection is in ending.
+enum Ending {
+    /// Serving; the trigger is watched.
+    Open,
+    /// The proxy is stopping and the connection was idle: a request already on its way is
+    /// still served (its response says `Connection: close`, after which hyper closes the
+    /// connection) until the linger ends.
+    Lingering(Pin<Box<tokio::time::Sleep>>),
+    /// Graceful shutdown requested: in-flight requests finish, then the connection closes.
+    Closing,
 }
 
 /// How long a downstream connection may wait.
@@ -277,7 +325,16 @@ pub struct Timeouts {
     pub idle: Duration,
     /// `listen.header_read_timeout`: for a complete HTTP/1 request head (`None`: no limit).
     pub head: Option<Duration>,
+    /// On shutdown, how long an idle HTTP/1 connection stays open for a request the client
+    /// may already have sent ([`DRAIN_LINGER`], at most `listen.drain_timeout`).
+    pub drain_linger: Duration,
 }
+
+/// On shutdown, an idle HTTP/1 keep-alive connection is not closed at once: a request the
+/// client wrote just before (or while) the signal came would otherwise meet a closed
+/// connection, the keep-alive close race. For this long such a request is still served, with
+/// `Connection: close`; then the connection closes.
+pub const DRAIN_LINGER: Duration = Duration::from_secs(1);
 
 /// The waker of a connection's shutdown trigger: notes that the trigger has something to
 /// look at, and wakes the connection task.

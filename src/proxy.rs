@@ -456,6 +456,14 @@ impl Proxy {
             resp.headers_mut()
                 .insert(h.clone(), arm.header_value.clone());
         }
+        if let Some(a) = &self.activity {
+            // Stopping: the client must not send another request on this connection (hyper
+            // closes it after this response). HTTP/2 gets a GOAWAY instead.
+            if a.draining() && !a.is_http2() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+        }
         if snap.access_log {
             log_access(&arm.name, ctx, resp.status(), elapsed);
         }

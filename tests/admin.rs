@@ -699,6 +699,86 @@ async fn readyz_fails_while_draining_and_healthz_stays_up() {
         .expect("run returns Ok");
 }
 
+/// Reads one response (head and `Content-Length` body) from a raw keep-alive connection.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let head = read_response_head(stream).await;
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("a content-length in {head}"));
+    let mut body = vec![0; len];
+    tokio::time::timeout(CLIENT_TIMEOUT, stream.read_exact(&mut body))
+        .await
+        .expect("body in time")
+        .expect("body");
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_serves_a_request_sent_on_an_idle_connection_and_then_closes_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stable = FakeUpstream::start("stable").await;
+    let canary = FakeUpstream::start("canary").await;
+    let cfg = two_arm_config(&stable, &canary, "0")
+        .set("listen", "drain_timeout", &q("10s"))
+        .build();
+    let proxy = Proxy::start(&cfg).await;
+    let admin = proxy.admin_client();
+    wait_ready(&admin).await;
+
+    // Two keep-alive connections, each idle after one request.
+    const GET: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut busy_later = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    for stream in [&mut busy_later, &mut silent] {
+        stream.write_all(GET).await.unwrap();
+        let (head, _) = read_response(stream).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+    }
+
+    let started = std::time::Instant::now();
+    let shutdown = tokio::spawn(proxy.shutdown());
+    poll_until(Duration::from_secs(5), "/readyz to answer 503", || async {
+        (admin.get("/readyz").await.status == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
+
+    // A request written on an idle keep-alive connection after the signal (as a client that
+    // had not yet heard of the shutdown would) is served, and told to close.
+    busy_later.write_all(GET).await.unwrap();
+    let (head, body) = read_response(&mut busy_later).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(!body.is_empty());
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), busy_later.read_to_end(&mut rest))
+        .await
+        .expect("closed after the response")
+        .expect("read");
+    assert_eq!(n, 0, "nothing after the last response: {rest:?}");
+
+    // The connection that stays silent is closed once the linger is over.
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest))
+        .await
+        .expect("the silent connection is closed")
+        .expect("read");
+    assert_eq!(n, 0);
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("shutdown finishes after the linger")
+        .expect("no panic")
+        .expect("run returns Ok");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the linger is about 1 s, not drain_timeout: took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(stable.requests(), 3);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Token
 // ---------------------------------------------------------------------------------------------
