@@ -16,10 +16,13 @@
 #   --out FILE          where to write the markdown (default benches/load/RESULTS.md)
 #   --quiet-wait S      at most S seconds in all spent waiting for other processes on the
 #                       machine to go quiet (default 300; 0 = never wait or retake)
+#   --pgo               also measure canaryd built with profile-guided optimisation
+#                       (benches/load/pgo.sh, ~6 min more) as the target canaryd-pgo
 #   --no-install        fail instead of installing missing tools
 #   --smoke             1 round, 1 s phases, oha skipped if absent; no RESULTS.md
 # Environment:
 #   CANARYD_BIN=PATH    benchmark this binary instead of building target/release/canaryd
+#   CANARYD_PGO_BIN=PATH  with --pgo: this PGO binary instead of running pgo.sh
 #   KEEP_TMP=1          keep the work directory (configs, logs, raw outputs) for inspection
 #
 # Only loopback addresses are used; ports come from the kernel (bind to port 0). Every
@@ -30,7 +33,7 @@ LOAD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib/common.sh
 source "$LOAD_DIR/lib/common.sh"
 
-ROUNDS=3 DURATION=10 CONNS=64 RATE=auto RATE_PCT=40 WORKERS=1 SMOKE=0 INSTALL=1 QUIET_WAIT=300
+ROUNDS=3 DURATION=10 CONNS=64 RATE=auto RATE_PCT=40 WORKERS=1 SMOKE=0 INSTALL=1 QUIET_WAIT=300 PGO=0
 TARGETS=(direct canaryd nginx haproxy)
 OUT="$LOAD_DIR/RESULTS.md"
 ORIG_ARGS=("$@")
@@ -45,9 +48,10 @@ while (($#)); do
     --out) OUT=$2; shift 2 ;;
     --targets) IFS=, read -r -a TARGETS <<<"$2"; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
+    --pgo) PGO=1; shift ;;
     --quiet-wait) QUIET_WAIT=$2; shift 2 ;;
     --smoke) SMOKE=1; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
@@ -59,6 +63,13 @@ done
 for t in "${TARGETS[@]}"; do
   [[ $t =~ ^(direct|canaryd|nginx|haproxy)$ ]] || die "unknown target '$t' (direct, canaryd, nginx, haproxy)"
 done
+if ((PGO)); then
+  # right after canaryd, so the two builds alternate with the peers like any other target
+  for i in "${!TARGETS[@]}"; do
+    if [[ ${TARGETS[$i]} == canaryd ]]; then TARGETS=("${TARGETS[@]:0:i+1}" canaryd-pgo "${TARGETS[@]:i+1}"); break; fi
+  done
+  [[ " ${TARGETS[*]} " == *" canaryd-pgo "* ]] || TARGETS+=(canaryd-pgo)
+fi
 if ((SMOKE)); then ROUNDS=1 DURATION=1; fi
 WARMUP=2
 if ((SMOKE)); then WARMUP=0; fi
@@ -101,6 +112,17 @@ ensure_tools() {
 ensure_tools
 
 BIN=$(prepare_canaryd "$WORK/canaryd")
+if ((PGO)); then
+  PGO_BIN="$WORK/canaryd-pgo"
+  if [[ -n ${CANARYD_PGO_BIN:-} ]]; then
+    [[ -x $CANARYD_PGO_BIN ]] || die "CANARYD_PGO_BIN=$CANARYD_PGO_BIN is not an executable"
+    cp "$CANARYD_PGO_BIN" "$PGO_BIN"
+  else
+    pgo_args=(--out "$PGO_BIN")
+    ((INSTALL)) || pgo_args+=(--no-install)
+    "$LOAD_DIR/pgo.sh" "${pgo_args[@]}" >/dev/null || die "the PGO build failed (benches/load/pgo.sh)"
+  fi
+fi
 
 # ---------------------------------------------------------------- ports and configs
 read -r UP_S UP_C P_CANARYD P_ADMIN P_NGINX P_HAPROXY <<<"$(free_ports 6)"
@@ -134,11 +156,13 @@ start_target() {
   case $name in
     direct)
       T_PID='' T_URL="http://127.0.0.1:$UP_S/" ;;
-    canaryd)
-      spawn canaryd "$WORK/canaryd.log" env TOKIO_WORKER_THREADS="$WORKERS" RUST_LOG=warn \
-        "$BIN" run --config "$WORK/canaryd-etc/canaryd.toml"
+    canaryd|canaryd-pgo)
+      local bin=$BIN
+      if [[ $name == canaryd-pgo ]]; then bin=$PGO_BIN; fi
+      spawn "$name" "$WORK/$name.log" env TOKIO_WORKER_THREADS="$WORKERS" RUST_LOG=warn \
+        "$bin" run --config "$WORK/canaryd-etc/canaryd.toml"
       T_PID=$SPAWN_PID T_URL="http://127.0.0.1:$P_CANARYD/"
-      wait_http "http://127.0.0.1:$P_ADMIN/readyz" 10 "$T_PID" || die "canaryd did not start ($WORK/canaryd.log)" ;;
+      wait_http "http://127.0.0.1:$P_ADMIN/readyz" 10 "$T_PID" || die "$name did not start ($WORK/$name.log)" ;;
     nginx)
       spawn nginx "$WORK/nginx-proxy.log" nginx -p "$WORK" -c "$WORK/nginx-proxy.conf" -e "$WORK/nginx-proxy.error.log"
       T_PID=$SPAWN_PID T_URL="http://127.0.0.1:$P_NGINX/" ;;
@@ -162,7 +186,7 @@ order_for_round() {
 FAILED=()
 split_check() {
   local name=$1 uids=$2 extra=() users=1000
-  if [[ $name == canaryd ]]; then extra=(--exact-md5 10); fi
+  if [[ $name == canaryd* ]]; then extra=(--exact-md5 10); fi
   if ! python3 "$TOOLS/splitcheck.py" "$T_URL" "$name" --users "$users" --emit-uids "$uids" "${extra[@]}" >&2; then
     FAILED+=("$name: split check")
   fi
@@ -353,6 +377,7 @@ fi
 
 VERSIONS=$(
   echo "- canaryd: $(canaryd_version "$BIN"), TOKIO_WORKER_THREADS=$WORKERS"
+  if ((PGO)); then echo "- canaryd-pgo: the same commit built by \`benches/load/pgo.sh\`"; fi
   echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //'), worker_processes $WORKERS"
   echo "- HAProxy: $(haproxy -v | head -1 | awk '{print $3}'), nbthread $WORKERS"
   echo "- wrk: $(wrk -v 2>&1 | head -1 | awk '{print $2}'); oha: $(oha --version | awk '{print $2}')"

@@ -14,8 +14,13 @@
 #   --against REV   also measure REV (git worktree + cargo build --release: a few minutes)
 #   --peers         also measure nginx and HAProxy doing the same split (the configs of
 #                   compare.sh, one process each: nginx with `master_process off`)
+#   --pgo           also measure this tree built with profile-guided optimisation (pgo.sh)
+#   --cache         also simulate caches and branch prediction (valgrind --cache-sim
+#                   --branch-sim; ~2× slower): L1 instruction-cache misses, L1 data-cache
+#                   misses and mispredicted branches per request, next to the instructions
 #   --smoke         300 requests, no baseline, no peers
-# Environment: CANARYD_BIN=PATH measures that binary instead of building this tree.
+# Environment: CANARYD_BIN=PATH measures that binary instead of building this tree;
+# CANARYD_PGO_BIN=PATH, with --pgo, that PGO binary instead of running pgo.sh.
 #
 # Setup: one nginx upstream pair (conf/upstream-nginx.conf.tmpl, as in compare.sh), canaryd
 # with metrics and the rollback circuit on (`TOKIO_WORKER_THREADS=1`), oha with 32 keep-alive
@@ -26,19 +31,21 @@ LOAD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib/common.sh
 source "$LOAD_DIR/lib/common.sh"
 
-REQUESTS=30000 AGAINST="" SMOKE=0 PEERS=0
+REQUESTS=30000 AGAINST="" SMOKE=0 PEERS=0 PGO=0 CACHE=0
 while (($#)); do
   case $1 in
     --requests) REQUESTS=$2; shift 2 ;;
     --against) AGAINST=$2; shift 2 ;;
     --peers) PEERS=1; shift ;;
+    --pgo) PGO=1; shift ;;
+    --cache) CACHE=1; shift ;;
     --smoke) SMOKE=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
 [[ $REQUESTS =~ ^[1-9][0-9]*$ ]] || die "--requests must be a positive integer"
-if ((SMOKE)); then REQUESTS=300; AGAINST=""; PEERS=0; fi
+if ((SMOKE)); then REQUESTS=300; AGAINST=""; PEERS=0; PGO=0; fi
 WARM=2000
 if ((SMOKE)); then WARM=100; fi
 
@@ -63,6 +70,16 @@ if ! command -v oha >/dev/null; then
 fi
 
 BIN=$(prepare_canaryd "$WORK/canaryd")
+PGO_BIN=""
+if ((PGO)); then
+  PGO_BIN="$WORK/canaryd-pgo"
+  if [[ -n ${CANARYD_PGO_BIN:-} ]]; then
+    [[ -x $CANARYD_PGO_BIN ]] || die "CANARYD_PGO_BIN=$CANARYD_PGO_BIN is not an executable"
+    cp "$CANARYD_PGO_BIN" "$PGO_BIN"
+  else
+    "$LOAD_DIR/pgo.sh" --out "$PGO_BIN" >/dev/null || die "the PGO build failed (benches/load/pgo.sh)"
+  fi
+fi
 BASE_BIN=""
 if [[ -n $AGAINST ]]; then
   rev=$(cd "$REPO_DIR" && git rev-parse --short "$AGAINST") || die "unknown revision $AGAINST"
@@ -88,13 +105,15 @@ canaryd_toml "$WORK/canaryd-etc/canaryd.toml" "$P_CANARYD" "$P_ADMIN" "$UP_S" "$
 spawn upstream "$WORK/upstream.log" nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream.error.log"
 wait_http "http://127.0.0.1:$UP_S/" 10 "$SPAWN_PID" || die "the upstream nginx did not start"
 
-# count TARGET REQUESTS: sets COUNT to the instructions of one run of TARGET (a canaryd
-# binary, or `nginx` / `haproxy`) serving REQUESTS requests. (Not run in $(...): the process
-# must be spawned by this shell to be cleaned up.)
+# count TARGET REQUESTS: sets COUNT to "instructions I1-misses D1-misses mispredicts" of one
+# run of TARGET (a canaryd binary, or `nginx` / `haproxy`) serving REQUESTS requests (the last
+# three 0 without --cache). (Not run in $(...): the process must be spawned by this shell to be
+# cleaned up.)
 COUNT=
 count() {
   local target=$1 n=$2 out="$WORK/callgrind.out" pid i port ready stop=INT
   local vg=(valgrind --tool=callgrind --callgrind-out-file="$out")
+  if ((CACHE)); then vg+=(--cache-sim=yes --branch-sim=yes); fi
   rm -f "$out"
   case $target in
     nginx)
@@ -126,37 +145,67 @@ count() {
   stop_pid "$pid" "$stop" 60
   [[ -s $out ]] || die "callgrind wrote nothing for $target"
   # One count over all the processes and threads callgrind saw.
-  COUNT=$(grep -h -o 'summary: [0-9]*' "$out"* | awk '{s += $2} END {print s}')
+  COUNT=$(python3 - "$out"* <<'PY'
+import sys
+tot = {}
+for path in sys.argv[1:]:
+    events = []
+    for line in open(path, errors="replace"):
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith("summary:"):
+            for e, v in zip(events, line.split()[1:]):
+                tot[e] = tot.get(e, 0) + int(v)
+g = lambda *names: sum(tot.get(n, 0) for n in names)
+print(g("Ir"), g("I1mr"), g("D1mr", "D1mw"), g("Bcm", "Bim"))
+PY
+)
 }
 
-# per_request BIN: sets PER to the instructions per request
-PER=
+# per_request BIN: sets PER to the instructions per request, PER_ROW to the table cells
+# (instructions, and with --cache the misses and mispredicts) per request
+PER= PER_ROW=
 per_request() {
   local a
   count "$1" "$WARM"
   a=$COUNT
   count "$1" $((WARM + REQUESTS))
-  PER=$(python3 -c "print(round(($COUNT - $a) / $REQUESTS))")
+  read -r PER PER_ROW < <(python3 - "$a" "$COUNT" "$REQUESTS" "$CACHE" <<'PY'
+import sys
+a, b, n, cache = sys.argv[1].split(), sys.argv[2].split(), int(sys.argv[3]), sys.argv[4] == "1"
+per = [(int(y) - int(x)) / n for x, y in zip(a, b)]
+cells = [f"{per[0]:,.0f}"] + ([f"{v:,.0f}" for v in per[1:]] if cache else [])
+print(round(per[0]), " | ".join(cells))
+PY
+)
 }
 
 per_request "$BIN"
-CUR=$PER
+CUR=$PER CUR_ROW=$PER_ROW
 log "this tree ($(canaryd_version "$BIN")): $CUR instructions per request"
-echo "| build | instructions per request | ratio |"
-echo "|---|---:|---:|"
+ratio() { python3 -c "print(f'{$CUR / $1:.2f}×')"; }
+if ((CACHE)); then
+  echo "| build | instructions / request | I1 misses / request | D1 misses / request | mispredicted branches / request | this tree ÷ it (instructions) |"
+  echo "|---|---:|---:|---:|---:|---:|"
+else
+  echo "| build | instructions / request | this tree ÷ it |"
+  echo "|---|---:|---:|"
+fi
 if [[ -n $BASE_BIN ]]; then
   per_request "$BASE_BIN"
-  BASE=$PER
-  log "$AGAINST: $BASE instructions per request"
-  echo "| $AGAINST | $BASE | 1.00× |"
-  echo "| this tree | $CUR | $(python3 -c "print(f'{$CUR / $BASE:.2f}')")× |"
-else
-  echo "| this tree | $CUR | — |"
+  log "$AGAINST: $PER instructions per request"
+  echo "| $AGAINST | $PER_ROW | $(ratio "$PER") |"
+fi
+echo "| this tree | $CUR_ROW | — |"
+if [[ -n $PGO_BIN ]]; then
+  per_request "$PGO_BIN"
+  log "this tree, PGO: $PER instructions per request"
+  echo "| this tree, PGO build | $PER_ROW | $(ratio "$PER") |"
 fi
 if ((PEERS)); then
   for peer in nginx haproxy; do
     per_request "$peer"
     log "$peer: $PER instructions per request"
-    echo "| $peer | $PER | canaryd ÷ $peer: $(python3 -c "print(f'{$CUR / $PER:.2f}')")× |"
+    echo "| $peer | $PER_ROW | $(ratio "$PER") |"
   done
 fi

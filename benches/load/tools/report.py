@@ -7,8 +7,18 @@ import argparse
 import statistics
 import sys
 
-TARGETS = ["direct", "canaryd", "nginx", "haproxy"]
-PROXIES = ["canaryd", "nginx", "haproxy"]
+# canaryd-pgo (compare.sh --pgo) is the same code built with profile-guided optimisation;
+# it appears only when it was measured.
+ALL_TARGETS = ["direct", "canaryd", "canaryd-pgo", "nginx", "haproxy"]
+CANARYDS = ["canaryd", "canaryd-pgo"]
+TARGETS = ALL_TARGETS
+PROXIES = [t for t in ALL_TARGETS if t != "direct"]
+
+
+def measured(thr, lat):
+    """The targets of ALL_TARGETS in this run (canaryd-pgo only if it has rows)."""
+    seen = {r["target"] for r in thr} | {r["target"] for r in lat}
+    return [t for t in ALL_TARGETS if t != "canaryd-pgo" or t in seen]
 MIB = 1024.0
 
 
@@ -82,8 +92,8 @@ def main_table(s):
     return "\n".join(out)
 
 
-def peer_table(s):
-    c = s["canaryd"]
+def peer_table(s, who="canaryd"):
+    c = s[who]
     rows = [
         ("throughput (req/s), higher is better", "rps"),
         ("p50 latency, lower is better", "p50"),
@@ -93,7 +103,7 @@ def peer_table(s):
         ("CPU per request at fixed rate, lower is better", "cpu10k_fixed"),
         ("peak RSS, lower is better", "hwm"),
     ]
-    out = ["| canaryd ÷ peer | ÷ nginx | ÷ HAProxy | ÷ direct |", "|---|---:|---:|---:|"]
+    out = [f"| {who} ÷ peer | ÷ nginx | ÷ HAProxy | ÷ direct |", "|---|---:|---:|---:|"]
     for label, k in rows:
         out.append(
             f"| {label} | {ratio(c.get(k), s['nginx'].get(k))} | {ratio(c.get(k), s['haproxy'].get(k))} | "
@@ -102,12 +112,12 @@ def peer_table(s):
     return "\n".join(out)
 
 
-def targets_check(s):
-    c, n, h = s["canaryd"], s["nginx"], s["haproxy"]
+def targets_check(s, who="canaryd"):
+    c, n, h = s[who], s["nginx"], s["haproxy"]
     lines = []
 
     def line(ok, text):
-        lines.append(f"- {'PASS' if ok else 'FAIL'}: {text}")
+        lines.append(f"- {'PASS' if ok else 'FAIL'} ({who}): {text}")
 
     if c.get("rps") and n.get("rps") and h.get("rps"):
         best = max(n["rps"], h["rps"])
@@ -116,7 +126,7 @@ def targets_check(s):
         worst_ok = min(n["p99"], h["p99"])
         line(c["p99"] <= worst_ok, f"p99 at the fixed rate no worse than theirs: {c['p99']:.3f} ms vs nginx {n['p99']:.3f} ms, HAProxy {h['p99']:.3f} ms")
     if c.get("hwm") is not None:
-        line(c["hwm"] < 20, f"canaryd peak RSS under 20 MiB: {c['hwm']:.1f} MiB")
+        line(c["hwm"] < 20, f"peak RSS under 20 MiB: {c['hwm']:.1f} MiB")
     return "\n".join(lines)
 
 
@@ -162,9 +172,20 @@ def noise(thr, lat):
             + ". Those rounds may be low; the medians dampen single disturbed rounds.")
 
 
+def pgo_note(variants):
+    if "canaryd-pgo" not in variants:
+        return ""
+    return ("`canaryd` is `cargo build --release`; `canaryd-pgo` is the same commit built by "
+            "`benches/load/pgo.sh` (profile-guided optimisation, trained on this load).\n")
+
+
 def compare(a):
+    global TARGETS, PROXIES
     thr, lat = read_tsv(a.thr), read_tsv(a.lat)
+    TARGETS = measured(thr, lat)
+    PROXIES = [t for t in TARGETS if t != "direct"]
     s = summarize(thr, lat)
+    variants = [t for t in CANARYDS if t in TARGETS]
     if a.summary_only:
         print(main_table(s))
         return
@@ -213,11 +234,11 @@ Cores busy at saturation (CPU seconds / wall seconds): proxies {busy}; upstream 
 
 ## canaryd relative to its peers
 
-{peer_table(s)}
-
+{chr(10).join(peer_table(s, v) + chr(10) for v in variants)}
+{pgo_note(variants)}
 ## Targets of issue 7
 
-{targets_check(s)}
+{chr(10).join(targets_check(s, v) for v in variants)}
 
 ## Every round
 
