@@ -657,16 +657,30 @@ async fn read_endpoints_describe_the_running_proxy() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readyz_fails_while_draining_and_healthz_stays_up() {
-    let stable = FakeUpstream::builder("stable").sse_gated(2).start().await;
-    let canary = FakeUpstream::start("canary").await;
-    let cfg = two_arm_config(&stable, &canary, "0")
+/// A ready proxy in front of `stable` and `canary` (all traffic to stable) with a 10 s drain.
+async fn start_for_drain(stable: &FakeUpstream, canary: &FakeUpstream) -> (Proxy, AdminClient) {
+    let cfg = two_arm_config(stable, canary, "0")
         .set("listen", "drain_timeout", &q("10s"))
         .build();
     let proxy = Proxy::start(&cfg).await;
     let admin = proxy.admin_client();
     wait_ready(&admin).await;
+    (proxy, admin)
+}
+
+/// Until `/readyz` answers 503: the proxy has begun draining.
+async fn wait_draining(admin: &AdminClient) {
+    poll_until(Duration::from_secs(5), "/readyz to answer 503", || async {
+        (admin.get("/readyz").await.status == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_while_draining_and_healthz_stays_up() {
+    let stable = FakeUpstream::builder("stable").sse_gated(2).start().await;
+    let canary = FakeUpstream::start("canary").await;
+    let (proxy, admin) = start_for_drain(&stable, &canary).await;
 
     // Hold a response open so the drain takes as long as the test wants.
     let client = HttpClient::http1();
@@ -676,10 +690,7 @@ async fn readyz_fails_while_draining_and_healthz_stays_up() {
     assert_eq!(resp.status(), StatusCode::OK);
     let shutdown = tokio::spawn(proxy.shutdown());
 
-    poll_until(Duration::from_secs(5), "/readyz to answer 503", || async {
-        (admin.get("/readyz").await.status == StatusCode::SERVICE_UNAVAILABLE).then_some(())
-    })
-    .await;
+    wait_draining(&admin).await;
     assert_eq!(admin.get("/healthz").await.status, StatusCode::OK);
     assert!(
         !shutdown.is_finished(),
@@ -721,12 +732,7 @@ async fn shutdown_serves_a_request_sent_on_an_idle_connection_and_then_closes_it
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stable = FakeUpstream::start("stable").await;
     let canary = FakeUpstream::start("canary").await;
-    let cfg = two_arm_config(&stable, &canary, "0")
-        .set("listen", "drain_timeout", &q("10s"))
-        .build();
-    let proxy = Proxy::start(&cfg).await;
-    let admin = proxy.admin_client();
-    wait_ready(&admin).await;
+    let (proxy, admin) = start_for_drain(&stable, &canary).await;
 
     // Two keep-alive connections, each idle after one request.
     const GET: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
@@ -741,10 +747,7 @@ async fn shutdown_serves_a_request_sent_on_an_idle_connection_and_then_closes_it
 
     let started = std::time::Instant::now();
     let shutdown = tokio::spawn(proxy.shutdown());
-    poll_until(Duration::from_secs(5), "/readyz to answer 503", || async {
-        (admin.get("/readyz").await.status == StatusCode::SERVICE_UNAVAILABLE).then_some(())
-    })
-    .await;
+    wait_draining(&admin).await;
 
     // A request written on an idle keep-alive connection after the signal (as a client that
     // had not yet heard of the shutdown would) is served, and told to close.

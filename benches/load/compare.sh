@@ -114,14 +114,7 @@ ensure_tools
 BIN=$(prepare_canaryd "$WORK/canaryd")
 if ((PGO)); then
   PGO_BIN="$WORK/canaryd-pgo"
-  if [[ -n ${CANARYD_PGO_BIN:-} ]]; then
-    [[ -x $CANARYD_PGO_BIN ]] || die "CANARYD_PGO_BIN=$CANARYD_PGO_BIN is not an executable"
-    cp "$CANARYD_PGO_BIN" "$PGO_BIN"
-  else
-    pgo_args=(--out "$PGO_BIN")
-    ((INSTALL)) || pgo_args+=(--no-install)
-    "$LOAD_DIR/pgo.sh" "${pgo_args[@]}" >/dev/null || die "the PGO build failed (benches/load/pgo.sh)"
-  fi
+  prepare_pgo_canaryd "$PGO_BIN" "$INSTALL"
 fi
 
 # ---------------------------------------------------------------- ports and configs

@@ -73,12 +73,7 @@ BIN=$(prepare_canaryd "$WORK/canaryd")
 PGO_BIN=""
 if ((PGO)); then
   PGO_BIN="$WORK/canaryd-pgo"
-  if [[ -n ${CANARYD_PGO_BIN:-} ]]; then
-    [[ -x $CANARYD_PGO_BIN ]] || die "CANARYD_PGO_BIN=$CANARYD_PGO_BIN is not an executable"
-    cp "$CANARYD_PGO_BIN" "$PGO_BIN"
-  else
-    "$LOAD_DIR/pgo.sh" --out "$PGO_BIN" >/dev/null || die "the PGO build failed (benches/load/pgo.sh)"
-  fi
+  prepare_pgo_canaryd "$PGO_BIN"
 fi
 BASE_BIN=""
 if [[ -n $AGAINST ]]; then

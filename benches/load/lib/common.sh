@@ -140,6 +140,20 @@ prepare_canaryd() {
   echo "$dest"
 }
 
+# prepare_pgo_canaryd DEST [INSTALL]: the PGO build of canaryd at DEST: a copy of
+# $CANARYD_PGO_BIN if set, else built by pgo.sh (INSTALL=0 passes --no-install).
+prepare_pgo_canaryd() {
+  local dest=$1 install=${2:-1} args=(--out "$1")
+  if [[ -n "${CANARYD_PGO_BIN:-}" ]]; then
+    [[ -x "$CANARYD_PGO_BIN" ]] || die "CANARYD_PGO_BIN=$CANARYD_PGO_BIN is not an executable"
+    log "using CANARYD_PGO_BIN=$CANARYD_PGO_BIN (no build)"
+    cp "$CANARYD_PGO_BIN" "$dest"
+  else
+    ((install)) || args+=(--no-install)
+    "$LOAD_DIR/pgo.sh" "${args[@]}" >/dev/null || die "the PGO build failed (benches/load/pgo.sh)"
+  fi
+}
+
 # canaryd_toml OUT LISTEN_PORT ADMIN_PORT STABLE_PORT CANARY_PORT CANARY_WEIGHT [EXTRA_LISTEN_LINES]
 canaryd_toml() {
   local out=$1 lp=$2 ap=$3 sp=$4 cp=$5 w=$6 extra=${7:-}
