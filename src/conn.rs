@@ -223,7 +223,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 }
 
 /// Serves `io` until the client is done, it has been idle for `idle`, or `stop` fires; the
-/// last two end it gracefully (in-flight requests finish first).
+/// last two end it gracefully (in-flight requests finish first). On `stop`, an idle HTTP/1
+/// connection first lingers for `timeouts.drain_linger` (see [`DRAIN_LINGER`]).
 pub async fn serve<S>(
     builder: &auto::Builder<TokioExecutor>,
     io: S,
