@@ -40,7 +40,7 @@ while (($#)); do
     --pgo) PGO=1; shift ;;
     --cache) CACHE=1; shift ;;
     --smoke) SMOKE=1; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
