@@ -19,6 +19,8 @@ def measured(thr, lat):
     """The targets of ALL_TARGETS in this run (canaryd-pgo only if it has rows)."""
     seen = {r["target"] for r in thr} | {r["target"] for r in lat}
     return [t for t in ALL_TARGETS if t != "canaryd-pgo" or t in seen]
+
+
 MIB = 1024.0
 
 
