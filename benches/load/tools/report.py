@@ -11,8 +11,6 @@ import sys
 # it appears only when it was measured.
 ALL_TARGETS = ["direct", "canaryd", "canaryd-pgo", "nginx", "haproxy"]
 CANARYDS = ["canaryd", "canaryd-pgo"]
-TARGETS = ALL_TARGETS
-PROXIES = [t for t in ALL_TARGETS if t != "direct"]
 
 
 def measured(thr, lat):
@@ -53,8 +51,9 @@ def ratio(a, b, digits=2):
 
 
 def summarize(thr, lat):
-    s = {t: {} for t in TARGETS}
-    for t in TARGETS:
+    # Keyed by the measured targets, in table order: the tables below iterate over it.
+    s = {t: {} for t in measured(thr, lat)}
+    for t in s:
         rows = [r for r in thr if r["target"] == t]
         if rows:
             s[t]["rps"] = med(float(r["rps"]) for r in rows)
@@ -84,8 +83,7 @@ def main_table(s):
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     d = s["direct"].get("rps")
-    for t in TARGETS:
-        x = s[t]
+    for t, x in s.items():
         out.append(
             f"| {t} | {fmt(x.get('rps'), 0)} | {ratio(x.get('rps'), d)} | {fmt(x.get('p50'), 3)} | "
             f"{fmt(x.get('p99'), 3)} | {fmt(x.get('p999'), 3)} | {fmt(x.get('cpu10k_sat'), 3)} | "
@@ -182,19 +180,16 @@ def pgo_note(variants):
 
 
 def compare(a):
-    global TARGETS, PROXIES
     thr, lat = read_tsv(a.thr), read_tsv(a.lat)
-    TARGETS = measured(thr, lat)
-    PROXIES = [t for t in TARGETS if t != "direct"]
     s = summarize(thr, lat)
-    variants = [t for t in CANARYDS if t in TARGETS]
+    variants = [t for t in CANARYDS if t in s]
     if a.summary_only:
         print(main_table(s))
         return
     busy = ", ".join(
-        f"{t} {s[t]['cores_sat']:.2f}" for t in PROXIES if s[t].get("cores_sat") is not None
+        f"{t} {s[t]['cores_sat']:.2f}" for t in s if s[t].get("cores_sat") is not None
     )
-    up = ", ".join(f"{t} {s[t]['up_cores_sat']:.2f}" for t in TARGETS if s[t].get("up_cores_sat") is not None)
+    up = ", ".join(f"{t} {s[t]['up_cores_sat']:.2f}" for t in s if s[t].get("up_cores_sat") is not None)
     md = f"""# Load comparison: canaryd vs nginx vs HAProxy
 
 Produced by `benches/load/compare.sh` (see `benches/load/README.md`). Medians of {a.rounds} rounds;
