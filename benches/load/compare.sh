@@ -18,11 +18,15 @@
 #                       machine to go quiet (default 300; 0 = never wait or retake)
 #   --pgo               also measure canaryd built with profile-guided optimisation
 #                       (benches/load/pgo.sh, ~6 min more) as the target canaryd-pgo
+#   --against REV       also measure canaryd as of git revision REV (built in a worktree, a
+#                       few minutes more) as the target canaryd-base: a change judged against
+#                       the code before it, in the same rounds, with per-round wins counted
 #   --no-install        fail instead of installing missing tools
 #   --smoke             1 round, 1 s phases, oha skipped if absent; no RESULTS.md
 # Environment:
 #   CANARYD_BIN=PATH    benchmark this binary instead of building target/release/canaryd
 #   CANARYD_PGO_BIN=PATH  with --pgo: this PGO binary instead of running pgo.sh
+#   CANARYD_BASE_BIN=PATH with --against: this binary instead of building REV
 #   KEEP_TMP=1          keep the work directory (configs, logs, raw outputs) for inspection
 #
 # Only loopback addresses are used; ports come from the kernel (bind to port 0). Every
@@ -33,7 +37,7 @@ LOAD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib/common.sh
 source "$LOAD_DIR/lib/common.sh"
 
-ROUNDS=3 DURATION=10 CONNS=64 RATE=auto RATE_PCT=40 WORKERS=1 SMOKE=0 INSTALL=1 QUIET_WAIT=300 PGO=0
+ROUNDS=3 DURATION=10 CONNS=64 RATE=auto RATE_PCT=40 WORKERS=1 SMOKE=0 INSTALL=1 QUIET_WAIT=300 PGO=0 AGAINST=""
 TARGETS=(direct canaryd nginx haproxy)
 OUT="$LOAD_DIR/RESULTS.md"
 ORIG_ARGS=("$@")
@@ -49,6 +53,7 @@ while (($#)); do
     --targets) IFS=, read -r -a TARGETS <<<"$2"; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
     --pgo) PGO=1; shift ;;
+    --against) AGAINST=$2; shift 2 ;;
     --quiet-wait) QUIET_WAIT=$2; shift 2 ;;
     --smoke) SMOKE=1; shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
@@ -63,13 +68,17 @@ done
 for t in "${TARGETS[@]}"; do
   [[ $t =~ ^(direct|canaryd|nginx|haproxy)$ ]] || die "unknown target '$t' (direct, canaryd, nginx, haproxy)"
 done
-if ((PGO)); then
-  # right after canaryd, so the two builds alternate with the peers like any other target
+# add_after_canaryd NAME: NAME goes right after canaryd, so the builds alternate with the
+# peers like any other target
+add_after_canaryd() {
+  local i
   for i in "${!TARGETS[@]}"; do
-    if [[ ${TARGETS[$i]} == canaryd ]]; then TARGETS=("${TARGETS[@]:0:i+1}" canaryd-pgo "${TARGETS[@]:i+1}"); break; fi
+    if [[ ${TARGETS[$i]} == canaryd ]]; then TARGETS=("${TARGETS[@]:0:i+1}" "$1" "${TARGETS[@]:i+1}"); return; fi
   done
-  [[ " ${TARGETS[*]} " == *" canaryd-pgo "* ]] || TARGETS+=(canaryd-pgo)
-fi
+  TARGETS+=("$1")
+}
+if [[ -n $AGAINST ]]; then add_after_canaryd canaryd-base; fi
+if ((PGO)); then add_after_canaryd canaryd-pgo; fi
 if ((SMOKE)); then ROUNDS=1 DURATION=1; fi
 WARMUP=2
 if ((SMOKE)); then WARMUP=0; fi
@@ -116,6 +125,17 @@ if ((PGO)); then
   PGO_BIN="$WORK/canaryd-pgo"
   prepare_pgo_canaryd "$PGO_BIN" "$INSTALL"
 fi
+if [[ -n $AGAINST ]]; then
+  BASE_BIN="$WORK/canaryd-base"
+  BASE_REV=$(cd "$REPO_DIR" && git rev-parse --short "$AGAINST^{commit}") || die "unknown revision $AGAINST"
+  if [[ -n "${CANARYD_BASE_BIN:-}" ]]; then
+    [[ -x "$CANARYD_BASE_BIN" ]] || die "CANARYD_BASE_BIN=$CANARYD_BASE_BIN is not an executable"
+    log "using CANARYD_BASE_BIN=$CANARYD_BASE_BIN as $BASE_REV (no build)"
+    cp "$CANARYD_BASE_BIN" "$BASE_BIN"
+  else
+    build_rev "$BASE_REV" "$BASE_BIN"
+  fi
+fi
 
 # ---------------------------------------------------------------- ports and configs
 read -r UP_S UP_C P_CANARYD P_ADMIN P_NGINX P_HAPROXY <<<"$(free_ports 6)"
@@ -149,9 +169,10 @@ start_target() {
   case $name in
     direct)
       T_PID='' T_URL="http://127.0.0.1:$UP_S/" ;;
-    canaryd|canaryd-pgo)
+    canaryd|canaryd-pgo|canaryd-base)
       local bin=$BIN
       if [[ $name == canaryd-pgo ]]; then bin=$PGO_BIN; fi
+      if [[ $name == canaryd-base ]]; then bin=$BASE_BIN; fi
       spawn "$name" "$WORK/$name.log" env TOKIO_WORKER_THREADS="$WORKERS" RUST_LOG=warn \
         "$bin" run --config "$WORK/canaryd-etc/canaryd.toml"
       T_PID=$SPAWN_PID T_URL="http://127.0.0.1:$P_CANARYD/"
@@ -371,6 +392,7 @@ fi
 VERSIONS=$(
   echo "- canaryd: $(canaryd_version "$BIN"), TOKIO_WORKER_THREADS=$WORKERS"
   if ((PGO)); then echo "- canaryd-pgo: the same commit built by \`benches/load/pgo.sh\`"; fi
+  if [[ -n $AGAINST ]]; then echo "- canaryd-base: $("$BASE_BIN" --version) (git $BASE_REV, \`--against $AGAINST\`), \`cargo build --release\`"; fi
   echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //'), worker_processes $WORKERS"
   echo "- HAProxy: $(haproxy -v | head -1 | awk '{print $3}'), nbthread $WORKERS"
   echo "- wrk: $(wrk -v 2>&1 | head -1 | awk '{print $2}'); oha: $(oha --version | awk '{print $2}')"

@@ -77,14 +77,9 @@ if ((PGO)); then
 fi
 BASE_BIN=""
 if [[ -n $AGAINST ]]; then
-  rev=$(cd "$REPO_DIR" && git rev-parse --short "$AGAINST") || die "unknown revision $AGAINST"
-  log "building $rev in a worktree"
-  (cd "$REPO_DIR" && git worktree add --detach "$WORK/base" "$rev") >&2
-  trap '(cd "$REPO_DIR" && git worktree remove --force "$WORK/base") 2>/dev/null || true; on_exit' EXIT
-  (cd "$WORK/base" && CARGO_TARGET_DIR="$WORK/base-target" timeout 1800 cargo build --release --bin canaryd) >&2 \
-    || die "building $rev failed"
+  rev=$(cd "$REPO_DIR" && git rev-parse --short "$AGAINST^{commit}") || die "unknown revision $AGAINST"
   BASE_BIN="$WORK/canaryd-$rev"
-  cp "$WORK/base-target/release/canaryd" "$BASE_BIN"
+  build_rev "$rev" "$BASE_BIN"
 fi
 
 read -r UP_S UP_C P_CANARYD P_ADMIN P_NGINX P_HAPROXY <<<"$(free_ports 6)"

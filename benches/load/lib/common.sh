@@ -154,6 +154,20 @@ prepare_pgo_canaryd() {
   fi
 }
 
+# build_rev REV DEST: canaryd as of git revision REV, built with `cargo build --release` in a
+# temporary worktree (its own target directory under $WORK: a few minutes), copied to DEST.
+# The worktree is removed again whether the build succeeds or not.
+build_rev() {
+  local rev=$1 dest=$2 tree="$WORK/rev-tree" ok=1
+  rev=$(cd "$REPO_DIR" && git rev-parse --short "$rev^{commit}") || die "unknown revision $1"
+  log "building $rev in a worktree"
+  (cd "$REPO_DIR" && git worktree add --detach "$tree" "$rev") >&2 || die "git worktree add $rev failed"
+  (cd "$tree" && CARGO_TARGET_DIR="$WORK/rev-target" timeout 1800 cargo build --release --bin canaryd) >&2 || ok=0
+  ((ok)) && cp "$WORK/rev-target/release/canaryd" "$dest"
+  (cd "$REPO_DIR" && git worktree remove --force "$tree") >&2 || true
+  ((ok)) || die "building $rev failed"
+}
+
 # canaryd_toml OUT LISTEN_PORT ADMIN_PORT STABLE_PORT CANARY_PORT CANARY_WEIGHT [EXTRA_LISTEN_LINES]
 canaryd_toml() {
   local out=$1 lp=$2 ap=$3 sp=$4 cp=$5 w=$6 extra=${7:-}

@@ -8,15 +8,30 @@ import statistics
 import sys
 
 # canaryd-pgo (compare.sh --pgo) is the same code built with profile-guided optimisation;
-# it appears only when it was measured.
-ALL_TARGETS = ["direct", "canaryd", "canaryd-pgo", "nginx", "haproxy"]
+# canaryd-base (compare.sh --against REV) is an earlier revision. Each appears only when it
+# was measured.
+ALL_TARGETS = ["direct", "canaryd", "canaryd-pgo", "canaryd-base", "nginx", "haproxy"]
+OPTIONAL = {"canaryd-pgo", "canaryd-base"}
+# The builds of this tree, checked against the issue's targets.
 CANARYDS = ["canaryd", "canaryd-pgo"]
 
 
 def measured(thr, lat):
-    """The targets of ALL_TARGETS in this run (canaryd-pgo only if it has rows)."""
+    """The targets of ALL_TARGETS in this run (the optional ones only if they have rows)."""
     seen = {r["target"] for r in thr} | {r["target"] for r in lat}
-    return [t for t in ALL_TARGETS if t != "canaryd-pgo" or t in seen]
+    return [t for t in ALL_TARGETS if t not in OPTIONAL or t in seen]
+
+
+def p99_wins(lat, a, b):
+    """(rounds in which a's p99 was lower than b's, rounds in which both were measured)."""
+    by = {(r["round"], r["target"]): float(r["p99_ms"]) for r in lat}
+    rounds = sorted({r["round"] for r in lat if (r["round"], a) in by and (r["round"], b) in by})
+    return sum(by[(r, a)] < by[(r, b)] for r in rounds), len(rounds)
+
+
+def wins_text(lat, a, b):
+    won, n = p99_wins(lat, a, b)
+    return f"{won} of {n}" if n else "—"
 
 
 MIB = 1024.0
@@ -92,7 +107,7 @@ def main_table(s):
     return "\n".join(out)
 
 
-def peer_table(s, who="canaryd"):
+def peer_table(s, lat, who="canaryd", peers=("nginx", "haproxy", "direct")):
     c = s[who]
     rows = [
         ("throughput (req/s), higher is better", "rps"),
@@ -103,12 +118,15 @@ def peer_table(s, who="canaryd"):
         ("CPU per request at fixed rate, lower is better", "cpu10k_fixed"),
         ("peak RSS, lower is better", "hwm"),
     ]
-    out = [f"| {who} ÷ peer | ÷ nginx | ÷ HAProxy | ÷ direct |", "|---|---:|---:|---:|"]
+    names = {"nginx": "nginx", "haproxy": "HAProxy"}
+    out = [f"| {who} ÷ peer | " + " | ".join(f"÷ {names.get(p, p)}" for p in peers) + " |",
+           "|---|" + "---:|" * len(peers)]
     for label, k in rows:
-        out.append(
-            f"| {label} | {ratio(c.get(k), s['nginx'].get(k))} | {ratio(c.get(k), s['haproxy'].get(k))} | "
-            f"{ratio(c.get(k), s['direct'].get(k)) if k in ('rps', 'p50', 'p99', 'p999') else '—'} |"
-        )
+        cells = [ratio(c.get(k), s[p].get(k)) if p != "direct" or k in ("rps", "p50", "p99", "p999") else "—"
+                 for p in peers]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out.append(f"| rounds in which {who}'s p99 was the lower | "
+               + " | ".join(wins_text(lat, who, p) if p != "direct" else "—" for p in peers) + " |")
     return "\n".join(out)
 
 
@@ -172,6 +190,20 @@ def noise(thr, lat):
             + ". Those rounds may be low; the medians dampen single disturbed rounds.")
 
 
+def base_section(s, lat, versions):
+    """canaryd against canaryd-base (compare.sh --against), when it was measured."""
+    if "canaryd-base" not in s:
+        return ""
+    base = next((l[2:] for l in versions.splitlines() if l.startswith("- canaryd-base: ")), "canaryd-base")
+    return f"""## canaryd against the base revision
+
+`canaryd-base` is {base[len("canaryd-base: "):]}, measured in the same rounds as this tree.
+
+{peer_table(s, lat, "canaryd", ("canaryd-base",))}
+
+"""
+
+
 def pgo_note(variants):
     if "canaryd-pgo" not in variants:
         return ""
@@ -231,9 +263,9 @@ Cores busy at saturation (CPU seconds / wall seconds): proxies {busy}; upstream 
 
 ## canaryd relative to its peers
 
-{chr(10).join(peer_table(s, v) + chr(10) for v in variants)}
+{chr(10).join(peer_table(s, lat, v) + chr(10) for v in variants)}
 {pgo_note(variants)}
-## Targets of issue 7
+{base_section(s, lat, a.versions)}## Targets of issue 7
 
 {chr(10).join(targets_check(s, v) for v in variants)}
 
