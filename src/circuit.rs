@@ -73,6 +73,11 @@ impl OutcomeSender {
         }
         Ok(())
     }
+
+    /// Outcomes sent and not yet taken by the circuit task.
+    pub fn backlog(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
 }
 
 /// Receiving half, owned by the circuit task.
