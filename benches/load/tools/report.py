@@ -194,10 +194,12 @@ def base_section(s, lat, versions):
     """canaryd against canaryd-base (compare.sh --against), when it was measured."""
     if "canaryd-base" not in s:
         return ""
-    base = next((l[2:] for l in versions.splitlines() if l.startswith("- canaryd-base: ")), "canaryd-base")
+    prefix = "- canaryd-base: "
+    base = next((l[len(prefix):] for l in versions.splitlines() if l.startswith(prefix)),
+                "an earlier revision")
     return f"""## canaryd against the base revision
 
-`canaryd-base` is {base[len("canaryd-base: "):]}, measured in the same rounds as this tree.
+`canaryd-base` is {base}, measured in the same rounds as this tree.
 
 {peer_table(s, lat, "canaryd", ("canaryd-base",))}
 
