@@ -337,7 +337,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    fn cfg(extra: &str) -> RollbackConfig {
+    fn config(extra: &str) -> Config {
         let text = format!(
             r#"
 [[upstream]]
@@ -355,7 +355,11 @@ max_error_rate_increase = 0.02
 {extra}
 "#
         );
-        Config::parse(&text).expect("valid").rollback
+        Config::parse(&text).expect("valid")
+    }
+
+    fn cfg(extra: &str) -> RollbackConfig {
+        config(extra).rollback
     }
 
     /// Feeds `n` requests, `errors` of them failing, each taking `latency`, 10 ms apart.
@@ -389,10 +393,7 @@ max_error_rate_increase = 0.02
 
     #[tokio::test(start_paused = true)]
     async fn successes_wait_for_the_coalesce_and_an_error_cuts_it_short() {
-        let text = "[[upstream]]\nname = \"stable\"\nurl = \"http://127.0.0.1:1\"\nweight = 90\n\
-                    [[upstream]]\nname = \"canary\"\nurl = \"http://127.0.0.1:2\"\nweight = 10\n";
-        let config = Config::parse(text).expect("valid");
-        let control = Control::new(config, crate::metrics::Metrics::new()).expect("control");
+        let control = Control::new(config(""), crate::metrics::Metrics::new()).expect("control");
         let windows = Arc::new(Windows::default());
         let (tx, rx) = channel();
         let task = spawn(control, windows.clone(), rx);
@@ -401,44 +402,39 @@ max_error_rate_increase = 0.02
         let count = |arm: &str| {
             windows
                 .arm_stats(arm, Instant::now(), false)
-                .map_or(0, |s| s.requests)
-        };
-        let errors = |arm: &str| {
-            windows
-                .arm_stats(arm, Instant::now(), false)
-                .map_or(0, |s| s.errors)
+                .map_or((0, 0), |s| (s.requests, s.errors))
         };
 
         // An idle task takes the first outcome at once, then waits out COALESCE.
         tx.try_send(outcome(&stable, false)).expect("queued");
         settle().await;
-        assert_eq!(count("stable"), 1);
+        assert_eq!(count("stable"), (1, 0));
         tx.try_send(outcome(&stable, false)).expect("queued");
         settle().await;
         tokio::time::advance(COALESCE - ms(1)).await;
         settle().await;
         assert_eq!(
             count("stable"),
-            1,
+            (1, 0),
             "a success does not wake the waiting task"
         );
         tokio::time::advance(ms(2)).await;
         settle().await;
-        assert_eq!(count("stable"), 2, "taken once COALESCE is over");
+        assert_eq!(count("stable"), (2, 0), "taken once COALESCE is over");
 
         // Waiting again: an error is taken at once, with the success queued before it.
         tx.try_send(outcome(&stable, false)).expect("queued");
         tx.try_send(outcome(&canary, true)).expect("queued");
         settle().await;
-        assert_eq!((count("stable"), errors("canary")), (3, 1));
+        assert_eq!((count("stable"), count("canary")), ((3, 0), (1, 1)));
 
         // After a batch with an error the wait is COALESCE_FAILING.
         tx.try_send(outcome(&canary, false)).expect("queued");
         settle().await;
-        assert_eq!(count("canary"), 1);
+        assert_eq!(count("canary"), (1, 1));
         tokio::time::advance(COALESCE_FAILING).await;
         settle().await;
-        assert_eq!(count("canary"), 2);
+        assert_eq!(count("canary"), (2, 1));
         task.abort();
     }
 
