@@ -83,6 +83,7 @@ fn hot_path(c: &mut Criterion) {
                 for _ in 0..n {
                     let o = Outcome {
                         arm: name.clone(),
+                        watched: false,
                         error: false,
                         latency: Duration::from_micros(850),
                         at: tokio::time::Instant::now(),

@@ -5,13 +5,17 @@
 //! every arm that finished a request, so a spike is caught within a few requests. `/status`
 //! reads the windows under a short lock the data path never takes.
 //!
-//! The task takes outcomes in batches. While every outcome succeeds it takes a batch every
-//! [`COALESCE`]; an error wakes it at once, and while errors keep coming it takes a batch
-//! every [`COALESCE_FAILING`]. So a healthy proxy under load is woken by the circuit about
-//! 100 times a second, not once per request or once per millisecond, and a failure is still
-//! acted on at once.
+//! The task takes outcomes in batches. It watches every arm but the baseline: an error of a
+//! watched arm wakes it at once, and so does every [`WAKE_AFTER`]th outcome of one, so a
+//! canary is checked within a few of its requests. Everything else (the baseline's outcomes)
+//! waits for the next batch, taken at least every [`COALESCE`] while outcomes come. The
+//! task's one timer is re-armed only after it fired: a loaded proxy is not woken by a timer
+//! every millisecond, and the wake-ups it does get come from the data path, on the same
+//! thread in a single-threaded runtime, without a system call.
 
 use std::collections::{BTreeMap, HashMap};
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,19 +30,20 @@ use crate::window::{Window, WindowStats};
 
 /// Outcomes buffered before the data path starts dropping them (counted in metrics).
 pub const CHANNEL_CAPACITY: usize = 16_384;
-/// After a batch of successes the task waits up to this long before taking the next, so under
-/// load one wake-up handles many outcomes instead of one per request. Successes sent while it
-/// waits do not wake it; an error does (see [`OutcomeSender::try_send`]). An idle task blocks
-/// on the channel and costs nothing.
+/// While outcomes keep coming, the task takes a batch at least this often, so baseline
+/// outcomes (which do not wake it) reach the windows within 10 ms. An idle task blocks on the
+/// channel and costs nothing.
 ///
-/// A shorter wait costs a loaded proxy wake-ups. At 1 ms, at 15,700 req/s, every sleep wrote
-/// the runtime's eventfd (its timer was always the earliest) and canaryd called `epoll_wait`
-/// 0.36 times per request instead of 0.24 (`benches/load/wakeups.sh`; README, "Performance").
+/// The timer that paces this is the reason for the care in [`spawn`]. It used to be a 1 ms
+/// sleep after every batch: at 15,700 req/s every such sleep wrote the runtime's eventfd
+/// (registering a timer earlier than the driver's next one wakes the driver) and canaryd
+/// called `epoll_wait` 0.36 times per request instead of 0.24 (`benches/load/wakeups.sh`;
+/// README, "Performance").
 pub const COALESCE: Duration = Duration::from_millis(10);
-/// After a batch with an error the task waits only this long: a canary that started failing
-/// is checked about every millisecond until it trips or recovers. This bounds how much later
-/// than the failing request a trip can happen.
-pub const COALESCE_FAILING: Duration = Duration::from_millis(1);
+/// Every this many outcomes of watched arms wake the task: a canary's window is checked
+/// within this many of its requests even when they succeed (the relative rules can be met by
+/// the baseline's traffic, the latency rules by slow successes).
+pub const WAKE_AFTER: usize = 4;
 /// The most outcomes taken in one batch; a full batch is followed by the next at once.
 const BATCH: usize = 1024;
 
@@ -47,6 +52,9 @@ const BATCH: usize = 1024;
 pub struct Outcome {
     /// Arm that served it.
     pub arm: Arc<str>,
+    /// Whether the circuit watches that arm (every arm but the baseline): these outcomes
+    /// count towards [`WAKE_AFTER`].
+    pub watched: bool,
     /// Error status or failure to get a response.
     pub error: bool,
     /// Time to response headers (or to the proxy's error).
@@ -59,17 +67,33 @@ pub struct Outcome {
 #[derive(Debug, Clone)]
 pub struct OutcomeSender {
     tx: mpsc::Sender<Outcome>,
-    alarm: Arc<Notify>,
+    wake: Arc<Wake>,
+}
+
+/// How the data path wakes the circuit task between its timed batches.
+#[derive(Debug, Default)]
+struct Wake {
+    notify: Notify,
+    /// Outcomes of watched arms sent so far (wrapping).
+    watched: AtomicUsize,
 }
 
 impl OutcomeSender {
-    /// Queues `o` for the circuit task without waiting. An error also wakes the task if it is
-    /// waiting out [`COALESCE`], so the check runs without that delay.
+    /// Queues `o` for the circuit task without waiting. An error of a watched arm, and every
+    /// [`WAKE_AFTER`]th outcome of one, also wakes the task if it is waiting for its next
+    /// batch.
     pub fn try_send(&self, o: Outcome) -> Result<(), TrySendError<Outcome>> {
-        let error = o.error;
+        let (error, watched) = (o.error, o.watched);
         self.tx.try_send(o)?;
-        if error {
-            self.alarm.notify_one();
+        if watched {
+            let n = self
+                .wake
+                .watched
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
+            if error || n % WAKE_AFTER == 0 {
+                self.wake.notify.notify_one();
+            }
         }
         Ok(())
     }
@@ -84,7 +108,7 @@ impl OutcomeSender {
 #[derive(Debug)]
 pub struct OutcomeReceiver {
     rx: mpsc::Receiver<Outcome>,
-    alarm: Arc<Notify>,
+    wake: Arc<Wake>,
 }
 
 /// The windows of every arm.
@@ -231,13 +255,13 @@ pub fn evaluate(cfg: &RollbackConfig, arm: &WindowStats, base: &WindowStats) -> 
 /// Creates the outcome channel.
 pub fn channel() -> (OutcomeSender, OutcomeReceiver) {
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-    let alarm = Arc::new(Notify::new());
+    let wake = Arc::new(Wake::default());
     (
         OutcomeSender {
             tx,
-            alarm: alarm.clone(),
+            wake: wake.clone(),
         },
-        OutcomeReceiver { rx, alarm },
+        OutcomeReceiver { rx, wake },
     )
 }
 
@@ -267,10 +291,15 @@ impl Seen {
 
 /// Runs the window and trip task until every sender is gone.
 pub fn spawn(control: Arc<Control>, windows: Arc<Windows>, rx: OutcomeReceiver) -> JoinHandle<()> {
-    let OutcomeReceiver { mut rx, alarm } = rx;
+    let OutcomeReceiver { mut rx, wake } = rx;
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(BATCH);
         let mut seen = Seen::default();
+        // One timer for the whole task, set again only after it fired: a timer left alone
+        // costs nothing, while each new earliest timer wakes the runtime's driver with a
+        // write to its eventfd.
+        let mut timer = pin!(tokio::time::sleep(COALESCE));
+        let mut armed = false;
         while rx.recv_many(&mut batch, BATCH).await > 0 {
             let snap = control.snapshot();
             seen.sync(&snap, &windows);
@@ -280,17 +309,18 @@ pub fn spawn(control: Arc<Control>, windows: Arc<Windows>, rx: OutcomeReceiver) 
                 check(&control, &snap, &windows, &batch);
             }
             let full = batch.len() == BATCH;
-            let failing = batch.iter().any(|o| o.error);
             batch.clear();
             if full {
                 // Behind: take the next batch at once.
-            } else if failing {
-                tokio::time::sleep(COALESCE_FAILING).await;
-            } else {
-                tokio::select! {
-                    _ = tokio::time::sleep(COALESCE) => {}
-                    _ = alarm.notified() => {}
-                }
+                continue;
+            }
+            if !armed {
+                timer.as_mut().reset(Instant::now() + COALESCE);
+                armed = true;
+            }
+            tokio::select! {
+                () = timer.as_mut() => armed = false,
+                () = wake.notify.notified() => {}
             }
         }
     })
@@ -375,9 +405,10 @@ max_error_rate_increase = 0.02
         Duration::from_millis(n)
     }
 
-    fn outcome(arm: &Arc<str>, error: bool) -> Outcome {
+    fn outcome(arm: &Arc<str>, watched: bool, error: bool) -> Outcome {
         Outcome {
             arm: arm.clone(),
+            watched,
             error,
             latency: ms(5),
             at: Instant::now(),
@@ -392,49 +423,63 @@ max_error_rate_increase = 0.02
     }
 
     #[tokio::test(start_paused = true)]
-    async fn successes_wait_for_the_coalesce_and_an_error_cuts_it_short() {
+    async fn batches_wait_for_the_timer_unless_a_watched_arm_wakes_the_task() {
         let control = Control::new(config(""), crate::metrics::Metrics::new()).expect("control");
         let windows = Arc::new(Windows::default());
         let (tx, rx) = channel();
         let task = spawn(control, windows.clone(), rx);
         let stable: Arc<str> = Arc::from("stable");
         let canary: Arc<str> = Arc::from("canary");
+        let base = |error| outcome(&stable, false, error);
+        let watched = |error| outcome(&canary, true, error);
+        // (requests, errors) in an arm's window
         let count = |arm: &str| {
             windows
                 .arm_stats(arm, Instant::now(), false)
                 .map_or((0, 0), |s| (s.requests, s.errors))
         };
 
-        // An idle task takes the first outcome at once, then waits out COALESCE.
-        tx.try_send(outcome(&stable, false)).expect("queued");
+        // An idle task takes the first outcome at once; the next batch waits for the timer.
+        tx.try_send(base(false)).expect("queued");
         settle().await;
         assert_eq!(count("stable"), (1, 0));
-        tx.try_send(outcome(&stable, false)).expect("queued");
-        settle().await;
+        tx.try_send(base(false)).expect("queued");
         tokio::time::advance(COALESCE - ms(1)).await;
         settle().await;
         assert_eq!(
             count("stable"),
             (1, 0),
-            "a success does not wake the waiting task"
+            "a baseline outcome does not wake the task"
         );
         tokio::time::advance(ms(2)).await;
         settle().await;
-        assert_eq!(count("stable"), (2, 0), "taken once COALESCE is over");
+        assert_eq!(count("stable"), (2, 0), "taken when the timer fires");
 
-        // Waiting again: an error is taken at once, with the success queued before it.
-        tx.try_send(outcome(&stable, false)).expect("queued");
-        tx.try_send(outcome(&canary, true)).expect("queued");
+        // Every WAKE_AFTER-th outcome of a watched arm wakes it, with what was queued before.
+        for _ in 1..WAKE_AFTER {
+            tx.try_send(watched(false)).expect("queued");
+        }
+        tx.try_send(base(false)).expect("queued");
         settle().await;
-        assert_eq!((count("stable"), count("canary")), ((3, 0), (1, 1)));
+        assert_eq!(count("canary"), (0, 0), "fewer than WAKE_AFTER wait");
+        tx.try_send(watched(false)).expect("queued");
+        settle().await;
+        assert_eq!(
+            (count("stable"), count("canary")),
+            ((3, 0), (WAKE_AFTER as u64, 0))
+        );
 
-        // After a batch with an error the wait is COALESCE_FAILING.
-        tx.try_send(outcome(&canary, false)).expect("queued");
+        // An error of a watched arm wakes it at once; an error of the baseline does not.
+        tx.try_send(watched(true)).expect("queued");
         settle().await;
-        assert_eq!(count("canary"), (1, 1));
-        tokio::time::advance(COALESCE_FAILING).await;
+        assert_eq!(count("canary"), (WAKE_AFTER as u64 + 1, 1));
+        tx.try_send(base(true)).expect("queued");
         settle().await;
-        assert_eq!(count("canary"), (2, 1));
+        assert_eq!(count("stable"), (3, 0));
+        // The timer was set when the previous one fired, and was not moved since.
+        tokio::time::advance(COALESCE).await;
+        settle().await;
+        assert_eq!(count("stable"), (4, 1));
         task.abort();
     }
 

@@ -62,6 +62,16 @@ pub struct Snapshot {
     pub access_log: bool,
 }
 
+impl Snapshot {
+    /// Whether the rollback circuit watches `arm` (an arm of this snapshot): every arm but
+    /// the baseline.
+    pub fn watched(&self, arm: &Arm) -> bool {
+        self.arms
+            .get(self.table.baseline())
+            .is_none_or(|base| !Arc::ptr_eq(&base.name, &arm.name))
+    }
+}
+
 /// Result of the last reload attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReloadStatus {

@@ -317,6 +317,7 @@ impl Proxy {
                 arm.metrics.failure(e.kind());
                 self.report(Outcome {
                     arm: arm.name.clone(),
+                    watched: snap.watched(arm),
                     error: true,
                     latency: start.elapsed(),
                     at: Instant::now(),
@@ -410,6 +411,7 @@ impl Proxy {
                     grpc = Some(GrpcWatch {
                         outcome: Some(Outcome {
                             arm: arm.name.clone(),
+                            watched: snap.watched(arm),
                             error,
                             latency: ctx.start.elapsed(),
                             at: Instant::now(),
@@ -447,6 +449,7 @@ impl Proxy {
         if let Some(error) = error {
             self.report(Outcome {
                 arm: arm.name.clone(),
+                watched: snap.watched(arm),
                 error,
                 latency: elapsed,
                 at: ctx.start + elapsed,
