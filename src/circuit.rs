@@ -35,10 +35,10 @@ pub const CHANNEL_CAPACITY: usize = 16_384;
 /// channel and costs nothing.
 ///
 /// The timer that paces this is the reason for the care in [`spawn`]. It used to be a 1 ms
-/// sleep after every batch: at 15,700 req/s every such sleep wrote the runtime's eventfd
-/// (registering a timer earlier than the driver's next one wakes the driver) and canaryd
-/// called `epoll_wait` 0.36 times per request instead of 0.24 (`benches/load/wakeups.sh`;
-/// README, "Performance").
+/// sleep after every batch: under load every such sleep wrote the runtime's eventfd
+/// (registering a timer earlier than the driver's next one wakes the driver), 0.03 system
+/// calls per request at 15,700 req/s that nginx does not make, and it capped the runtime's
+/// `epoll_wait` timeout at a millisecond (`benches/load/wakeups.sh`; README, "Performance").
 pub const COALESCE: Duration = Duration::from_millis(10);
 /// Every this many outcomes of watched arms wake the task: a canary's window is checked
 /// within this many of its requests even when they succeed (the relative rules can be met by
