@@ -150,7 +150,8 @@ for r in rows:
     n = int(r["responses"])
     counts = dict(kv.split("=") for kv in r["counts"].split(";") if kv)
     d = {k: int(v) / n for k, v in counts.items()}
-    d["other"] = d.get("all", 0) - sum(v for k, v in d.items() if k != "all")
+    # The counters start and stop a moment apart, so "all" can come out a hair below the sum.
+    d["other"] = max(0.0, d.get("all", 0) - sum(v for k, v in d.items() if k != "all"))
     d["cpu_us"] = float(r["cpu_s"]) / n * 1e6
     d["vcsw"] = int(r["vcsw"]) / n
     d["ivcsw"] = int(r["ivcsw"]) / n
