@@ -127,14 +127,7 @@ if ((PGO)); then
 fi
 if [[ -n $AGAINST ]]; then
   BASE_BIN="$WORK/canaryd-base"
-  BASE_REV=$(cd "$REPO_DIR" && git rev-parse --short "$AGAINST^{commit}") || die "unknown revision $AGAINST"
-  if [[ -n "${CANARYD_BASE_BIN:-}" ]]; then
-    [[ -x "$CANARYD_BASE_BIN" ]] || die "CANARYD_BASE_BIN=$CANARYD_BASE_BIN is not an executable"
-    log "using CANARYD_BASE_BIN=$CANARYD_BASE_BIN as $BASE_REV (no build)"
-    cp "$CANARYD_BASE_BIN" "$BASE_BIN"
-  else
-    build_rev "$BASE_REV" "$BASE_BIN"
-  fi
+  prepare_rev_canaryd "$AGAINST" "$BASE_BIN"
 fi
 
 # ---------------------------------------------------------------- ports and configs

@@ -20,7 +20,8 @@
 #                   misses and mispredicted branches per request, next to the instructions
 #   --smoke         300 requests, no baseline, no peers
 # Environment: CANARYD_BIN=PATH measures that binary instead of building this tree;
-# CANARYD_PGO_BIN=PATH, with --pgo, that PGO binary instead of running pgo.sh.
+# CANARYD_PGO_BIN=PATH, with --pgo, that PGO binary instead of running pgo.sh;
+# CANARYD_BASE_BIN=PATH, with --against, that binary instead of building REV.
 #
 # Setup: one nginx upstream pair (conf/upstream-nginx.conf.tmpl, as in compare.sh), canaryd
 # with metrics and the rollback circuit on (`TOKIO_WORKER_THREADS=1`), oha with 32 keep-alive
@@ -77,9 +78,8 @@ if ((PGO)); then
 fi
 BASE_BIN=""
 if [[ -n $AGAINST ]]; then
-  rev=$(cd "$REPO_DIR" && git rev-parse --short "$AGAINST^{commit}") || die "unknown revision $AGAINST"
-  BASE_BIN="$WORK/canaryd-$rev"
-  build_rev "$rev" "$BASE_BIN"
+  BASE_BIN="$WORK/canaryd-base"
+  prepare_rev_canaryd "$AGAINST" "$BASE_BIN"
 fi
 
 read -r UP_S UP_C P_CANARYD P_ADMIN P_NGINX P_HAPROXY <<<"$(free_ports 6)"

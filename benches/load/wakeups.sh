@@ -63,13 +63,7 @@ perf stat -e syscalls:sys_enter_epoll_wait -- true 2>/dev/null \
 TARGETS=(canaryd nginx)
 prepare_canaryd "$WORK/canaryd" >/dev/null
 if [[ -n $AGAINST ]]; then
-  BASE_REV=$(cd "$REPO_DIR" && git rev-parse --short "$AGAINST^{commit}") || die "unknown revision $AGAINST"
-  if [[ -n "${CANARYD_BASE_BIN:-}" ]]; then
-    [[ -x "$CANARYD_BASE_BIN" ]] || die "CANARYD_BASE_BIN=$CANARYD_BASE_BIN is not an executable"
-    cp "$CANARYD_BASE_BIN" "$WORK/canaryd-base"
-  else
-    build_rev "$BASE_REV" "$WORK/canaryd-base"
-  fi
+  prepare_rev_canaryd "$AGAINST" "$WORK/canaryd-base"
   TARGETS=(canaryd canaryd-base nginx)
 fi
 

@@ -154,12 +154,22 @@ prepare_pgo_canaryd() {
   fi
 }
 
-# build_rev REV DEST: canaryd as of git revision REV, built with `cargo build --release` in a
-# temporary worktree (its own target directory under $WORK: a few minutes), copied to DEST.
-# The worktree is removed again whether the build succeeds or not.
-build_rev() {
-  local rev=$1 dest=$2 tree="$WORK/rev-tree" ok=1
-  rev=$(cd "$REPO_DIR" && git rev-parse --short "$rev^{commit}") || die "unknown revision $1"
+# prepare_rev_canaryd REV DEST: canaryd as of git revision REV at DEST (the `--against REV`
+# of compare.sh, instructions.sh and wakeups.sh), and BASE_REV set to REV's short hash. A copy
+# of $CANARYD_BASE_BIN if set, else built with `cargo build --release` in a temporary worktree
+# (its own target directory under $WORK: a few minutes), removed again whether the build
+# succeeds or not.
+BASE_REV=
+prepare_rev_canaryd() {
+  local dest=$2 tree="$WORK/rev-tree" ok=1 rev
+  rev=$(cd "$REPO_DIR" && git rev-parse --short "$1^{commit}") || die "unknown revision $1"
+  BASE_REV=$rev
+  if [[ -n "${CANARYD_BASE_BIN:-}" ]]; then
+    [[ -x "$CANARYD_BASE_BIN" ]] || die "CANARYD_BASE_BIN=$CANARYD_BASE_BIN is not an executable"
+    log "using CANARYD_BASE_BIN=$CANARYD_BASE_BIN as $rev (no build)"
+    cp "$CANARYD_BASE_BIN" "$dest"
+    return
+  fi
   log "building $rev in a worktree"
   (cd "$REPO_DIR" && git worktree add --detach "$tree" "$rev") >&2 || die "git worktree add $rev failed"
   (cd "$tree" && CARGO_TARGET_DIR="$WORK/rev-target" timeout 1800 cargo build --release --bin canaryd) >&2 || ok=0
