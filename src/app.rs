@@ -264,7 +264,7 @@ async fn serve_proxy(
     builder
         .http1()
         .timer(TokioTimer::new())
-        // The request-head timeout is canaryd's own (`conn::Timeouts::head`), checked by the
+        // The request-head timeout is canaryd's own (`conn::Limits::head`), checked by the
         // connection's one timer instead of a timer per request.
         .header_read_timeout(None)
         .max_buf_size(listen.max_header_bytes);
@@ -294,23 +294,24 @@ async fn serve_proxy(
         }
         let proto = if tls.is_some() { "https" } else { "http" };
         let proxy = Proxy::new(control.clone(), outcomes.clone(), peer, proto);
-        let timeouts = crate::conn::Timeouts {
+        let limits = crate::conn::Limits {
             idle: control.snapshot().config.listen.idle_timeout,
             head: Some(listen.header_read_timeout),
             drain_linger: crate::conn::DRAIN_LINGER.min(listen.drain_timeout),
+            max_header_bytes: listen.max_header_bytes,
         };
         let builder = builder.clone();
         let tls = tls.clone();
         let stop = stop.clone();
         tracker.spawn(async move {
             let result = match tls {
-                None => crate::conn::serve(&builder, stream, proxy, timeouts, stop).await,
+                None => crate::conn::serve(&builder, stream, proxy, limits, stop).await,
                 Some(tls) => {
                     match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream))
                         .await
                     {
                         Ok(Ok(stream)) => {
-                            crate::conn::serve(&builder, stream, proxy, timeouts, stop).await
+                            crate::conn::serve(&builder, stream, proxy, limits, stop).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");

@@ -1,5 +1,6 @@
-//! One downstream connection: served by hyper, closed when idle or too slow to send a request
-//! head, drained on shutdown.
+//! One downstream connection: served by canaryd's HTTP/1.1 server side until a request needs
+//! hyper, then by hyper; closed when idle or too slow to send a request head, drained on
+//! shutdown.
 //!
 //! Two timeouts watch a connection, both checked by one timer a few times per period rather
 //! than by a timer per request (hyper's own `header_read_timeout` arms, allocates and
@@ -20,6 +21,7 @@
 //! only bumps counters; the timer looks at them four times per period and fires between 1 and
 //! 1¼ × the timeout after the last relevant activity.
 
+use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::{pin, Pin};
@@ -28,6 +30,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
+use http::Request;
+use http_body_util::Either;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -55,7 +61,7 @@ pub struct Activity {
 
 /// Why a connection's watch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Expired {
+pub(crate) enum Expired {
     /// No request and no bytes for `idle_timeout`: shut down gracefully.
     Idle,
     /// No complete request head for `header_read_timeout`: closed at once.
@@ -224,12 +230,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 
 /// Serves `io` until the client is done, it has been idle for `idle`, or `stop` fires; the
 /// last two end it gracefully (in-flight requests finish first). On `stop`, an idle HTTP/1
-/// connection first lingers for `timeouts.drain_linger` (see [`DRAIN_LINGER`]).
+/// connection first lingers for `limits.drain_linger` (see [`DRAIN_LINGER`]).
+///
+/// HTTP/1.1 requests are served by canaryd's own server side ([`crate::h1_server`]) until one
+/// needs hyper (HTTP/2, an upgrade, a streamed request body, a bad head, ...); hyper then
+/// serves the rest of the connection, starting with the bytes already read.
 pub async fn serve<S>(
     builder: &auto::Builder<TokioExecutor>,
     io: S,
     proxy: Proxy,
-    timeouts: Timeouts,
+    limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
@@ -241,65 +251,46 @@ where
         activity: activity.clone(),
     };
     let proxy = Arc::new(proxy.with_activity(activity.clone()));
-    let svc = service_fn(move |req| proxy.clone().serve(req));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    let mut conn = pin!(conn);
     // Ends the connection: gracefully when idle too long or the proxy is stopping (`None`),
     // at once when a request head is too slow to come.
-    let mut trigger = pin!(async {
+    let trigger = Box::pin(async {
         tokio::select! {
-            expired = activity.watch(timeouts.idle, timeouts.head) => Some(expired),
+            expired = activity.watch(limits.idle, limits.head) => Some(expired),
             _ = stop.changed() => None,
         }
     });
-    // The connection task wakes for every socket event; the trigger is polled only when its
-    // own timer or signal woke it.
-    let wake = Arc::new(TriggerWake::default());
-    let trigger_waker = Waker::from(wake.clone());
-    let mut state = Ending::Open;
-    // The task's waker as last handed to `wake`; the shared copy is locked only when it changes.
-    let mut task: Option<Waker> = None;
+    let mut guard = Guard::new(trigger, activity.clone(), limits.drain_linger);
+    let (io, read) =
+        match crate::h1_server::serve(io, &proxy, &mut guard, limits.max_header_bytes).await? {
+            crate::h1_server::Served::Closed => return Ok(()),
+            crate::h1_server::Served::HandOff(io, read) => (io, read),
+        };
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req.map(Either::Left)).await) }
+    });
+    let io = Rewind { read, inner: io };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let mut conn = pin!(conn);
+    let mut closing = false;
     poll_fn(|cx| {
-        if let Ending::Open = state {
-            if !task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
-                task = Some(cx.waker().clone());
-                wake.set_task(cx.waker());
-            }
-            if wake.woken.swap(false, Ordering::AcqRel) {
-                if let Poll::Ready(why) = trigger
-                    .as_mut()
-                    .poll(&mut Context::from_waker(&trigger_waker))
-                {
-                    match why {
-                        Some(Expired::Head) => {
-                            // Dropping the connection closes the socket.
-                            tracing::debug!("no complete request head in time; closing");
-                            return Poll::Ready(Ok(()));
-                        }
-                        Some(Expired::Idle) => {
-                            conn.as_mut().graceful_shutdown();
-                            state = Ending::Closing;
-                        }
-                        None => {
-                            activity.draining.store(true, Ordering::Relaxed);
-                            let idle = activity.busy.load(Ordering::Relaxed) == 0;
-                            if idle && !activity.is_http2() {
-                                state = Ending::Lingering(Box::pin(tokio::time::sleep(
-                                    timeouts.drain_linger,
-                                )));
-                            } else {
-                                conn.as_mut().graceful_shutdown();
-                                state = Ending::Closing;
-                            }
-                        }
-                    }
+        while !closing {
+            let Poll::Ready(event) = guard.poll_event(cx) else {
+                break;
+            };
+            match event {
+                Event::Head => {
+                    // Dropping the connection closes the socket.
+                    tracing::debug!("no complete request head in time; closing");
+                    return Poll::Ready(Ok(()));
                 }
-            }
-        }
-        if let Ending::Lingering(linger) = &mut state {
-            if linger.as_mut().poll(cx).is_ready() {
-                conn.as_mut().graceful_shutdown();
-                state = Ending::Closing;
+                // Lingering: a request already on its way is still served (its response says
+                // `Connection: close`, after which hyper closes the connection).
+                Event::Stop if guard.lingering() => {}
+                Event::Idle | Event::Stop | Event::LingerOver => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
             }
         }
         conn.as_mut().poll(cx).map_err(Into::into)
@@ -307,21 +298,159 @@ where
     .await
 }
 
-/// How far a connection is in ending.
-enum Ending {
-    /// Serving; the trigger is watched.
-    Open,
-    /// The proxy is stopping and the connection was idle: a request already on its way is
-    /// still served (its response says `Connection: close`, after which hyper closes the
-    /// connection) until the linger ends.
-    Lingering(Pin<Box<tokio::time::Sleep>>),
-    /// Graceful shutdown requested: in-flight requests finish, then the connection closes.
-    Closing,
+/// What ends, or begins to end, a connection (see [`Guard::poll_event`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// No complete request head in time: close at once.
+    Head,
+    /// Idle too long: close once no request is in progress.
+    Idle,
+    /// The proxy is stopping; the connection is now draining, and lingering if it was idle
+    /// (an HTTP/1 connection with no request in progress).
+    Stop,
+    /// The linger after a stop is over: close once no request is in progress.
+    LingerOver,
 }
 
-/// How long a downstream connection may wait.
+/// Watches a connection's timeouts and the proxy's stop signal, for whichever side (canaryd's
+/// HTTP/1.1 server or hyper) serves it. The connection task wakes for every socket event; the
+/// trigger is polled only when its own timer or signal woke it.
+pub(crate) struct Guard<'a> {
+    /// `None` once it fired.
+    trigger: Option<Pin<Box<dyn Future<Output = Option<Expired>> + Send + 'a>>>,
+    wake: Arc<TriggerWake>,
+    trigger_waker: Waker,
+    /// The task's waker as last handed to `wake`; the shared copy is locked only when it
+    /// changes.
+    task: Option<Waker>,
+    activity: Arc<Activity>,
+    drain_linger: Duration,
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<'a> Guard<'a> {
+    fn new(
+        trigger: Pin<Box<dyn Future<Output = Option<Expired>> + Send + 'a>>,
+        activity: Arc<Activity>,
+        drain_linger: Duration,
+    ) -> Self {
+        let wake = Arc::new(TriggerWake::default());
+        Guard {
+            trigger: Some(trigger),
+            trigger_waker: Waker::from(wake.clone()),
+            wake,
+            task: None,
+            activity,
+            drain_linger,
+            linger: None,
+        }
+    }
+
+    /// The next event, if one is due. Each is reported once; after [`Event::Head`] or
+    /// [`Event::Idle`] nothing more is.
+    pub(crate) fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if let Some(trigger) = &mut self.trigger {
+            if !self.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+                self.task = Some(cx.waker().clone());
+                self.wake.set_task(cx.waker());
+            }
+            if self.wake.woken.swap(false, Ordering::AcqRel) {
+                if let Poll::Ready(why) = trigger
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&self.trigger_waker))
+                {
+                    self.trigger = None;
+                    return Poll::Ready(match why {
+                        Some(Expired::Head) => Event::Head,
+                        Some(Expired::Idle) => Event::Idle,
+                        None => {
+                            self.activity.draining.store(true, Ordering::Relaxed);
+                            let idle = self.activity.busy.load(Ordering::Relaxed) == 0;
+                            if idle && !self.activity.is_http2() {
+                                self.linger = Some(Box::pin(tokio::time::sleep(self.drain_linger)));
+                            }
+                            Event::Stop
+                        }
+                    });
+                }
+            }
+        }
+        if let Some(linger) = &mut self.linger {
+            if linger.as_mut().poll(cx).is_ready() {
+                self.linger = None;
+                return Poll::Ready(Event::LingerOver);
+            }
+        }
+        Poll::Pending
+    }
+
+    /// The proxy is stopping: no further request on this connection.
+    pub(crate) fn draining(&self) -> bool {
+        self.activity.draining()
+    }
+
+    /// Stopping, and the linger for a request already on its way is not over.
+    fn lingering(&self) -> bool {
+        self.linger.is_some()
+    }
+}
+
+/// The connection's socket after canaryd's HTTP/1.1 server handed it to hyper: the bytes
+/// already read come first.
+struct Rewind<S> {
+    read: Bytes,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read[..n]);
+            self.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How long a downstream connection may wait, and how large a request head may be.
 #[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
+pub struct Limits {
     /// `listen.idle_timeout`: no request and no bytes moving.
     pub idle: Duration,
     /// `listen.header_read_timeout`: for a complete HTTP/1 request head (`None`: no limit).
@@ -329,6 +458,8 @@ pub struct Timeouts {
     /// On shutdown, how long an idle HTTP/1 connection stays open for a request the client
     /// may already have sent ([`DRAIN_LINGER`], at most `listen.drain_timeout`).
     pub drain_linger: Duration,
+    /// `listen.max_header_bytes`: a larger request head gets 431.
+    pub max_header_bytes: usize,
 }
 
 /// On shutdown, an idle HTTP/1 keep-alive connection is not closed at once: a request the

@@ -6,7 +6,7 @@
 //! - [`config`]: TOML schema and validation that reports every problem with its key path.
 //! - [`routing`]: the exact bucket rule of the design (§3) and the validated weight table; pure.
 //! - [`control`]: owns the running config and publishes the immutable snapshot requests read.
-//! - [`proxy`]: the hyper service: route, forward with streaming bodies, map failures.
+//! - [`proxy`]: the per-request service: route, forward with streaming bodies, map failures.
 //! - [`upstream`]: one client per upstream, kept across reloads: canaryd's own for HTTP/1.1
 //!   ([`h1`]), hyper-util's for HTTP/2; the `X-Forwarded-*` fields of a request.
 //! - [`h1`]: the HTTP/1.1 client: a keep-alive pool whose connections are driven by the
@@ -19,7 +19,9 @@
 //! - [`state`]: the state file (admin overrides, tripped arms), written atomically.
 //! - [`tls`]: rustls termination with hot-reloaded certificates; upstream client configs.
 //! - [`app`]: binds listeners, runs the accept loop and tasks, drains on shutdown.
-//! - [`conn`]: one downstream connection: hyper, idle and request-head timeouts, graceful stop.
+//! - [`conn`]: one downstream connection: idle and request-head timeouts, graceful stop, and
+//!   the hand-off from canaryd's HTTP/1.1 server side (`h1_server`: the common HTTP/1.1
+//!   request, parsed and answered by the connection's task) to hyper for everything else.
 //! - [`demo`]: built-in model upstreams for `canaryd demo`.
 //!
 //! A request: accept ([`app`]) → [`proxy`] loads the snapshot once → [`routing`] picks the arm
@@ -37,6 +39,7 @@ pub mod conn;
 pub mod control;
 pub mod demo;
 pub mod h1;
+mod h1_server;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

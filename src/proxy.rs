@@ -1,6 +1,5 @@
 //! The proxy service: route, forward with streaming bodies, and map failures to 502/504.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,8 +9,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
+use http_body_util::{Either, Full};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
@@ -194,7 +192,7 @@ impl Replay {
     }
 
     fn into_request(self) -> Request<UpstreamBody> {
-        let mut req = Request::new(Either::Right(Empty::new()));
+        let mut req = Request::new(Either::Right(Full::default()));
         *req.method_mut() = self.method;
         *req.uri_mut() = self.uri;
         *req.version_mut() = self.version;
@@ -241,12 +239,8 @@ impl Proxy {
         self
     }
 
-    /// Handles one request. Never fails: every failure becomes a response. Shared by the
-    /// connection's requests (one reference count per request, not a clone of each field).
-    pub async fn serve(
-        self: Arc<Self>,
-        mut req: Request<Incoming>,
-    ) -> Result<Response<ProxyBody>, Infallible> {
+    /// Handles one request. Never fails: every failure becomes a response.
+    pub async fn handle(&self, mut req: Request<UpstreamBody>) -> Response<ProxyBody> {
         let start = Instant::now();
         let snap = self.control.snapshot();
         let scan = RequestScan::of(req.headers(), snap.router.headers());
@@ -296,7 +290,7 @@ impl Proxy {
                     arm,
                     &format!("cannot build the upstream request: {e}"),
                 );
-                return Ok(self.finish(&snap, arm, &ctx, resp, Some(false)));
+                return self.finish(&snap, arm, &ctx, resp, Some(false));
             }
         };
         let base = &snap.arms[snap.table.baseline()];
@@ -329,11 +323,11 @@ impl Proxy {
                     .upstream
                     .send(replay.into_request(), &forwarded, timeout)
                     .await;
-                return Ok(self.respond(&snap, base, &mut ctx, result, in_flight));
+                return self.respond(&snap, base, &mut ctx, result, in_flight);
             }
             (result, _) => result,
         };
-        Ok(self.respond(&snap, arm, &mut ctx, result, in_flight))
+        self.respond(&snap, arm, &mut ctx, result, in_flight)
     }
 
     /// Turns the upstream result into the client's response.
@@ -482,7 +476,7 @@ impl Proxy {
     /// the forwarding headers to add. The body is passed through untouched (streamed).
     fn upstream_request(
         &self,
-        req: Request<Incoming>,
+        req: Request<UpstreamBody>,
         found: Found,
         arm: &Arm,
     ) -> Result<(Request<UpstreamBody>, Forwarded), http::Error> {
@@ -526,7 +520,7 @@ impl Proxy {
         } else {
             Version::HTTP_11
         };
-        Ok((Request::from_parts(parts, Either::Left(body)), forwarded))
+        Ok((Request::from_parts(parts, body), forwarded))
     }
 }
 

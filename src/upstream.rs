@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use http_body_util::{Either, Empty};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -76,8 +76,9 @@ impl Forwarded {
     }
 }
 
-/// Request body sent upstream: the client's streamed body, or nothing.
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+/// Request body sent upstream: the client's body as hyper streams it, or one canaryd's
+/// HTTP/1.1 server read whole with the head (possibly empty).
+pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
 
 /// A response body from an upstream: canaryd's HTTP/1.1 client or hyper's HTTP/2 one.
 #[derive(Debug)]
