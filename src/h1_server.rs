@@ -104,14 +104,14 @@ where
             }
             let read =
                 poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut rbuf));
-            match guarded(guard, false, read).await {
+            match guarded(guard, false, pin!(read)).await {
                 // The client closed (perhaps in the middle of a head), or a timeout expired.
                 None | Some(Ok(0)) => return Ok(Served::Closed),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(e),
             }
         };
-        let Some(resp) = guarded(guard, true, proxy.handle(req)).await else {
+        let Some(resp) = guarded(guard, true, pin!(proxy.handle(req))).await else {
             return Ok(Served::Closed);
         };
         let close = !meta.keep_alive || guard.draining();
@@ -130,8 +130,14 @@ where
 /// Runs `fut` until it is done, or until `guard` says the connection must end now: its
 /// request-head or idle timeout expired, or (`in_request` false) the linger after a stop is
 /// over. A stop only marks the connection as draining; the request in progress completes.
-async fn guarded<F: Future>(guard: &mut Guard<'_>, in_request: bool, fut: F) -> Option<F::Output> {
-    let mut fut = pin!(fut);
+///
+/// `fut` is pinned by the caller: the proxy's future is large, and moving it into this one
+/// would copy it for every request.
+async fn guarded<F: Future>(
+    guard: &mut Guard<'_>,
+    in_request: bool,
+    mut fut: Pin<&mut F>,
+) -> Option<F::Output> {
     poll_fn(|cx| {
         if let Poll::Ready(v) = fut.as_mut().poll(cx) {
             return Poll::Ready(Some(v));
@@ -370,18 +376,18 @@ where
             Poll::Pending => {
                 // Nothing more for now: what is buffered goes out while the body waits.
                 if !wbuf.is_empty() {
-                    let Some(written) = guarded(guard, true, io.write_all(wbuf)).await else {
+                    let Some(written) = guarded(guard, true, pin!(io.write_all(wbuf))).await else {
                         return Ok(None);
                     };
                     written?;
                     wbuf.clear();
                 }
-                let Some(written) = guarded(guard, true, io.flush()).await else {
+                let Some(written) = guarded(guard, true, pin!(io.flush())).await else {
                     return Ok(None);
                 };
                 written?;
                 let next = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
-                let Some(frame) = guarded(guard, true, next).await else {
+                let Some(frame) = guarded(guard, true, pin!(next)).await else {
                     return Ok(None);
                 };
                 frame
@@ -395,7 +401,7 @@ where
                 // connection closes (a chunked body is not terminated).
                 tracing::debug!(error = %e, "response body failed; closing the connection");
                 if !wbuf.is_empty() {
-                    let _ = guarded(guard, true, io.write_all(wbuf)).await;
+                    let _ = guarded(guard, true, pin!(io.write_all(wbuf))).await;
                 }
                 return Ok(Some(false));
             }
@@ -435,7 +441,8 @@ where
             wbuf.extend_from_slice(&data);
         } else {
             let mut both = (&wbuf[..]).chain(data);
-            let Some(written) = guarded(guard, true, io.write_all_buf(&mut both)).await else {
+            let Some(written) = guarded(guard, true, pin!(io.write_all_buf(&mut both))).await
+            else {
                 return Ok(None);
             };
             written?;
@@ -445,7 +452,7 @@ where
             wbuf.put_slice(b"\r\n");
         }
         if wbuf.len() >= FLUSH_AT {
-            let Some(written) = guarded(guard, true, io.write_all(wbuf)).await else {
+            let Some(written) = guarded(guard, true, pin!(io.write_all(wbuf))).await else {
                 return Ok(None);
             };
             written?;
@@ -458,13 +465,13 @@ where
     // Fewer bytes than announced: the client sees a short body, then the close.
     close |= left > 0;
     if !wbuf.is_empty() {
-        let Some(written) = guarded(guard, true, io.write_all(wbuf)).await else {
+        let Some(written) = guarded(guard, true, pin!(io.write_all(wbuf))).await else {
             return Ok(None);
         };
         written?;
         wbuf.clear();
     }
-    let Some(flushed) = guarded(guard, true, io.flush()).await else {
+    let Some(flushed) = guarded(guard, true, pin!(io.flush())).await else {
         return Ok(None);
     };
     flushed?;
