@@ -229,8 +229,8 @@ fn build(
     for span in spans {
         let [n0, n1, v0, v1] = span.map(|x| x as usize);
         let name = HeaderName::from_bytes(&head[n0..n1]).ok()?;
-        // httparse accepted the value: no control characters but tab, which is exactly what
-        // a header value may hold.
+        // A value httparse accepted is always a valid `HeaderValue` (`from_maybe_shared`
+        // checks it again; skipping that would need `unsafe`, which the crate forbids).
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1)).ok()?;
         if name == header::CONTENT_LENGTH {
             let n = std::str::from_utf8(value.as_bytes())
