@@ -144,17 +144,21 @@ for r in rows:
     n = int(r["responses"])
     counts = dict(kv.split("=") for kv in r["counts"].split(";") if kv)
     d = {k: int(v) / n for k, v in counts.items()}
-    # The counters start and stop a moment apart, so "all" can come out a hair below the sum.
-    d["other"] = max(0.0, d.get("all", 0) - sum(v for k, v in d.items() if k != "all"))
     d["cpu_us"] = float(r["cpu_s"]) / n * 1e6
     d["vcsw"] = int(r["vcsw"]) / n
     d["ivcsw"] = int(r["ivcsw"]) / n
     d["p99"] = float(r["p99_ms"])
     per.setdefault(r["target"], []).append(d)
-cols = [("CPU µs", "cpu_us", 2), ("p99 ms", "p99", 3), ("all syscalls", "all", 3),
-        ("epoll_wait", "epoll_wait", 3), ("recvfrom", "recvfrom", 3), ("writev", "writev", 3),
-        ("write", "write", 4), ("read", "read", 4), ("getsockopt", "getsockopt", 3),
-        ("futex", "futex", 4), ("other syscalls", "other", 4),
+shown = [("epoll_wait", "epoll_wait", 3), ("recvfrom", "recvfrom", 3), ("writev", "writev", 3),
+         ("sendto", "sendto", 3), ("write", "write", 4), ("read", "read", 4),
+         ("getsockopt", "getsockopt", 3), ("futex", "futex", 4)]
+for runs in per.values():
+    for d in runs:
+        # Every system call not in a column of its own, counted or not. The counters start
+        # and stop a moment apart, so "all" can come out a hair below the sum.
+        d["other"] = max(0.0, d.get("all", 0) - sum(d.get(k, 0.0) for _, k, _ in shown))
+cols = [("CPU µs", "cpu_us", 2), ("p99 ms", "p99", 3), ("all syscalls", "all", 3), *shown,
+        ("other syscalls", "other", 4),
         ("voluntary switches", "vcsw", 3), ("involuntary switches", "ivcsw", 3)]
 print(f"Per request, medians of {len(per[targets[0]])} run(s) of {sys.argv[3]} s at {sys.argv[2]} req/s:\n")
 print("| target | " + " | ".join(c[0] for c in cols) + " |")
