@@ -256,10 +256,14 @@ fn encode_head(
     send.filter(|_| has_body)
 }
 
+/// Writes `name: value` and CRLF.
+fn put_field(buf: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
+    put_raw_field(buf, name.as_str().as_bytes(), value.as_bytes());
+}
+
 /// Writes `name: value` and CRLF. The separators are single bytes: `put_slice` of a short
 /// constant still ends in a `memcpy` call.
-fn put_field(buf: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
-    let (name, value) = (name.as_str().as_bytes(), value.as_bytes());
+pub(crate) fn put_raw_field(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
     buf.reserve(name.len() + value.len() + 4);
     buf.extend_from_slice(name);
     buf.put_u8(b':');
@@ -313,6 +317,23 @@ struct Head {
     hop_by_hop: bool,
 }
 
+/// Notes where each parsed field's name and value are in `buf` (`[name start, name end,
+/// value start, value end]`), so that the values can later be shared out of the frozen head
+/// rather than copied. The offsets must fit in `u32`.
+pub(crate) fn record_spans(buf: &[u8], fields: &[httparse::Header<'_>], spans: &mut [[u32; 4]]) {
+    let base = buf.as_ptr() as usize;
+    for (span, h) in spans.iter_mut().zip(fields) {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        *span = [
+            name as u32,
+            (name + h.name.len()) as u32,
+            value as u32,
+            (value + h.value.len()) as u32,
+        ];
+    }
+}
+
 /// An error of the upstream's HTTP.
 fn protocol(msg: impl Into<String>) -> BoxError {
     Box::new(io::Error::new(io::ErrorKind::InvalidData, msg.into()))
@@ -336,18 +357,8 @@ fn parse_head(rbuf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, B
             }
             return Ok(None);
         };
-        let base = rbuf.as_ptr() as usize;
-        for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            // Offsets within a head of at most 64 KiB (plus what was read after it).
-            *span = [
-                name as u32,
-                (name + h.name.len()) as u32,
-                value as u32,
-                (value + h.value.len()) as u32,
-            ];
-        }
+        // Offsets within a head of at most 64 KiB (plus what was read after it).
+        record_spans(rbuf, resp.headers, &mut spans);
         (
             len,
             resp.code.unwrap_or(0),

@@ -28,6 +28,7 @@ use http_body_util::{Either, Full};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::conn::{Event, Guard};
+use crate::h1::put_raw_field as put_field;
 use crate::proxy::{Proxy, ProxyBody};
 use crate::upstream::UpstreamBody;
 
@@ -182,17 +183,9 @@ fn parse(rbuf: &mut BytesMut, max_head: usize) -> Parsed {
         let base = rbuf.as_ptr() as usize;
         let target =
             target.as_ptr() as usize - base..target.as_ptr() as usize - base + target.len();
-        for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            // Offsets within a head the caller keeps far below 4 GiB.
-            *span = [
-                name as u32,
-                (name + h.name.len()) as u32,
-                value as u32,
-                (value + h.value.len()) as u32,
-            ];
-        }
+        // Offsets within a head of at most `max_head` bytes (the config caps that far below
+        // 4 GiB).
+        crate::h1::record_spans(rbuf, req.headers, &mut spans);
         (len, method, target, req.headers.len())
     };
     if method == Method::CONNECT {
@@ -375,12 +368,8 @@ where
             Poll::Ready(frame) => frame,
             Poll::Pending => {
                 // Nothing more for now: what is buffered goes out while the body waits.
-                if !wbuf.is_empty() {
-                    let Some(written) = guarded(guard, true, pin!(io.write_all(wbuf))).await else {
-                        return Ok(None);
-                    };
-                    written?;
-                    wbuf.clear();
+                if !write_out(io, wbuf, guard).await? {
+                    return Ok(None);
                 }
                 let Some(written) = guarded(guard, true, pin!(io.flush())).await else {
                     return Ok(None);
@@ -400,9 +389,7 @@ where
                 // The upstream's body broke: the client sees a truncated response and the
                 // connection closes (a chunked body is not terminated).
                 tracing::debug!(error = %e, "response body failed; closing the connection");
-                if !wbuf.is_empty() {
-                    let _ = guarded(guard, true, pin!(io.write_all(wbuf))).await;
-                }
+                let _ = write_out(io, wbuf, guard).await;
                 return Ok(Some(false));
             }
         };
@@ -451,12 +438,8 @@ where
         if framing == Framing::Chunked {
             wbuf.put_slice(b"\r\n");
         }
-        if wbuf.len() >= FLUSH_AT {
-            let Some(written) = guarded(guard, true, pin!(io.write_all(wbuf))).await else {
-                return Ok(None);
-            };
-            written?;
-            wbuf.clear();
+        if wbuf.len() >= FLUSH_AT && !write_out(io, wbuf, guard).await? {
+            return Ok(None);
         }
     }
     if framing == Framing::Chunked && !trailers_sent {
@@ -464,12 +447,8 @@ where
     }
     // Fewer bytes than announced: the client sees a short body, then the close.
     close |= left > 0;
-    if !wbuf.is_empty() {
-        let Some(written) = guarded(guard, true, pin!(io.write_all(wbuf))).await else {
-            return Ok(None);
-        };
-        written?;
-        wbuf.clear();
+    if !write_out(io, wbuf, guard).await? {
+        return Ok(None);
     }
     let Some(flushed) = guarded(guard, true, pin!(io.flush())).await else {
         return Ok(None);
@@ -480,15 +459,21 @@ where
     Ok(Some(!close))
 }
 
-/// Writes `name: value` and CRLF.
-fn put_field(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
-    buf.reserve(name.len() + value.len() + 4);
-    buf.extend_from_slice(name);
-    buf.put_u8(b':');
-    buf.put_u8(b' ');
-    buf.extend_from_slice(value);
-    buf.put_u8(b'\r');
-    buf.put_u8(b'\n');
+/// Writes what `wbuf` holds and empties it. `Ok(false)`: a timeout expired and the
+/// connection must close at once (see [`guarded`]).
+async fn write_out<S>(io: &mut S, wbuf: &mut BytesMut, guard: &mut Guard<'_>) -> io::Result<bool>
+where
+    S: AsyncWrite + Unpin,
+{
+    if wbuf.is_empty() {
+        return Ok(true);
+    }
+    let Some(written) = guarded(guard, true, pin!(io.write_all(wbuf))).await else {
+        return Ok(false);
+    };
+    written?;
+    wbuf.clear();
+    Ok(true)
 }
 
 /// Writes a chunk-size line: `len` in hex and CRLF.

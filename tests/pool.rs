@@ -486,19 +486,6 @@ fn assert_hello(reply: &Reply, path: &str, up: &RawUpstream) {
     );
 }
 
-/// Deterministic, non-repeating bytes (xorshift), different per `seed`.
-fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 fn md5_hex(bytes: &[u8]) -> String {
     format!("{:x}", Md5::digest(bytes))
 }

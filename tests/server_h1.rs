@@ -367,19 +367,6 @@ fn post_chunked(path: &str, user: &str, pieces: &[&[u8]]) -> Vec<u8> {
     out
 }
 
-/// Deterministic, non-repeating bytes (xorshift), different per `seed`.
-fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// Asserts a 200 from `arm` (arm header and fake upstream header agree) and returns the body.
 fn assert_ok_from(resp: &RawResponse, arm: &str, what: &str) -> String {
     assert_eq!(resp.status, 200, "{what}: {resp:?}");
@@ -423,6 +410,34 @@ fn base_config() -> ConfigBuilder {
 }
 
 /// canaryd with `stable` at 90 % and `canary` at 10 %.
+/// What the request-body tests start from.
+struct Setup {
+    stable: FakeUpstream,
+    /// Answers with the number of request-body bytes it read.
+    canary: FakeUpstream,
+    proxy: Proxy,
+    stable_user: String,
+    canary_user: String,
+    /// A raw connection to the proxy, nothing sent yet.
+    conn: RawClient,
+}
+
+async fn counting_setup() -> Setup {
+    let stable = FakeUpstream::start("stable").await;
+    let canary = FakeUpstream::builder("canary").count_body().start().await;
+    let proxy = proxy_for(&stable, &canary).await;
+    let (stable_user, canary_user) = users();
+    let conn = RawClient::connect(proxy.addr()).await;
+    Setup {
+        stable,
+        canary,
+        proxy,
+        stable_user,
+        canary_user,
+        conn,
+    }
+}
+
 async fn proxy_for(stable: &FakeUpstream, canary: &FakeUpstream) -> Proxy {
     proxy_with(base_config(), stable, canary).await
 }
@@ -746,10 +761,14 @@ async fn pipelined_requests_are_answered_in_order_and_the_connection_stays_open(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_request_bodies_are_split_at_their_content_length() {
-    let stable = FakeUpstream::start("stable").await;
-    let canary = FakeUpstream::builder("canary").count_body().start().await;
-    let proxy = proxy_for(&stable, &canary).await;
-    let (_, canary_user) = users();
+    let Setup {
+        stable,
+        canary,
+        proxy: _proxy,
+        canary_user,
+        mut conn,
+        ..
+    } = counting_setup().await;
 
     // A body that looks like a request: only its Content-Length says where it ends.
     let tricky = get("/smuggled", &canary_user);
@@ -757,7 +776,6 @@ async fn pipelined_request_bodies_are_split_at_their_content_length() {
     batch.extend(post("/b", &canary_user, tricky.as_bytes()));
     batch.extend(post("/c", &canary_user, b""));
     batch.extend(get("/d", &canary_user).into_bytes());
-    let mut conn = RawClient::connect(proxy.addr()).await;
     conn.write(&batch).await;
     let expected = [
         "5".to_string(),
@@ -784,11 +802,14 @@ async fn pipelined_request_bodies_are_split_at_their_content_length() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_body_mid_connection_is_served_and_the_connection_keeps_serving() {
-    let stable = FakeUpstream::start("stable").await;
-    let canary = FakeUpstream::builder("canary").count_body().start().await;
-    let proxy = proxy_for(&stable, &canary).await;
-    let (stable_user, canary_user) = users();
-    let mut conn = RawClient::connect(proxy.addr()).await;
+    let Setup {
+        stable,
+        canary,
+        proxy: _proxy,
+        stable_user,
+        canary_user,
+        mut conn,
+    } = counting_setup().await;
 
     let before = conn.exchange(get("/before", &stable_user)).await;
     assert_eq!(assert_ok_from(&before, "stable", "GET before"), "stable");
@@ -821,11 +842,14 @@ async fn a_chunked_body_mid_connection_is_served_and_the_connection_keeps_servin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_post_and_a_get_in_one_write_are_both_answered() {
-    let stable = FakeUpstream::start("stable").await;
-    let canary = FakeUpstream::builder("canary").count_body().start().await;
-    let proxy = proxy_for(&stable, &canary).await;
-    let (stable_user, canary_user) = users();
-    let mut conn = RawClient::connect(proxy.addr()).await;
+    let Setup {
+        stable,
+        canary,
+        proxy: _proxy,
+        stable_user,
+        canary_user,
+        mut conn,
+    } = counting_setup().await;
 
     // Everything read before the hand-off (the pipelined GET too) must reach hyper.
     let mut batch = get("/first", &stable_user).into_bytes();
@@ -845,11 +869,14 @@ async fn a_chunked_post_and_a_get_in_one_write_are_both_answered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_content_length_body_arriving_in_two_writes_reaches_the_upstream_whole() {
-    let stable = FakeUpstream::start("stable").await;
-    let canary = FakeUpstream::builder("canary").count_body().start().await;
-    let proxy = proxy_for(&stable, &canary).await;
-    let (stable_user, canary_user) = users();
-    let mut conn = RawClient::connect(proxy.addr()).await;
+    let Setup {
+        stable,
+        canary,
+        proxy: _proxy,
+        stable_user,
+        canary_user,
+        mut conn,
+    } = counting_setup().await;
 
     let first = conn.exchange(get("/first", &stable_user)).await;
     assert_eq!(assert_ok_from(&first, "stable", "GET before"), "stable");
@@ -881,11 +908,14 @@ async fn a_content_length_body_arriving_in_two_writes_reaches_the_upstream_whole
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_100_continue_gets_its_interim_response_then_the_body_is_forwarded() {
-    let stable = FakeUpstream::start("stable").await;
-    let canary = FakeUpstream::builder("canary").count_body().start().await;
-    let proxy = proxy_for(&stable, &canary).await;
-    let (stable_user, canary_user) = users();
-    let mut conn = RawClient::connect(proxy.addr()).await;
+    let Setup {
+        stable: _stable,
+        canary,
+        proxy: _proxy,
+        stable_user,
+        canary_user,
+        mut conn,
+    } = counting_setup().await;
 
     let first = conn.exchange(get("/first", &stable_user)).await;
     assert_eq!(assert_ok_from(&first, "stable", "GET before"), "stable");

@@ -1821,3 +1821,16 @@ pub async fn read_response_head(stream: &mut tokio::net::TcpStream) -> String {
     }
     String::from_utf8_lossy(&head).to_lowercase()
 }
+
+/// Deterministic, non-repeating bytes (xorshift), different per `seed`.
+pub fn data(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
