@@ -119,11 +119,14 @@ where
         match respond(&mut io, &mut wbuf, guard, resp, meta.head, close).await? {
             // A stop that came while the response was on its way ends the connection now.
             Some(true) if !guard.draining() => {}
-            Some(_) | None => {
-                // A failed shutdown changes nothing: the socket is closed when dropped.
-                let _ = io.shutdown().await;
+            Some(_) => {
+                // A failed shutdown changes nothing: the socket is closed when dropped. Over
+                // TLS it writes close_notify, which a client that stopped reading would never
+                // take: the timeouts still apply.
+                let _ = guarded(guard, false, pin!(io.shutdown())).await;
                 return Ok(Served::Closed);
             }
+            None => return Ok(Served::Closed),
         }
     }
 }
