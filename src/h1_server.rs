@@ -304,7 +304,8 @@ where
     wbuf.put_slice(b"\r\n");
     let mut length = None;
     let mut has_date = false;
-    let mut has_connection = false;
+    // A `Connection` field the response already carries says `close`.
+    let mut says_close = false;
     for (name, value) in &parts.headers {
         if *name == header::CONTENT_LENGTH {
             // canaryd's client and hyper's both refuse a response with conflicting lengths;
@@ -322,11 +323,11 @@ where
                 }
             }
         } else if *name == header::CONNECTION {
-            has_connection = true;
-            close |= value
+            says_close |= value
                 .as_bytes()
                 .split(|&b| b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            close |= says_close;
         } else if *name == header::DATE {
             has_date = true;
         } else if *name == header::TRANSFER_ENCODING {
@@ -352,7 +353,7 @@ where
         put_field(wbuf, b"transfer-encoding", b"chunked");
         Framing::Chunked
     };
-    if close && !has_connection {
+    if close && !says_close {
         put_field(wbuf, b"connection", b"close");
     }
     if !has_date {
