@@ -173,6 +173,9 @@ impl Drop for Busy {
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    /// Bytes canaryd's HTTP/1.1 server read and then handed to hyper with the connection:
+    /// they come first.
+    rewound: Bytes,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
@@ -181,6 +184,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.rewound.is_empty() {
+            let n = self.rewound.len().min(buf.remaining());
+            buf.put_slice(&self.rewound[..n]);
+            self.rewound.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -249,6 +258,7 @@ where
     let io = Tracked {
         inner: io,
         activity: activity.clone(),
+        rewound: Bytes::new(),
     };
     let proxy = Arc::new(proxy.with_activity(activity.clone()));
     // Ends the connection: gracefully when idle too long or the proxy is stopping (`None`),
@@ -260,16 +270,17 @@ where
         }
     });
     let mut guard = Guard::new(trigger, activity.clone(), limits.drain_linger);
-    let (io, read) =
-        match crate::h1_server::serve(io, &proxy, &mut guard, limits.max_header_bytes).await? {
-            crate::h1_server::Served::Closed => return Ok(()),
-            crate::h1_server::Served::HandOff(io, read) => (io, read),
-        };
+    let io = match crate::h1_server::serve(io, &proxy, &mut guard, limits.max_header_bytes).await? {
+        crate::h1_server::Served::Closed => return Ok(()),
+        crate::h1_server::Served::HandOff(mut io, read) => {
+            io.rewound = read;
+            io
+        }
+    };
     let svc = service_fn(move |req: Request<Incoming>| {
         let proxy = proxy.clone();
         async move { Ok::<_, Infallible>(proxy.handle(req.map(Either::Left)).await) }
     });
-    let io = Rewind { read, inner: io };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     let mut conn = pin!(conn);
     let mut closing = false;
@@ -392,59 +403,6 @@ impl<'a> Guard<'a> {
     /// Stopping, and the linger for a request already on its way is not over.
     fn lingering(&self) -> bool {
         self.linger.is_some()
-    }
-}
-
-/// The connection's socket after canaryd's HTTP/1.1 server handed it to hyper: the bytes
-/// already read come first.
-struct Rewind<S> {
-    read: Bytes,
-    inner: S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.read.is_empty() {
-            let n = self.read.len().min(buf.remaining());
-            buf.put_slice(&self.read[..n]);
-            self.read.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
