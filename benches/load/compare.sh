@@ -261,7 +261,7 @@ run_oha() { # run_oha RATE SECONDS PREFIX: one oha per arm (90% stable user, 10%
   pids+=($!)
   local p
   for p in "${pids[@]}"; do wait "$p" || ok=0; done
-  ((ok)) || { log "oha failed against $T_URL: $(cat "$prefix"-*.log | tail -3)"; return 1; }
+  ((ok)) || { log "oha failed against $T_URL: $(cat "$prefix"-{stable,canary}.log | tail -3)"; return 1; }
 }
 
 CUR=
@@ -278,11 +278,11 @@ latency_phase() {
   t1=$(date +%s.%N); s1=$(sample "$T_PID"); u1=$(proc_stat "$UP_PID")
   fc=$(foreign_cpu)
   local resp p50 p99 p999 non2xx missing
-  read -r resp p50 p99 p999 non2xx missing < <(python3 "$TOOLS/parse.py" oha "$rate" "$DURATION" "$prefix"-*.csv)
+  read -r resp p50 p99 p999 non2xx missing < <(python3 "$TOOLS/parse.py" oha "$rate" "$DURATION" "$prefix"-{stable,canary}.csv)
   ((resp > 0)) || FAILED+=("$name: no response at fixed rate")
   ((non2xx == 0)) || FAILED+=("$name: $non2xx non-2xx at fixed rate")
   python3 - "$r" "$name" "$rate" "$resp" "$p50" "$p99" "$p999" "$non2xx" "$missing" "$s0" "$s1" "$u0" "$u1" "$t0" "$t1" \
-    "$(gen_cpu "$prefix"-*.time)" "$fc" > "$WORK/row" <<'EOF'
+    "$(gen_cpu "$prefix"-{stable,canary}.time)" "$fc" > "$WORK/row" <<'EOF'
 import sys
 a = sys.argv[1:]
 s0, s1, u0, u1 = (x.split() for x in a[9:13])
