@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Wake-ups and system calls per request at a fixed rate, counted by the kernel: how often each
 # proxy calls epoll_wait, which other system calls it makes, and how often it is switched out,
-# per request, next to its CPU time and p99. Counts move far less with the machine's noise
-# than times do, so they show a per-wake-up cost that compare.sh's CPU column only hints at.
+# per request, next to its CPU time (user and kernel apart), the TCP segments the whole
+# machine sent and p99. Counts move far less with the machine's noise than times do, so they
+# show a per-wake-up cost that compare.sh's CPU column only hints at, and whether one proxy
+# makes the kernel do more work per request than another.
 #
-#   benches/load/wakeups.sh                 # canaryd (this tree) and nginx, 3 rounds
+#   benches/load/wakeups.sh                 # canaryd (this tree), nginx and HAProxy, 3 rounds
 #   benches/load/wakeups.sh --against REV   # and REV, built in a worktree, as canaryd-base
 # Options:
 #   --rate R        requests per second (default 15700: compare.sh's fixed rate on the
@@ -17,10 +19,12 @@
 # CANARYD_BASE_BIN=PATH, with --against, that binary instead of building REV.
 #
 # Setup: the upstream pair and configs of compare.sh, one worker per proxy (canaryd
-# `TOKIO_WORKER_THREADS=1`, metrics and the rollback circuit on; nginx `worker_processes 1`),
+# `TOKIO_WORKER_THREADS=1`, metrics and the rollback circuit on; nginx `worker_processes 1`;
+# HAProxy `nbthread 1`),
 # oha at the fixed rate with 64 connections and one x-user-id. System calls are counted with
 # `perf stat` on the proxy's worker (syscall tracepoints, no hardware counters needed); context
-# switches and CPU time come from /proc. Needs root for perf (installed with apt if missing).
+# switches and CPU time come from /proc, TCP segments from /proc/net/snmp (every process on
+# the machine: client, proxy and upstream). Needs root for perf (installed with apt if missing).
 set -euo pipefail
 
 LOAD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -48,7 +52,7 @@ if ((SMOKE)); then RATE=2000 DURATION=1 ROUNDS=1 WARMUP=1 AGAINST=""; fi
 setup_workdir wakeups
 
 missing=()
-for t in nginx curl perf; do command -v "$t" >/dev/null || missing+=("$t"); done
+for t in nginx haproxy curl perf; do command -v "$t" >/dev/null || missing+=("$t"); done
 if ((${#missing[@]})); then
   pkgs=("${missing[@]/perf/linux-perf}")
   log "installing ${pkgs[*]} (apt-get)"
@@ -60,19 +64,22 @@ command -v oha >/dev/null || die "oha is missing: cargo install oha --locked (co
 perf stat -e syscalls:sys_enter_epoll_wait -- true 2>/dev/null \
   || die "perf cannot count syscall tracepoints here (needs root and tracefs)"
 
-TARGETS=(canaryd nginx)
+TARGETS=(canaryd nginx haproxy)
 prepare_canaryd "$WORK/canaryd" >/dev/null
 if [[ -n $AGAINST ]]; then
   prepare_rev_canaryd "$AGAINST" "$WORK/canaryd-base"
-  TARGETS=(canaryd canaryd-base nginx)
+  TARGETS=(canaryd canaryd-base nginx haproxy)
 fi
 
-read -r UP_S UP_C P_CANARYD P_ADMIN P_NGINX <<<"$(free_ports 5)"
+read -r UP_S UP_C P_CANARYD P_ADMIN P_NGINX P_HAPROXY <<<"$(free_ports 6)"
 mkdir -p "$WORK/upstream-tmp" "$WORK/canaryd-etc" "$WORK/nginx-proxy-tmp"
 render "$CONF/upstream-nginx.conf.tmpl" "$WORK/upstream.conf" \
   WORKERS=1 DIR="$WORK" STABLE_PORT="$UP_S" CANARY_PORT="$UP_C"
 render "$CONF/nginx-proxy.conf.tmpl" "$WORK/nginx-proxy.conf" \
   WORKERS=1 DIR="$WORK" STABLE_PORT="$UP_S" CANARY_PORT="$UP_C" PORT="$P_NGINX"
+render "$CONF/haproxy.cfg.tmpl" "$WORK/haproxy.cfg" \
+  WORKERS=1 DIR="$WORK" STABLE_PORT="$UP_S" CANARY_PORT="$UP_C" PORT="$P_HAPROXY" \
+  HASH_TYPE=consistent
 # alone in its directory: canaryd watches the whole directory of its config file
 canaryd_toml "$WORK/canaryd-etc/canaryd.toml" "$P_CANARYD" "$P_ADMIN" "$UP_S" "$UP_C" 10
 spawn upstream "$WORK/upstream.log" nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream.error.log"
@@ -83,14 +90,19 @@ SYSCALLS=(epoll_wait epoll_pwait recvfrom writev read write sendto sendmsg recvm
 EVENTS=$(printf 'syscalls:sys_enter_%s,' "${SYSCALLS[@]}")
 EVENTS="${EVENTS}raw_syscalls:sys_enter"
 ROWS="$WORK/rows.tsv"
-printf 'round\ttarget\tresponses\tp99_ms\tcpu_s\tvcsw\tivcsw\tcounts\n' > "$ROWS"
+printf 'round\ttarget\tresponses\tp99_ms\tuser_ticks\tsys_ticks\tsegs\tvcsw\tivcsw\tcounts\n' > "$ROWS"
 
 # ctx PID: "voluntary involuntary" context switches of every thread of PID
 ctx() { awk '/^voluntary_ctxt/ {v += $2} /^nonvoluntary_ctxt/ {n += $2} END {print v + 0, n + 0}' /proc/"$1"/task/*/status; }
+# ticks PID: "user system" clock ticks of PID, all its threads (fields 14 and 15 of its stat,
+# counted after the command name, which may hold spaces)
+ticks() { sed 's/.*) //' /proc/"$1"/stat | awk '{print $12, $13}'; }
+# segs: TCP segments sent by the whole machine so far
+segs() { awk '$1 == "Tcp:" && !h {for (i = 1; i <= NF; i++) if ($i == "OutSegs") c = i; h = 1; next} $1 == "Tcp:" {print $c}' /proc/net/snmp; }
 
 # run ROUND TARGET: one measured run of TARGET, appended to $ROWS
 run() {
-  local round=$1 name=$2 pid worker port v0 n0 v1 n1 c0 c1 perf_pid
+  local round=$1 name=$2 pid worker port v0 n0 v1 n1 u0 s0 u1 s1 g0 g1 perf_pid
   case $name in
     canaryd|canaryd-base)
       spawn "$name" "$WORK/$name.log" env TOKIO_WORKER_THREADS=1 RUST_LOG=warn \
@@ -103,10 +115,15 @@ run() {
       wait_http "http://127.0.0.1:$P_NGINX/" 10 "$pid" || die "nginx did not start"
       worker=$(pgrep -P "$pid" | head -1)
       [[ -n $worker ]] || die "no nginx worker process" ;;
+    haproxy)
+      spawn haproxy "$WORK/haproxy.log" haproxy -f "$WORK/haproxy.cfg" -db
+      pid=$SPAWN_PID worker=$SPAWN_PID port=$P_HAPROXY
+      wait_http "http://127.0.0.1:$P_HAPROXY/" 10 "$pid" || die "haproxy did not start" ;;
   esac
   oha -z "${WARMUP}s" -q "$RATE" -c 64 --no-tui -H 'x-user-id: user7' "http://127.0.0.1:$port/" >/dev/null
   read -r v0 n0 <<<"$(ctx "$worker")"
-  c0=$(proc_stat "$worker" | cut -d' ' -f1)
+  read -r u0 s0 <<<"$(ticks "$worker")"
+  g0=$(segs)
   perf stat -x, -e "$EVENTS" -p "$worker" -o "$WORK/perf.csv" &
   perf_pid=$!
   oha -z "${DURATION}s" -q "$RATE" --latency-correction -c 64 --no-tui -H 'x-user-id: user7' \
@@ -114,7 +131,8 @@ run() {
   kill -INT "$perf_pid"
   wait "$perf_pid" || true
   read -r v1 n1 <<<"$(ctx "$worker")"
-  c1=$(proc_stat "$worker" | cut -d' ' -f1)
+  read -r u1 s1 <<<"$(ticks "$worker")"
+  g1=$(segs)
   stop_pid "$pid" TERM 15
   local responses p99 counts
   responses=$(grep -o '\[200\] [0-9]*' "$WORK/oha.txt" | awk '{print $2}')
@@ -122,8 +140,8 @@ run() {
   p99=$(awk '$1 == "99.00%" {f = ($4 == "secs" ? 1000 : ($4 == "ms" ? 1 : 0.001)); print $3 * f; exit}' "$WORK/oha.txt")
   # "name=count;..." from perf's CSV: count,unit,event,...
   counts=$(awk -F, '$3 ~ /sys_enter/ && $1 ~ /^[0-9]+$/ {sub(/.*sys_enter_?/, "", $3); printf "%s=%s;", ($3 == "" ? "all" : $3), $1}' "$WORK/perf.csv")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$responses" "$p99" \
-    "$(python3 -c "print($c1 - $c0)")" "$((v1 - v0))" "$((n1 - n0))" "$counts" >> "$ROWS"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$responses" "$p99" \
+    "$((u1 - u0))" "$((s1 - s0))" "$((g1 - g0))" "$((v1 - v0))" "$((n1 - n0))" "$counts" >> "$ROWS"
   log "  $name: $responses responses, p99 $p99 ms"
 }
 
@@ -134,8 +152,9 @@ for ((r = 1; r <= ROUNDS; r++)); do
   for ((i = 0; i < n; i++)); do run "$r" "${TARGETS[$(((i + r - 1) % n))]}"; done
 done
 
-python3 - "$ROWS" "$RATE" "$DURATION" <<'EOF'
+python3 - "$ROWS" "$RATE" "$DURATION" "$(getconf CLK_TCK)" <<'EOF'
 import statistics, sys
+tick = 1 / int(sys.argv[4])
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
 head, rows = rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
 targets = list(dict.fromkeys(r["target"] for r in rows))
@@ -144,7 +163,10 @@ for r in rows:
     n = int(r["responses"])
     counts = dict(kv.split("=") for kv in r["counts"].split(";") if kv)
     d = {k: int(v) / n for k, v in counts.items()}
-    d["cpu_us"] = float(r["cpu_s"]) / n * 1e6
+    d["user_us"] = int(r["user_ticks"]) * tick / n * 1e6
+    d["sys_us"] = int(r["sys_ticks"]) * tick / n * 1e6
+    d["cpu_us"] = d["user_us"] + d["sys_us"]
+    d["segs"] = int(r["segs"]) / n
     d["vcsw"] = int(r["vcsw"]) / n
     d["ivcsw"] = int(r["ivcsw"]) / n
     d["p99"] = float(r["p99_ms"])
@@ -157,7 +179,8 @@ for runs in per.values():
         # Every system call not in a column of its own, counted or not. The counters start
         # and stop a moment apart, so "all" can come out a hair below the sum.
         d["other"] = max(0.0, d.get("all", 0) - sum(d.get(k, 0.0) for _, k, _ in shown))
-cols = [("CPU µs", "cpu_us", 2), ("p99 ms", "p99", 3), ("all syscalls", "all", 3), *shown,
+cols = [("CPU µs", "cpu_us", 2), ("user µs", "user_us", 2), ("kernel µs", "sys_us", 2),
+        ("p99 ms", "p99", 3), ("TCP segments (machine)", "segs", 2), ("all syscalls", "all", 3), *shown,
         ("other syscalls", "other", 4),
         ("voluntary switches", "vcsw", 3), ("involuntary switches", "ivcsw", 3)]
 print(f"Per request, medians of {len(per[targets[0]])} run(s) of {sys.argv[3]} s at {sys.argv[2]} req/s:\n")

@@ -4,6 +4,7 @@
 Every figure in the main table is the median over rounds. Ratios are ratios of medians.
 """
 import argparse
+import random
 import statistics
 import sys
 
@@ -130,7 +131,50 @@ def peer_table(s, lat, who="canaryd", peers=("nginx", "haproxy", "direct")):
     return "\n".join(out)
 
 
-def targets_check(s, who="canaryd"):
+RESAMPLES = 2000
+
+
+def by_round(rows, key):
+    """{target: {round: value}} of one column."""
+    out = {}
+    for r in rows:
+        out.setdefault(r["target"], {})[r["round"]] = float(r[key])
+    return out
+
+
+def interval(rows, key, who, pick):
+    """The 95% interval of med(who) ÷ pick(med(nginx), med(HAProxy)) over the rounds, resampled
+    with replacement (a percentile bootstrap; a round keeps its targets together, so a slow
+    round is slow for all of them). None with fewer than 3 rounds that measured all three."""
+    v = by_round(rows, key)
+    if not all(t in v for t in (who, "nginx", "haproxy")):
+        return None
+    rounds = sorted(set(v[who]) & set(v["nginx"]) & set(v["haproxy"]))
+    if len(rounds) < 3:
+        return None
+    rng = random.Random(7)
+    ratios = []
+    for _ in range(RESAMPLES):
+        pick_rounds = [rng.choice(rounds) for _ in rounds]
+        m = {t: statistics.median(v[t][r] for r in pick_rounds) for t in (who, "nginx", "haproxy")}
+        ratios.append(m[who] / pick(m["nginx"], m["haproxy"]))
+    ratios.sort()
+    return ratios[int(0.025 * RESAMPLES)], ratios[int(0.975 * RESAMPLES) - 1]
+
+
+def settled(ci, higher_is_better):
+    """What the interval says about a target of `ratio ≥ 1` (or `≤ 1` when lower is better)."""
+    if ci is None:
+        return "too few rounds to tell noise from difference"
+    lo, hi = ci
+    good, bad = (lo >= 1, hi < 1) if higher_is_better else (hi <= 1, lo > 1)
+    verdict = ("met beyond this run's round-to-round noise" if good
+               else "missed beyond this run's round-to-round noise" if bad
+               else "within this run's round-to-round noise")
+    return f"95% interval of the ratio {lo:.2f}–{hi:.2f}×: {verdict}"
+
+
+def targets_check(s, thr, lat, who="canaryd"):
     c, n, h = s[who], s["nginx"], s["haproxy"]
     lines = []
 
@@ -139,10 +183,14 @@ def targets_check(s, who="canaryd"):
 
     if c.get("rps") and n.get("rps") and h.get("rps"):
         best = max(n["rps"], h["rps"])
-        line(c["rps"] >= best, f"throughput ≥ the better of nginx and HAProxy: {c['rps']:,.0f} vs {best:,.0f} req/s")
+        ci = interval(thr, "rps", who, max)
+        line(c["rps"] >= best, f"throughput ≥ the better of nginx and HAProxy: {c['rps']:,.0f} vs {best:,.0f} req/s "
+             f"({c['rps'] / best:.2f}×; {settled(ci, True)})")
     if c.get("p99") is not None and n.get("p99") is not None and h.get("p99") is not None:
         worst_ok = min(n["p99"], h["p99"])
-        line(c["p99"] <= worst_ok, f"p99 at the fixed rate no worse than theirs: {c['p99']:.3f} ms vs nginx {n['p99']:.3f} ms, HAProxy {h['p99']:.3f} ms")
+        ci = interval(lat, "p99_ms", who, min)
+        line(c["p99"] <= worst_ok, f"p99 at the fixed rate no worse than theirs: {c['p99']:.3f} ms vs nginx {n['p99']:.3f} ms, HAProxy {h['p99']:.3f} ms "
+             f"({c['p99'] / worst_ok:.2f}× the lower; {settled(ci, False)})")
     if c.get("hwm") is not None:
         line(c["hwm"] < 20, f"peak RSS under 20 MiB: {c['hwm']:.1f} MiB")
     return "\n".join(lines)
@@ -269,7 +317,11 @@ Cores busy at saturation (CPU seconds / wall seconds): proxies {busy}; upstream 
 {pgo_note(variants)}
 {base_section(s, lat, a.versions)}## Targets of issue 7
 
-{chr(10).join(targets_check(s, v) for v in variants)}
+{chr(10).join(targets_check(s, thr, lat, v) for v in variants)}
+
+Each ratio's 95% interval comes from resampling the rounds with replacement ({RESAMPLES:,} times)
+and taking the ratio of medians again. "Within the noise" means this run cannot tell whether the
+target holds: another run of the same command may land on the other side.
 
 ## Every round
 
