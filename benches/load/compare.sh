@@ -133,13 +133,7 @@ fi
 # ---------------------------------------------------------------- ports and configs
 read -r UP_S UP_C P_CANARYD P_ADMIN P_NGINX P_HAPROXY <<<"$(free_ports 6)"
 mkdir -p "$WORK/upstream-tmp" "$WORK/nginx-proxy-tmp"
-render "$CONF/upstream-nginx.conf.tmpl" "$WORK/upstream.conf" \
-  WORKERS="$WORKERS" DIR="$WORK" STABLE_PORT="$UP_S" CANARY_PORT="$UP_C"
-render "$CONF/nginx-proxy.conf.tmpl" "$WORK/nginx-proxy.conf" \
-  WORKERS="$WORKERS" DIR="$WORK" STABLE_PORT="$UP_S" CANARY_PORT="$UP_C" PORT="$P_NGINX"
-render "$CONF/haproxy.cfg.tmpl" "$WORK/haproxy.cfg" \
-  WORKERS="$WORKERS" DIR="$WORK" STABLE_PORT="$UP_S" CANARY_PORT="$UP_C" PORT="$P_HAPROXY" \
-  HASH_TYPE=consistent
+render_peers "$WORKERS" "$UP_S" "$UP_C" "$P_NGINX" "$P_HAPROXY"
 # canaryd watches its config file's whole directory: keep the file alone in a directory of its
 # own, or every result file written next to it wakes canaryd's watcher (measured: enough CPU
 # and stalls to about double canaryd's CPU per request at the fixed rate).

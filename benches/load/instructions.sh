@@ -84,13 +84,7 @@ fi
 
 read -r UP_S UP_C P_CANARYD P_ADMIN P_NGINX P_HAPROXY <<<"$(free_ports 6)"
 mkdir -p "$WORK/upstream-tmp" "$WORK/canaryd-etc" "$WORK/nginx-proxy-tmp"
-render "$CONF/upstream-nginx.conf.tmpl" "$WORK/upstream.conf" \
-  WORKERS=1 DIR="$WORK" STABLE_PORT="$UP_S" CANARY_PORT="$UP_C"
-render "$CONF/nginx-proxy.conf.tmpl" "$WORK/nginx-proxy.conf" \
-  WORKERS=1 DIR="$WORK" STABLE_PORT="$UP_S" CANARY_PORT="$UP_C" PORT="$P_NGINX"
-render "$CONF/haproxy.cfg.tmpl" "$WORK/haproxy.cfg" \
-  WORKERS=1 DIR="$WORK" STABLE_PORT="$UP_S" CANARY_PORT="$UP_C" PORT="$P_HAPROXY" \
-  HASH_TYPE=consistent
+render_peers 1 "$UP_S" "$UP_C" "$P_NGINX" "$P_HAPROXY"
 canaryd_toml "$WORK/canaryd-etc/canaryd.toml" "$P_CANARYD" "$P_ADMIN" "$UP_S" "$UP_C" 10
 spawn upstream "$WORK/upstream.log" nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream.error.log"
 wait_http "http://127.0.0.1:$UP_S/" 10 "$SPAWN_PID" || die "the upstream nginx did not start"

@@ -119,6 +119,20 @@ render() {
   fi
 }
 
+# render_peers WORKERS UP_S UP_C NGINX_PORT HAPROXY_PORT: writes $WORK/upstream.conf (the nginx
+# upstream pair on UP_S and UP_C), $WORK/nginx-proxy.conf and $WORK/haproxy.cfg (the same split
+# through nginx and HAProxy, listening on their ports), each with WORKERS workers.
+render_peers() {
+  local workers=$1 up_s=$2 up_c=$3 p_nginx=$4 p_haproxy=$5
+  render "$CONF/upstream-nginx.conf.tmpl" "$WORK/upstream.conf" \
+    WORKERS="$workers" DIR="$WORK" STABLE_PORT="$up_s" CANARY_PORT="$up_c"
+  render "$CONF/nginx-proxy.conf.tmpl" "$WORK/nginx-proxy.conf" \
+    WORKERS="$workers" DIR="$WORK" STABLE_PORT="$up_s" CANARY_PORT="$up_c" PORT="$p_nginx"
+  render "$CONF/haproxy.cfg.tmpl" "$WORK/haproxy.cfg" \
+    WORKERS="$workers" DIR="$WORK" STABLE_PORT="$up_s" CANARY_PORT="$up_c" PORT="$p_haproxy" \
+    HASH_TYPE=consistent
+}
+
 # proc_stat PID: "cpu_seconds hwm_kib rss_kib nprocs" summed over PID and all its descendants
 proc_stat() { python3 "$TOOLS/procstat.py" "$1"; }
 
