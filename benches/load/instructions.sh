@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # User-space instructions per proxied request, counted by callgrind: the one speed measure on
 # this machine that other processes cannot disturb (wall-clock and CPU-time figures from
-# compare.sh move by ±15% between rounds here). Kernel time is not counted; canaryd makes the
-# same syscalls per request as nginx and HAProxy (2 writev + 2 recvfrom).
+# compare.sh move by ±15% between rounds here). Kernel time is not counted; like nginx and
+# HAProxy, canaryd reads twice and sends twice per request (wakeups.sh).
 #
 #   benches/load/instructions.sh                    # this tree
 #   benches/load/instructions.sh --against cbb95d6  # and a git revision, built in a worktree,
