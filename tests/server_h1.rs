@@ -415,7 +415,8 @@ struct Setup {
     stable: FakeUpstream,
     /// Answers with the number of request-body bytes it read.
     canary: FakeUpstream,
-    proxy: Proxy,
+    /// Held so the proxy runs until the test ends.
+    _proxy: Proxy,
     stable_user: String,
     canary_user: String,
     /// A raw connection to the proxy, nothing sent yet.
@@ -431,7 +432,7 @@ async fn counting_setup() -> Setup {
     Setup {
         stable,
         canary,
-        proxy,
+        _proxy: proxy,
         stable_user,
         canary_user,
         conn,
@@ -761,22 +762,15 @@ async fn pipelined_requests_are_answered_in_order_and_the_connection_stays_open(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_request_bodies_are_split_at_their_content_length() {
-    let Setup {
-        stable,
-        canary,
-        proxy: _proxy,
-        canary_user,
-        mut conn,
-        ..
-    } = counting_setup().await;
+    let mut s = counting_setup().await;
 
     // A body that looks like a request: only its Content-Length says where it ends.
-    let tricky = get("/smuggled", &canary_user);
-    let mut batch = post("/a", &canary_user, b"hello");
-    batch.extend(post("/b", &canary_user, tricky.as_bytes()));
-    batch.extend(post("/c", &canary_user, b""));
-    batch.extend(get("/d", &canary_user).into_bytes());
-    conn.write(&batch).await;
+    let tricky = get("/smuggled", &s.canary_user);
+    let mut batch = post("/a", &s.canary_user, b"hello");
+    batch.extend(post("/b", &s.canary_user, tricky.as_bytes()));
+    batch.extend(post("/c", &s.canary_user, b""));
+    batch.extend(get("/d", &s.canary_user).into_bytes());
+    s.conn.write(&batch).await;
     let expected = [
         "5".to_string(),
         tricky.len().to_string(),
@@ -784,16 +778,16 @@ async fn pipelined_request_bodies_are_split_at_their_content_length() {
         "0".into(),
     ];
     for (i, count) in expected.iter().enumerate() {
-        let resp = conn.response(false).await;
+        let resp = s.conn.response(false).await;
         assert_eq!(
             &assert_ok_from(&resp, "canary", &format!("pipelined request {i}")),
             count,
             "request {i}: body bytes the upstream counted"
         );
     }
-    assert_eq!(canary.requests(), 4, "exactly the four requests sent");
-    assert_eq!(stable.requests(), 0);
-    let again = conn.exchange(post("/e", &canary_user, b"xyz")).await;
+    assert_eq!(s.canary.requests(), 4, "exactly the four requests sent");
+    assert_eq!(s.stable.requests(), 0);
+    let again = s.conn.exchange(post("/e", &s.canary_user, b"xyz")).await;
     assert_eq!(
         assert_ok_from(&again, "canary", "POST after the batch"),
         "3"
@@ -802,137 +796,113 @@ async fn pipelined_request_bodies_are_split_at_their_content_length() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_body_mid_connection_is_served_and_the_connection_keeps_serving() {
-    let Setup {
-        stable,
-        canary,
-        proxy: _proxy,
-        stable_user,
-        canary_user,
-        mut conn,
-    } = counting_setup().await;
+    let mut s = counting_setup().await;
 
-    let before = conn.exchange(get("/before", &stable_user)).await;
+    let before = s.conn.exchange(get("/before", &s.stable_user)).await;
     assert_eq!(assert_ok_from(&before, "stable", "GET before"), "stable");
 
     let pieces: [&[u8]; 3] = [b"hello ", &[b'x'; 5000], b" world"];
     let total: usize = pieces.iter().map(|p| p.len()).sum();
-    let upload = conn
-        .exchange(post_chunked("/upload", &canary_user, &pieces))
+    let upload = s
+        .conn
+        .exchange(post_chunked("/upload", &s.canary_user, &pieces))
         .await;
     assert_eq!(
         assert_ok_from(&upload, "canary", "chunked POST"),
         total.to_string()
     );
     assert_eq!(
-        canary.body_bytes(),
+        s.canary.body_bytes(),
         total as u64,
         "upstream got the whole body"
     );
 
     // The same connection serves on: a GET, and a POST with a Content-Length body.
-    let after = conn.exchange(get("/after", &stable_user)).await;
+    let after = s.conn.exchange(get("/after", &s.stable_user)).await;
     assert_eq!(assert_ok_from(&after, "stable", "GET after"), "stable");
-    let sized = conn
-        .exchange(post("/sized", &canary_user, b"0123456789"))
+    let sized = s
+        .conn
+        .exchange(post("/sized", &s.canary_user, b"0123456789"))
         .await;
     assert_eq!(assert_ok_from(&sized, "canary", "POST after"), "10");
-    assert_eq!(stable.requests(), 2);
-    assert_eq!(canary.requests(), 2);
+    assert_eq!(s.stable.requests(), 2);
+    assert_eq!(s.canary.requests(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_post_and_a_get_in_one_write_are_both_answered() {
-    let Setup {
-        stable,
-        canary,
-        proxy: _proxy,
-        stable_user,
-        canary_user,
-        mut conn,
-    } = counting_setup().await;
+    let mut s = counting_setup().await;
 
     // Everything read before the hand-off (the pipelined GET too) must reach hyper.
-    let mut batch = get("/first", &stable_user).into_bytes();
-    batch.extend(post_chunked("/upload", &canary_user, &[b"abc", b"defgh"]));
-    batch.extend(get("/last", &stable_user).into_bytes());
-    conn.write(&batch).await;
-    let first = conn.response(false).await;
+    let mut batch = get("/first", &s.stable_user).into_bytes();
+    batch.extend(post_chunked("/upload", &s.canary_user, &[b"abc", b"defgh"]));
+    batch.extend(get("/last", &s.stable_user).into_bytes());
+    s.conn.write(&batch).await;
+    let first = s.conn.response(false).await;
     assert_eq!(assert_ok_from(&first, "stable", "GET before"), "stable");
-    let upload = conn.response(false).await;
+    let upload = s.conn.response(false).await;
     assert_eq!(assert_ok_from(&upload, "canary", "chunked POST"), "8");
-    let last = conn.response(false).await;
+    let last = s.conn.response(false).await;
     assert_eq!(assert_ok_from(&last, "stable", "GET after"), "stable");
-    assert_eq!(stable.requests(), 2);
-    assert_eq!(canary.requests(), 1);
-    assert_eq!(canary.body_bytes(), 8);
+    assert_eq!(s.stable.requests(), 2);
+    assert_eq!(s.canary.requests(), 1);
+    assert_eq!(s.canary.body_bytes(), 8);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_content_length_body_arriving_in_two_writes_reaches_the_upstream_whole() {
-    let Setup {
-        stable,
-        canary,
-        proxy: _proxy,
-        stable_user,
-        canary_user,
-        mut conn,
-    } = counting_setup().await;
+    let mut s = counting_setup().await;
 
-    let first = conn.exchange(get("/first", &stable_user)).await;
+    let first = s.conn.exchange(get("/first", &s.stable_user)).await;
     assert_eq!(assert_ok_from(&first, "stable", "GET before"), "stable");
 
     let body = data(7, 100_000);
-    let request = post("/upload", &canary_user, &body);
+    let request = post("/upload", &s.canary_user, &body);
     let split = request.len() - body.len() / 2;
-    conn.write(&request[..split]).await;
+    s.conn.write(&request[..split]).await;
     // The head is forwarded while the rest of the body is still on its way; only then does
     // the rest come.
     poll_until(DEADLINE, "the upstream to get the request head", || async {
-        (canary.requests() == 1).then_some(())
+        (s.canary.requests() == 1).then_some(())
     })
     .await;
     tokio::task::yield_now().await;
-    conn.write(&request[split..]).await;
-    let resp = conn.response(false).await;
+    s.conn.write(&request[split..]).await;
+    let resp = s.conn.response(false).await;
     assert_eq!(
         assert_ok_from(&resp, "canary", "POST in two writes"),
         body.len().to_string()
     );
-    assert_eq!(canary.body_bytes(), body.len() as u64);
+    assert_eq!(s.canary.body_bytes(), body.len() as u64);
 
-    let after = conn.exchange(get("/after", &stable_user)).await;
+    let after = s.conn.exchange(get("/after", &s.stable_user)).await;
     assert_eq!(assert_ok_from(&after, "stable", "GET after"), "stable");
-    assert_eq!(stable.requests(), 2);
-    assert_eq!(canary.requests(), 1);
+    assert_eq!(s.stable.requests(), 2);
+    assert_eq!(s.canary.requests(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_100_continue_gets_its_interim_response_then_the_body_is_forwarded() {
-    let Setup {
-        stable: _stable,
-        canary,
-        proxy: _proxy,
-        stable_user,
-        canary_user,
-        mut conn,
-    } = counting_setup().await;
+    let mut s = counting_setup().await;
 
-    let first = conn.exchange(get("/first", &stable_user)).await;
+    let first = s.conn.exchange(get("/first", &s.stable_user)).await;
     assert_eq!(assert_ok_from(&first, "stable", "GET before"), "stable");
 
-    conn.write(format!(
-        "POST /upload HTTP/1.1\r\nHost: canaryd.test\r\nx-user-id: {canary_user}\r\n\
-         content-length: 11\r\nexpect: 100-continue\r\n\r\n"
-    ))
-    .await;
-    let interim = conn.head().await;
+    s.conn
+        .write(format!(
+            "POST /upload HTTP/1.1\r\nHost: canaryd.test\r\nx-user-id: {}\r\n\
+         content-length: 11\r\nexpect: 100-continue\r\n\r\n",
+            s.canary_user
+        ))
+        .await;
+    let interim = s.conn.head().await;
     assert_eq!(interim.status, 100, "headers: {:?}", interim.headers);
-    conn.write(b"hello world").await;
-    let resp = conn.response(false).await;
+    s.conn.write(b"hello world").await;
+    let resp = s.conn.response(false).await;
     assert_eq!(assert_ok_from(&resp, "canary", "POST after 100"), "11");
-    assert_eq!(canary.body_bytes(), 11);
+    assert_eq!(s.canary.body_bytes(), 11);
 
-    let after = conn.exchange(get("/after", &stable_user)).await;
+    let after = s.conn.exchange(get("/after", &s.stable_user)).await;
     assert_eq!(assert_ok_from(&after, "stable", "GET after"), "stable");
 }
 
