@@ -16,6 +16,8 @@
 #   --out FILE          where to write the markdown (default benches/load/RESULTS.md)
 #   --quiet-wait S      at most S seconds in all spent waiting for other processes on the
 #                       machine to go quiet (default 300; 0 = never wait or retake)
+#   --latency-only      skip the saturation phase: only the fixed-rate latency phase, which
+#                       needs --rate; for many short rounds that narrow the p99 interval
 #   --pgo               also measure canaryd built with profile-guided optimisation
 #                       (benches/load/pgo.sh, ~6 min more) as the target canaryd-pgo
 #   --against REV       also measure canaryd as of git revision REV (built in a worktree, a
@@ -37,7 +39,7 @@ LOAD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib/common.sh
 source "$LOAD_DIR/lib/common.sh"
 
-ROUNDS=3 DURATION=10 CONNS=64 RATE=auto RATE_PCT=40 WORKERS=1 SMOKE=0 INSTALL=1 QUIET_WAIT=300 PGO=0 AGAINST=""
+ROUNDS=3 DURATION=10 CONNS=64 RATE=auto RATE_PCT=40 WORKERS=1 SMOKE=0 INSTALL=1 QUIET_WAIT=300 PGO=0 AGAINST="" LAT_ONLY=0
 TARGETS=(direct canaryd nginx haproxy)
 OUT="$LOAD_DIR/RESULTS.md"
 ORIG_ARGS=("$@")
@@ -53,6 +55,7 @@ while (($#)); do
     --targets) IFS=, read -r -a TARGETS <<<"$2"; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
     --pgo) PGO=1; shift ;;
+    --latency-only) LAT_ONLY=1; shift ;;
     --against) AGAINST=$2; shift 2 ;;
     --quiet-wait) QUIET_WAIT=$2; shift 2 ;;
     --smoke) SMOKE=1; shift ;;
@@ -65,6 +68,9 @@ for v in ROUNDS DURATION CONNS WORKERS RATE_PCT; do
   [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "--${v,,} must be a positive integer, got '${!v}'"
 done
 [[ $RATE == auto || $RATE =~ ^[1-9][0-9]*$ ]] || die "--rate must be a positive integer or 'auto'"
+if ((LAT_ONLY)) && [[ $RATE == auto ]]; then
+  die "--latency-only needs --rate R: without the saturation phase there is no throughput to take 40% of"
+fi
 for t in "${TARGETS[@]}"; do
   [[ $t =~ ^(direct|canaryd|nginx|haproxy)$ ]] || die "unknown target '$t' (direct, canaryd, nginx, haproxy)"
 done
@@ -330,11 +336,16 @@ if ((!SMOKE)); then wait_quiet || true; fi
 STARTED=$(date -u '+%Y-%m-%d %H:%M UTC')
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 log "work directory $WORK; rounds=$ROUNDS duration=${DURATION}s connections=$CONNS workers=$WORKERS"
-log "phase 1: throughput at saturation (wrk -t1 -c$CONNS -d${DURATION}s)"
-for ((r = 1; r <= ROUNDS; r++)); do
-  log "round $r/$ROUNDS"
-  while read -r t; do measure throughput_phase "$THR" "$r" "$t"; done < <(order_for_round "$r")
-done
+if ((LAT_ONLY)); then
+  ((HAVE_OHA)) || die "--latency-only measures nothing without oha"
+  log "phase 1 skipped (--latency-only)"
+else
+  log "phase 1: throughput at saturation (wrk -t1 -c$CONNS -d${DURATION}s)"
+  for ((r = 1; r <= ROUNDS; r++)); do
+    log "round $r/$ROUNDS"
+    while read -r t; do measure throughput_phase "$THR" "$r" "$t"; done < <(order_for_round "$r")
+  done
+fi
 
 if ((HAVE_OHA)); then
   if [[ $RATE == auto ]]; then
@@ -384,9 +395,12 @@ VERSIONS=$(
   echo "- HAProxy: $(haproxy -v | head -1 | awk '{print $3}'), nbthread $WORKERS"
   echo "- wrk: $(wrk -v 2>&1 | head -1 | awk '{print $2}'); oha: $(oha --version | awk '{print $2}')"
 )
+REPORT_EXTRA=()
+if ((LAT_ONLY)); then REPORT_EXTRA+=(--latency-only); fi
 python3 "$TOOLS/report.py" compare --thr "$THR" --lat "$LAT" --out "$OUT" \
   --date "$STARTED" --machine "$(machine_info | sed "s/^- Load average at start: .*/- Load average at start: $LOAD_AT_START/")" \
   --versions "$VERSIONS" --command "benches/load/compare.sh ${ORIG_ARGS[*]:-}" \
   --rate "$RATE" --rate-note "$RATE_NOTE" --duration "$DURATION" --connections "$CONNS" \
-  --oha-connections "$OHA_CONNS_STABLE + $OHA_CONNS_CANARY" --rounds "$ROUNDS" --workers "$WORKERS" --retries "$RETRIES"
+  --oha-connections "$OHA_CONNS_STABLE + $OHA_CONNS_CANARY" --rounds "$ROUNDS" --workers "$WORKERS" --retries "$RETRIES" \
+  "${REPORT_EXTRA[@]}"
 log "wrote $OUT"

@@ -272,6 +272,11 @@ def compare(a):
         f"{t} {s[t]['cores_sat']:.2f}" for t in s if s[t].get("cores_sat") is not None
     )
     up = ", ".join(f"{t} {s[t]['up_cores_sat']:.2f}" for t in s if s[t].get("up_cores_sat") is not None)
+    busy_line = f"Cores busy at saturation (CPU seconds / wall seconds): proxies {busy}; upstream {up}.\n" if busy else ""
+    saturation = ("- Saturation: not measured (`--latency-only`); peak RSS is from the fixed-rate phase."
+                  if a.latency_only else
+                  f"- Saturation: `wrk -t1 -c{a.connections} -d{a.duration}s` with a random `x-user-id` per request from a pool\n"
+                  "  of 10,000 ids (`tools/userid.lua`), after a 2 s warm-up.")
     md = f"""# Load comparison: canaryd vs nginx vs HAProxy
 
 Produced by `benches/load/compare.sh` (see `benches/load/README.md`). Medians of {a.rounds} rounds;
@@ -294,8 +299,7 @@ started fresh for every measurement.
   metrics and the rollback circuit on, access log off.
 - Workers: {a.workers} per proxy (canaryd `TOKIO_WORKER_THREADS={a.workers}`, nginx `worker_processes {a.workers}`,
   HAProxy `nbthread {a.workers}`); the load generator and the upstream share the 2 CPUs; nothing is pinned.
-- Saturation: `wrk -t1 -c{a.connections} -d{a.duration}s` with a random `x-user-id` per request from a pool
-  of 10,000 ids (`tools/userid.lua`), after a 2 s warm-up.
+{saturation}
 - Latency: a fixed {a.rate} req/s ({a.rate_note}) for {a.duration} s, `oha --latency-correction`
   (coordinated omission corrected), as two generators at 90% and 10% of the rate with one
   stable-arm and one canary-arm user id each ({a.oha_connections} connections); percentiles over the merged
@@ -308,8 +312,7 @@ started fresh for every measurement.
 
 {main_table(s)}
 
-Cores busy at saturation (CPU seconds / wall seconds): proxies {busy}; upstream {up}.
-{noise(thr, lat)} Measurements retaken because other processes used ≥ 0.2 core meanwhile: {a.retries or 0}.
+{busy_line}{noise(thr, lat)} Measurements retaken because other processes used ≥ 0.2 core meanwhile: {a.retries or 0}.
 
 ## canaryd relative to its peers
 
@@ -340,6 +343,7 @@ def main():
     c.add_argument("--lat", required=True)
     c.add_argument("--out")
     c.add_argument("--summary-only", action="store_true")
+    c.add_argument("--latency-only", action="store_true")
     for k in ("date", "machine", "versions", "command", "rate", "rate-note", "duration",
               "connections", "oha-connections", "rounds", "workers", "retries"):
         c.add_argument(f"--{k}", default="")
