@@ -142,55 +142,70 @@ def by_round(rows, key):
     return out
 
 
-def interval(rows, key, who, pick):
-    """The 95% interval of med(who) ÷ pick(med(nginx), med(HAProxy)) over the rounds, resampled
-    with replacement (a percentile bootstrap; a round keeps its targets together, so a slow
-    round is slow for all of them). None with fewer than 3 rounds that measured all three."""
+def paired(rows, key, who, peer):
+    """who ÷ peer in each round that measured both: (median ratio, 95% interval or None, rounds),
+    or None without such a round. The interval is a percentile bootstrap of the median: the
+    per-round ratios resampled with replacement. Pairing by round cancels what a round shares
+    (a slow minute of the machine is slow for every target of that round)."""
     v = by_round(rows, key)
-    if not all(t in v for t in (who, "nginx", "haproxy")):
+    if who not in v or peer not in v:
         return None
-    rounds = sorted(set(v[who]) & set(v["nginx"]) & set(v["haproxy"]))
-    if len(rounds) < 3:
+    ratios = [v[who][r] / v[peer][r] for r in sorted(set(v[who]) & set(v[peer])) if v[peer][r]]
+    if not ratios:
         return None
-    rng = random.Random(7)
-    ratios = []
-    for _ in range(RESAMPLES):
-        pick_rounds = [rng.choice(rounds) for _ in rounds]
-        m = {t: statistics.median(v[t][r] for r in pick_rounds) for t in (who, "nginx", "haproxy")}
-        ratios.append(m[who] / pick(m["nginx"], m["haproxy"]))
-    ratios.sort()
-    return ratios[int(0.025 * RESAMPLES)], ratios[int(0.975 * RESAMPLES) - 1]
+    ci = None
+    if len(ratios) >= 3:
+        rng = random.Random(7)
+        meds = sorted(statistics.median(rng.choice(ratios) for _ in ratios) for _ in range(RESAMPLES))
+        ci = meds[int(0.025 * RESAMPLES)], meds[int(0.975 * RESAMPLES) - 1]
+    return statistics.median(ratios), ci, len(ratios)
 
 
 def settled(ci, higher_is_better):
-    """What the interval says about a target of `ratio ≥ 1` (or `≤ 1` when lower is better)."""
+    """What an interval says about a target of `ratio ≥ 1` (or `≤ 1` when lower is better)."""
     if ci is None:
         return "too few rounds to tell noise from difference"
     lo, hi = ci
     good, bad = (lo >= 1, hi < 1) if higher_is_better else (hi <= 1, lo > 1)
-    verdict = ("met beyond this run's round-to-round noise" if good
-               else "missed beyond this run's round-to-round noise" if bad
-               else "within this run's round-to-round noise")
-    return f"95% interval of the ratio {lo:.2f}–{hi:.2f}×: {verdict}"
+    verdict = ("met beyond the round-to-round noise" if good
+               else "missed beyond the round-to-round noise" if bad
+               else "within the round-to-round noise")
+    return f"95% interval {lo:.2f}–{hi:.2f}×, {verdict}"
+
+
+PEERS = (("nginx", "nginx"), ("haproxy", "HAProxy"))
+
+
+def per_round(rows, key, who, higher_is_better):
+    """(met by every peer's median per-round ratio, text), or None if a peer has no pair."""
+    parts, ok = [], True
+    for peer, name in PEERS:
+        p = paired(rows, key, who, peer)
+        if p is None:
+            return None
+        m, ci, n = p
+        ok = ok and (m >= 1 if higher_is_better else m <= 1)
+        parts.append(f"÷ {name} {m:.2f}× ({settled(ci, higher_is_better)})")
+    return ok, f"per round over {n} rounds: " + "; ".join(parts)
 
 
 def targets_check(s, thr, lat, who="canaryd"):
+    """PASS/FAIL lines for the issue's three targets. Throughput and p99 are judged on the
+    median of the per-round ratios to each peer; the medians over rounds are shown too."""
     c, n, h = s[who], s["nginx"], s["haproxy"]
     lines = []
 
     def line(ok, text):
         lines.append(f"- {'PASS' if ok else 'FAIL'} ({who}): {text}")
 
-    if c.get("rps") and n.get("rps") and h.get("rps"):
-        best = max(n["rps"], h["rps"])
-        ci = interval(thr, "rps", who, max)
-        line(c["rps"] >= best, f"throughput ≥ the better of nginx and HAProxy: {c['rps']:,.0f} vs {best:,.0f} req/s "
-             f"({c['rps'] / best:.2f}×; {settled(ci, True)})")
-    if c.get("p99") is not None and n.get("p99") is not None and h.get("p99") is not None:
-        worst_ok = min(n["p99"], h["p99"])
-        ci = interval(lat, "p99_ms", who, min)
-        line(c["p99"] <= worst_ok, f"p99 at the fixed rate no worse than theirs: {c['p99']:.3f} ms vs nginx {n['p99']:.3f} ms, HAProxy {h['p99']:.3f} ms "
-             f"({c['p99'] / worst_ok:.2f}× the lower; {settled(ci, False)})")
+    pr = per_round(thr, "rps", who, True)
+    if pr and c.get("rps") and n.get("rps") and h.get("rps"):
+        line(pr[0], f"throughput ≥ the better of nginx and HAProxy: medians {c['rps']:,.0f} vs nginx "
+             f"{n['rps']:,.0f} and HAProxy {h['rps']:,.0f} req/s; {pr[1]}")
+    pr = per_round(lat, "p99_ms", who, False)
+    if pr and c.get("p99") is not None and n.get("p99") is not None and h.get("p99") is not None:
+        line(pr[0], f"p99 at the fixed rate no worse than theirs: medians {c['p99']:.3f} ms vs nginx "
+             f"{n['p99']:.3f} ms and HAProxy {h['p99']:.3f} ms; {pr[1]}")
     if c.get("hwm") is not None:
         line(c["hwm"] < 20, f"peak RSS under 20 MiB: {c['hwm']:.1f} MiB")
     return "\n".join(lines)
@@ -322,8 +337,9 @@ started fresh for every measurement.
 
 {chr(10).join(targets_check(s, thr, lat, v) for v in variants)}
 
-Each ratio's 95% interval comes from resampling the rounds with replacement ({RESAMPLES:,} times)
-and taking the ratio of medians again. "Within the noise" means this run cannot tell whether the
+Throughput and p99 are judged per round: canaryd's figure divided by the peer's in the same
+round, the median of those ratios, and its 95% interval from resampling the per-round ratios with
+replacement ({RESAMPLES:,} times). "Within the noise" means this run cannot tell whether the
 target holds: another run of the same command may land on the other side.
 
 ## Every round
@@ -333,6 +349,44 @@ target holds: another run of the same command may land on the other side.
     with open(a.out, "w") as f:
         f.write(md)
     print(main_table(s))
+
+
+def rows_from_md(path, tag):
+    """The per-round tables of a RESULTS.md written by `compare`, as (throughput, latency) rows
+    with the columns the per-round ratios need; rounds are renamed TAG-N so that several
+    reports can be pooled without their round numbers colliding."""
+    thr, lat, table = [], [], None
+    for line in open(path):
+        if line.startswith("| round | target | requests |"):
+            table = thr
+        elif line.startswith("| round | target | rate |"):
+            table = lat
+        elif table is not None and line.startswith("| "):
+            c = [x.strip() for x in line.strip().strip("|").split("|")]
+            row = {"round": f"{tag}-{c[0]}", "target": c[1]}
+            if table is thr:
+                row["rps"] = c[3].replace(",", "")
+            else:
+                row["p99_ms"] = c[5]
+            table.append(row)
+        elif not line.startswith("|"):
+            table = None
+    return thr, lat
+
+
+def pool(a):
+    """Throughput and p99 judged per round over the rounds of several reports together."""
+    thr, lat = [], []
+    for i, path in enumerate(a.reports, 1):
+        t, l = rows_from_md(path, i)
+        print(f"{path}: {len({r['round'] for r in t})} saturation rounds, {len({r['round'] for r in l})} fixed-rate rounds")
+        thr += t
+        lat += l
+    for who in CANARYDS:
+        for rows, key, label, hib in ((thr, "rps", "throughput", True), (lat, "p99_ms", "p99", False)):
+            pr = per_round(rows, key, who, hib)
+            if pr:
+                print(f"- {'PASS' if pr[0] else 'FAIL'} ({who}): {label} {pr[1]}")
 
 
 def main():
@@ -347,9 +401,13 @@ def main():
     for k in ("date", "machine", "versions", "command", "rate", "rate-note", "duration",
               "connections", "oha-connections", "rounds", "workers", "retries"):
         c.add_argument(f"--{k}", default="")
+    p = sub.add_parser("pool", help="judge throughput and p99 per round over several RESULTS.md")
+    p.add_argument("reports", nargs="+")
     a = ap.parse_args()
     if a.cmd == "compare":
         compare(a)
+    else:
+        pool(a)
 
 
 if __name__ == "__main__":
