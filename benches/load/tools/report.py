@@ -379,6 +379,8 @@ def pool(a):
     thr, lat = [], []
     for i, path in enumerate(a.reports, 1):
         t, l = rows_from_md(path, i)
+        if not t and not l:
+            sys.exit(f"{path}: no per-round tables (is it a RESULTS.md written by compare.sh?)")
         print(f"{path}: {len({r['round'] for r in t})} saturation rounds, {len({r['round'] for r in l})} fixed-rate rounds")
         thr += t
         lat += l
