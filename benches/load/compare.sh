@@ -383,7 +383,7 @@ fi
 
 if ((SMOKE)); then
   python3 "$TOOLS/report.py" compare --thr "$THR" --lat "$LAT" --summary-only >&2
-  log "smoke OK: direct, canaryd, nginx and haproxy all served the split without errors"
+  log "smoke OK: ${TARGETS[*]} all served the split without errors"
   exit 0
 fi
 

@@ -234,7 +234,8 @@ machine_info() {
   echo "- Load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 }
 
-# canaryd_version BIN: version plus the git state of the tree it was built from
+# canaryd_version BIN: version plus the git state of the tree it was built from (or, with
+# CANARYD_BIN, that the binary was prebuilt and where the tree was)
 canaryd_version() {
   local v rev dirty=""
   v=$("$1" --version 2>/dev/null || echo "canaryd (unknown version)")
@@ -242,7 +243,12 @@ canaryd_version() {
   if [[ -n "$(cd "$REPO_DIR" && git status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null)" ]]; then
     dirty=" + uncommitted changes in src/Cargo"
   fi
-  echo "$v (git $rev$dirty)"
+  if [[ -n "${CANARYD_BIN:-}" ]]; then
+    # a prebuilt binary: the tree's commit says nothing certain about what it was built from
+    echo "$v (prebuilt, CANARYD_BIN=$CANARYD_BIN; the tree was at git $rev$dirty)"
+  else
+    echo "$v (git $rev$dirty)"
+  fi
 }
 
 # setup_workdir NAME: creates $WORK (/tmp/canaryd-NAME.XXXXXX) and installs the exit traps that
