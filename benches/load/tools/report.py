@@ -25,9 +25,9 @@ def measured(thr, lat):
 
 def p99_wins(lat, a, b):
     """(rounds in which a's p99 was lower than b's, rounds in which both were measured)."""
-    by = {(r["round"], r["target"]): float(r["p99_ms"]) for r in lat}
-    rounds = sorted({r["round"] for r in lat if (r["round"], a) in by and (r["round"], b) in by})
-    return sum(by[(r, a)] < by[(r, b)] for r in rounds), len(rounds)
+    v = by_round(lat, "p99_ms")
+    rounds = set(v.get(a, {})) & set(v.get(b, {}))
+    return sum(v[a][r] < v[b][r] for r in rounds), len(rounds)
 
 
 def wins_text(lat, a, b):
@@ -185,8 +185,8 @@ def per_round(rows, key, who, higher_is_better):
             return None
         m, ci, n = p
         ok = ok and (m >= 1 if higher_is_better else m <= 1)
-        parts.append(f"÷ {name} {m:.2f}× ({settled(ci, higher_is_better)})")
-    return ok, f"per round over {n} rounds: " + "; ".join(parts)
+        parts.append(f"÷ {name} {m:.2f}× over {n} rounds ({settled(ci, higher_is_better)})")
+    return ok, "per round: " + "; ".join(parts)
 
 
 def targets_check(s, thr, lat, who="canaryd"):
@@ -211,8 +211,13 @@ def targets_check(s, thr, lat, who="canaryd"):
     return "\n".join(lines)
 
 
+# The per-round tables' header rows: raw_tables writes them, rows_from_md finds the tables by them.
+THR_HEAD = "| round | target | requests | req/s | errors | proxy CPU s | proxy cores busy | peak RSS MiB | upstream cores | wrk cores | others' cores |"
+LAT_HEAD = "| round | target | rate | responses | p50 ms | p99 ms | p99.9 ms | non-2xx | missing | proxy CPU s | RSS MiB | oha cores | others' cores |"
+
+
 def raw_tables(thr, lat):
-    out = ["| round | target | requests | req/s | errors | proxy CPU s | proxy cores busy | peak RSS MiB | upstream cores | wrk cores | others' cores |",
+    out = [THR_HEAD,
            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in thr:
         sec = float(r["seconds"])
@@ -225,7 +230,7 @@ def raw_tables(thr, lat):
             f"{cpu} | {cores} | {hwm} | {float(r['upstream_cpu_s']) / sec:.2f} | "
             f"{float(r['gen_cpu_s']) / sec:.2f} | {float(r['foreign_cpu_s']) / sec:.2f} |"
         )
-    out += ["", "| round | target | rate | responses | p50 ms | p99 ms | p99.9 ms | non-2xx | missing | proxy CPU s | RSS MiB | oha cores | others' cores |",
+    out += ["", LAT_HEAD,
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in lat:
         direct = r["target"] == "direct"
@@ -357,18 +362,13 @@ def rows_from_md(path, tag):
     reports can be pooled without their round numbers colliding."""
     thr, lat, table = [], [], None
     for line in open(path):
-        if line.startswith("| round | target | requests |"):
-            table = thr
-        elif line.startswith("| round | target | rate |"):
-            table = lat
+        head = line.rstrip("\n")
+        if head in (THR_HEAD, LAT_HEAD):
+            table, key, col = (thr, "rps", "req/s") if head == THR_HEAD else (lat, "p99_ms", "p99 ms")
+            cols = [x.strip() for x in head.strip("|").split("|")]
         elif table is not None and line.startswith("| "):
-            c = [x.strip() for x in line.strip().strip("|").split("|")]
-            row = {"round": f"{tag}-{c[0]}", "target": c[1]}
-            if table is thr:
-                row["rps"] = c[3].replace(",", "")
-            else:
-                row["p99_ms"] = c[5]
-            table.append(row)
+            row = dict(zip(cols, (x.strip() for x in line.strip().strip("|").split("|"))))
+            table.append({"round": f"{tag}-{row['round']}", "target": row["target"], key: row[col].replace(",", "")})
         elif not line.startswith("|"):
             table = None
     return thr, lat
