@@ -32,7 +32,6 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::Request;
-use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -41,6 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::body::RequestBody;
 use crate::proxy::Proxy;
 
 /// Whether bytes moved on a connection, whether requests made progress, and how many
@@ -242,7 +242,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 /// connection first lingers for `limits.drain_linger` (see [`DRAIN_LINGER`]).
 ///
 /// HTTP/1.1 requests are served by canaryd's own server side ([`crate::h1_server`]) until one
-/// needs hyper (HTTP/2, an upgrade, a streamed request body, a bad head, ...); hyper then
+/// needs hyper (HTTP/2, an upgrade, HTTP/1.0, a head httparse refuses, ...); hyper then
 /// serves the rest of the connection, starting with the bytes already read.
 pub async fn serve<S>(
     builder: &auto::Builder<TokioExecutor>,
@@ -279,7 +279,7 @@ where
     };
     let svc = service_fn(move |req: Request<Incoming>| {
         let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req.map(Either::Left)).await) }
+        async move { Ok::<_, Infallible>(proxy.handle(req.map(RequestBody::Hyper)).await) }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     let mut conn = pin!(conn);

@@ -9,8 +9,12 @@
 //! - [`proxy`]: the per-request service: route, forward with streaming bodies, map failures.
 //! - [`upstream`]: one client per upstream, kept across reloads: canaryd's own for HTTP/1.1
 //!   ([`h1`]), hyper-util's for HTTP/2; the `X-Forwarded-*` fields of a request.
+//! - [`http1`]: sans-IO HTTP/1.1, every wire rule both sides share: heads, `Content-Length`,
+//!   transfer codings, the chunked coding, trailers, connection tokens, the hop-by-hop list.
 //! - [`h1`]: the HTTP/1.1 client: a keep-alive pool whose connections are driven by the
-//!   request that holds them, and the codec (httparse for parsing; framing, reuse rules).
+//!   request that holds them, speaking [`http1`] on them.
+//! - [`body`]: request bodies as forwarded (whole, streamed by canaryd's server side, or by
+//!   hyper) and the client's faults in them, which are never an arm's failure.
 //! - [`reload`]: directory watch + SIGHUP → parse → validate → atomic swap.
 //! - [`admin`]: the admin API (weights, promote, rollback, reset, status, route, metrics).
 //! - [`metrics`]: Prometheus names and per-arm handles resolved once.
@@ -20,8 +24,9 @@
 //! - [`tls`]: rustls termination with hot-reloaded certificates; upstream client configs.
 //! - [`app`]: binds listeners, runs the accept loop and tasks, drains on shutdown.
 //! - [`conn`]: one downstream connection: idle and request-head timeouts, graceful stop, and
-//!   the hand-off from canaryd's HTTP/1.1 server side (`h1_server`: the common HTTP/1.1
-//!   request, parsed and answered by the connection's task) to hyper for everything else.
+//!   the hand-off from canaryd's HTTP/1.1 server side (`h1_server`: HTTP/1.1 requests and
+//!   their bodies, parsed and answered by the connection's task) to hyper for the rest
+//!   (HTTP/2, upgrades, HTTP/1.0, heads httparse refuses).
 //! - [`demo`]: built-in model upstreams for `canaryd demo`.
 //!
 //! A request: accept ([`app`]) → [`proxy`] loads the snapshot once → [`routing`] picks the arm
@@ -33,6 +38,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod body;
 pub mod circuit;
 pub mod config;
 pub mod conn;
@@ -40,6 +46,7 @@ pub mod control;
 pub mod demo;
 pub mod h1;
 mod h1_server;
+pub mod http1;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -14,6 +14,7 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
+use crate::body::ClientFault;
 use crate::upstream::FailureKind;
 
 /// `canaryd_requests_total{upstream,status}`.
@@ -34,6 +35,8 @@ pub const ROLLBACKS: &str = "canaryd_rollbacks_total";
 pub const RELOADS: &str = "canaryd_config_reloads_total";
 /// `canaryd_grpc_responses_total{upstream,grpc_status}`.
 pub const GRPC: &str = "canaryd_grpc_responses_total";
+/// `canaryd_client_errors_total{kind}`: requests the client broke (never an arm's failure).
+pub const CLIENT_ERRORS: &str = "canaryd_client_errors_total";
 /// `canaryd_outcomes_dropped_total`: outcomes the window task could not keep up with.
 pub const OUTCOMES_DROPPED: &str = "canaryd_outcomes_dropped_total";
 
@@ -55,6 +58,8 @@ pub struct Metrics {
     reload_success: Counter,
     reload_failure: Counter,
     outcomes_dropped: Counter,
+    /// Indexed by [`ClientFault`].
+    client_errors: [Counter; 4],
 }
 
 impl std::fmt::Debug for Metrics {
@@ -83,7 +88,14 @@ impl Metrics {
         let reload_failure = reload("failure");
         let outcomes_dropped =
             recorder.register_counter(&Key::from_name(OUTCOMES_DROPPED), &METADATA);
+        let client_errors = ClientFault::ALL.map(|f| {
+            recorder.register_counter(
+                &Key::from_parts(CLIENT_ERRORS, vec![Label::new("kind", f.as_str())]),
+                &METADATA,
+            )
+        });
         Arc::new(Metrics {
+            client_errors,
             recorder: Arc::new(recorder),
             handle,
             arms: Mutex::new(HashMap::new()),
@@ -113,6 +125,11 @@ impl Metrics {
     /// Counts outcomes dropped because the window task was behind.
     pub fn outcome_dropped(&self) {
         self.outcomes_dropped.increment(1);
+    }
+
+    /// Counts a request the client broke.
+    pub fn client_error(&self, fault: ClientFault) {
+        self.client_errors[fault as usize].increment(1);
     }
 
     /// Counts a trip of `arm` for `reason`.
@@ -150,6 +167,7 @@ fn describe(r: &PrometheusRecorder) {
         d(ROLLBACKS, None, "Arms tripped by the rollback circuit or the admin API, by reason."),
         d(RELOADS, None, "Config reloads, by result."),
         d(GRPC, None, "gRPC calls by arm and grpc-status (from headers or trailers)."),
+        d(CLIENT_ERRORS, None, "Requests the client broke (refused head, malformed, abandoned or too slow body), by kind; never counted against an arm."),
         d(OUTCOMES_DROPPED, None, "Request outcomes not counted in the sliding windows because the window task was behind."),
     ] {
         r.describe_counter(name.into(), unit, text.into());

@@ -7,27 +7,26 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 
+use crate::body::{ClientFault, RequestBody};
 use crate::circuit::{Outcome, OutcomeSender};
 use crate::conn::{Activity, Busy};
 use crate::control::{Arm, Control, Snapshot};
 use crate::h1::{BoxError, Upgraded};
-use crate::metrics::{ArmMetrics, InFlight};
+use crate::http1::fields::{self, connection_has, remove_hop_by_hop, HopByHop};
+use crate::metrics::{ArmMetrics, InFlight, Metrics};
 use crate::routing::Decision;
 use crate::upstream::{
-    Forwarded, UpstreamBody, UpstreamError, UpstreamResponseBody, X_FORWARDED_FOR,
+    FailureKind, Forwarded, UpstreamBody, UpstreamError, UpstreamResponseBody, X_FORWARDED_FOR,
 };
-
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Response body: the upstream's streamed body, or a short local message. Holds the request
 /// in the arm's in-flight gauge until the body is finished or dropped, and, for a gRPC
@@ -192,7 +191,7 @@ impl Replay {
     }
 
     fn into_request(self) -> Request<UpstreamBody> {
-        let mut req = Request::new(Either::Right(Full::default()));
+        let mut req = Request::new(RequestBody::empty());
         *req.method_mut() = self.method;
         *req.uri_mut() = self.uri;
         *req.version_mut() = self.version;
@@ -244,6 +243,9 @@ impl Proxy {
         let start = Instant::now();
         let snap = self.control.snapshot();
         let scan = RequestScan::of(req.headers(), snap.router.headers());
+        if let Err((status, reason)) = check(&req, &scan) {
+            return self.refuse(&req, status, reason);
+        }
         let decision = snap
             .router
             .decide_with(&snap.table, scan.sticky, scan.override_value);
@@ -256,6 +258,8 @@ impl Proxy {
             host: scan.host.cloned(),
             forwarded_for: scan.forwarded_for,
             hop: scan.hop,
+            expect: scan.expect,
+            content_length: scan.content_length,
         };
         let mut ctx = Ctx {
             start,
@@ -308,7 +312,7 @@ impl Proxy {
         let result = match (result, replay) {
             (Err(e @ UpstreamError::Connect(_)), Some(replay)) => {
                 tracing::debug!(upstream = %arm.name, error = %e, "connect failed; failing over to the baseline");
-                arm.metrics.failure(e.kind());
+                arm.metrics.failure(FailureKind::Connect);
                 self.report(Outcome {
                     arm: arm.name.clone(),
                     watched: snap.watched(arm),
@@ -341,9 +345,20 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let mut resp = match result {
             Ok(r) => r,
+            // The client's fault: answered and counted as such, never an outcome of the arm.
+            Err(UpstreamError::Client(e)) => {
+                tracing::debug!(upstream = %arm.name, kind = e.fault.as_str(), cause = %e.cause, "the client broke its request");
+                if !e.counted {
+                    self.metrics().client_error(e.fault);
+                }
+                let resp = client_response(e.fault.status(), &e.cause, true);
+                return self.finish(snap, arm, ctx, resp, None);
+            }
             Err(e) => {
                 tracing::debug!(upstream = %arm.name, error = %e, "upstream failed");
-                arm.metrics.failure(e.kind());
+                if let Some(kind) = e.kind() {
+                    arm.metrics.failure(kind);
+                }
                 let resp = local_response(failure_status(&e), arm, &e.to_string());
                 return self.finish(snap, arm, ctx, resp, Some(true));
             }
@@ -467,6 +482,23 @@ impl Proxy {
         resp
     }
 
+    /// The metrics registry.
+    pub(crate) fn metrics(&self) -> Arc<Metrics> {
+        self.control.metrics().clone()
+    }
+
+    /// Answers a request refused before routing: counted as the client's, never an arm's.
+    fn refuse(
+        &self,
+        req: &Request<UpstreamBody>,
+        status: StatusCode,
+        reason: &str,
+    ) -> Response<ProxyBody> {
+        tracing::debug!(status = status.as_u16(), reason, "request refused");
+        self.control.metrics().client_error(ClientFault::BadRequest);
+        client_response(status, reason, req.version() != Version::HTTP_2)
+    }
+
     /// Hands an outcome to the window task without ever waiting for it.
     fn report(&self, outcome: Outcome) {
         send_outcome(&self.outcomes, self.control.metrics(), outcome);
@@ -482,16 +514,26 @@ impl Proxy {
     ) -> Result<(Request<UpstreamBody>, Forwarded), http::Error> {
         let (mut parts, body) = req.into_parts();
         let removed = found.hop.remove(&mut parts.headers);
+        if found.expect {
+            // canaryd's server side (or hyper's) answers the expectation: the upstream only
+            // ever gets the body, never a body it did not ask for.
+            parts.headers.remove(header::EXPECT);
+        }
+        if found.content_length && arm.upstream.http2() {
+            // The HTTP/2 client states the length itself, once, from the body.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        // The authority of an absolute-form target (HTTP/2: `:authority`) is the host,
+        // whatever a `Host` field says.
+        let authority = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
         // `Connection: host` would have removed it.
-        let has_host =
-            found.host.is_some() && (!removed || parts.headers.contains_key(header::HOST));
-        let host = found.host.or_else(|| {
-            // HTTP/2 carries the host in :authority only.
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        let has_host = authority.is_none()
+            && found.host.is_some()
+            && (!removed || parts.headers.contains_key(header::HOST));
+        let host = authority.or(found.host);
         let forwarded = Forwarded {
             for_: if found.forwarded_for {
                 forwarded_for(&parts.headers, &self.peer_ip)
@@ -532,6 +574,12 @@ struct RequestScan<'a> {
     /// The first value of the router's override header, if one is configured.
     override_value: Option<&'a HeaderValue>,
     host: Option<&'a HeaderValue>,
+    /// How many `Host` fields.
+    hosts: usize,
+    /// An `Expect` field.
+    expect: bool,
+    /// A `Content-Length` field.
+    content_length: bool,
     upgrade: Option<&'a HeaderValue>,
     /// A `Connection` header lists `upgrade`.
     connection_upgrade: bool,
@@ -549,6 +597,9 @@ impl<'a> RequestScan<'a> {
             sticky: None,
             override_value: None,
             host: None,
+            hosts: 0,
+            expect: false,
+            content_length: false,
             upgrade: None,
             connection_upgrade: false,
             forwarded_for: false,
@@ -563,11 +614,13 @@ impl<'a> RequestScan<'a> {
             match name.as_str() {
                 "host" => {
                     scan.host.get_or_insert(value);
+                    scan.hosts += 1;
                 }
+                "expect" => scan.expect = true,
+                "content-length" => scan.content_length = true,
                 "x-forwarded-for" => scan.forwarded_for = true,
                 "connection" => {
-                    scan.connection_upgrade |=
-                        connection_tokens(value).any(|t| t.eq_ignore_ascii_case("upgrade"));
+                    scan.connection_upgrade |= connection_has(value.as_bytes(), b"upgrade");
                     scan.hop.see(name, value);
                 }
                 "upgrade" => {
@@ -586,6 +639,8 @@ struct Found {
     host: Option<HeaderValue>,
     forwarded_for: bool,
     hop: HopByHop,
+    expect: bool,
+    content_length: bool,
 }
 
 /// Relays bytes both ways between the upgraded client and upstream connections until either
@@ -612,7 +667,89 @@ fn failure_status(e: &UpstreamError) -> StatusCode {
     match e {
         UpstreamError::Connect(_) | UpstreamError::Protocol(_) => StatusCode::BAD_GATEWAY,
         UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        UpstreamError::Client(c) => c.fault.status(),
     }
+}
+
+/// The rules of a trusted edge for what may reach an upstream, whichever side parsed the
+/// request: `CONNECT` is refused (405: canaryd is no forward proxy), the asterisk-form target
+/// is for `OPTIONS` only, an HTTP/1.1 request has exactly one valid `Host` (HTTP/1.0: at
+/// most one), an absolute-form target carries no user info, an HTTP/2 `host` field agrees
+/// with `:authority`, and the only transfer coding is chunked (501 otherwise).
+fn check(
+    req: &Request<UpstreamBody>,
+    scan: &RequestScan<'_>,
+) -> Result<(), (StatusCode, &'static str)> {
+    const fn bad(reason: &'static str) -> Result<(), (StatusCode, &'static str)> {
+        Err((StatusCode::BAD_REQUEST, reason))
+    }
+    if req.method() == Method::CONNECT {
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not served (canaryd is a reverse proxy)",
+        ));
+    }
+    let uri = req.uri();
+    if uri.path() == "*" && req.method() != Method::OPTIONS {
+        return bad("the asterisk-form target is only for OPTIONS");
+    }
+    if scan.hosts > 1 {
+        return bad("more than one Host field");
+    }
+    if scan.hosts == 0 && req.version() == Version::HTTP_11 {
+        return bad("an HTTP/1.1 request without Host");
+    }
+    if scan.host.is_some_and(|h| !fields::valid_host(h.as_bytes())) {
+        return bad("invalid Host");
+    }
+    if let Some(authority) = uri.authority() {
+        if authority.as_str().contains('@') {
+            return bad("user info in the request target");
+        }
+        if req.version() == Version::HTTP_2
+            && scan.host.is_some_and(|h| {
+                !h.as_bytes()
+                    .eq_ignore_ascii_case(authority.as_str().as_bytes())
+            })
+        {
+            return bad("Host differs from :authority");
+        }
+    }
+    if scan.hop.transfer_encoding() {
+        let mut framing = fields::Framing::default();
+        for v in req.headers().get_all(header::TRANSFER_ENCODING) {
+            framing.coding(v.as_bytes());
+        }
+        if framing.chunked().is_err() {
+            return Err((
+                StatusCode::NOT_IMPLEMENTED,
+                "transfer codings other than chunked are not implemented",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A response to a request the client got wrong; `close`: HTTP/1 closes the connection after
+/// it (what follows such a request cannot be trusted).
+fn client_response(status: StatusCode, cause: &str, close: bool) -> Response<ProxyBody> {
+    let text = format!(
+        "canaryd: {} {}: {}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        cause
+    );
+    let mut resp = Response::new(ProxyBody::local(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if close {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 fn local_response(status: StatusCode, arm: &Arm, cause: &str) -> Response<ProxyBody> {
@@ -631,109 +768,6 @@ fn local_response(status: StatusCode, arm: &Arm, cause: &str) -> Response<ProxyB
     );
     resp
 }
-
-/// Removes connection-scoped headers (RFC 9110 §7.6.1), including those named in `Connection`.
-/// `TE: trailers` survives: gRPC needs it end to end. Returns whether there was any to look at.
-fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
-    let mut hop = HopByHop::default();
-    for (name, value) in headers.iter() {
-        hop.see(name, value);
-    }
-    hop.remove(headers)
-}
-
-/// The connection-scoped headers found in a message, found by cheap name comparisons in one
-/// pass (most messages carry none, or only `Connection: keep-alive`); only those are then
-/// removed by their hashed name.
-#[derive(Debug, Default, Clone, Copy)]
-struct HopByHop {
-    /// Bit `i`: `HOP_BY_HOP[i]` is present; the bit after them: `TE`.
-    present: u16,
-    /// `Connection` names a header other than `keep-alive` (removed anyway) or `close` (not
-    /// a header).
-    names_more: bool,
-}
-
-impl HopByHop {
-    /// Notes one header field.
-    fn see(&mut self, name: &HeaderName, value: &HeaderValue) {
-        // Names are lowercase; a match on the string is a length switch and a compare.
-        let bit = match name.as_str() {
-            "connection" => {
-                self.names_more |= connection_tokens(value).any(|t| {
-                    !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive")
-                });
-                0
-            }
-            "keep-alive" => 1,
-            "proxy-connection" => 2,
-            "proxy-authenticate" => 3,
-            "proxy-authorization" => 4,
-            "trailer" => 5,
-            "transfer-encoding" => 6,
-            "upgrade" => 7,
-            "te" => 8,
-            _ => return,
-        };
-        self.present |= 1 << bit;
-    }
-
-    /// Removes what was found (and what `Connection` names); returns whether there was any.
-    fn remove(&self, headers: &mut HeaderMap) -> bool {
-        if self.present == 0 {
-            return false;
-        }
-        if self.names_more {
-            let named: Vec<HeaderName> = headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .flat_map(connection_tokens)
-                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-                .collect();
-            for name in named {
-                headers.remove(name);
-            }
-        }
-        for (i, name) in HOP_BY_HOP.iter().enumerate() {
-            if self.present & (1 << i) != 0 {
-                headers.remove(*name);
-            }
-        }
-        if self.present & (1 << HOP_BY_HOP.len()) != 0 {
-            let te_trailers = headers
-                .get(header::TE)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-            if !te_trailers {
-                headers.remove(header::TE);
-            }
-        }
-        true
-    }
-}
-
-/// The comma-separated tokens of a `Connection` value (none if it is not visible ASCII).
-fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
-    value
-        .to_str()
-        .ok()
-        .into_iter()
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-}
-
-/// Connection-scoped headers, always removed (`TE` is handled on its own); in the bit order
-/// of `remove_hop_by_hop`.
-static HOP_BY_HOP: [&HeaderName; 8] = [
-    &header::CONNECTION,
-    &KEEP_ALIVE,
-    &PROXY_CONNECTION,
-    &header::PROXY_AUTHENTICATE,
-    &header::PROXY_AUTHORIZATION,
-    &header::TRAILER,
-    &header::TRANSFER_ENCODING,
-    &header::UPGRADE,
-];
 
 /// The `X-Forwarded-For` value to send: the client's list, if any, with the peer appended.
 fn forwarded_for(headers: &HeaderMap, peer_ip: &HeaderValue) -> HeaderValue {
@@ -772,49 +806,6 @@ fn log_access(arm: &str, ctx: &Ctx, status: StatusCode, elapsed: std::time::Dura
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("gzip"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        assert!(remove_hop_by_hop(&mut h));
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-kept"));
-
-        let mut h = HeaderMap::new();
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        remove_hop_by_hop(&mut h);
-        assert!(h.contains_key(header::TE));
-    }
-
-    #[test]
-    fn each_hop_by_hop_header_is_removed_on_its_own() {
-        for name in HOP_BY_HOP.iter().copied().chain([&header::TE]) {
-            let mut h = HeaderMap::new();
-            h.insert(name.clone(), HeaderValue::from_static("x"));
-            h.insert("x-kept", HeaderValue::from_static("1"));
-            assert!(remove_hop_by_hop(&mut h), "{name} not seen");
-            assert!(!h.contains_key(name), "{name} kept");
-            assert!(h.contains_key("x-kept"));
-        }
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::HOST, HeaderValue::from_static("example"));
-        assert!(remove_hop_by_hop(&mut h));
-        assert_eq!(h.len(), 1);
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("example"));
-        assert!(!remove_hop_by_hop(&mut h));
-    }
 
     #[test]
     fn forwarded_for_is_appended() {

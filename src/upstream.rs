@@ -16,7 +16,6 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -24,6 +23,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::ClientConfig;
 
+use crate::body::{ClientError, RequestBody};
 use crate::config::{UpstreamConfig, UpstreamTls};
 use crate::h1::{BoxError, H1Body, H1Pool, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE};
 
@@ -76,9 +76,8 @@ impl Forwarded {
     }
 }
 
-/// Request body sent upstream: the client's body as hyper streams it, or one canaryd's
-/// HTTP/1.1 server read whole with the head (possibly empty).
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+/// Request body sent upstream (see [`RequestBody`]).
+pub type UpstreamBody = RequestBody;
 
 /// A response body from an upstream: canaryd's HTTP/1.1 client or hyper's HTTP/2 one.
 #[derive(Debug)]
@@ -151,6 +150,10 @@ pub enum UpstreamError {
     /// The connection broke or the upstream spoke invalid HTTP.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The client broke, abandoned or was too slow with its request body: not the arm's
+    /// failure.
+    #[error("{0}")]
+    Client(ClientError),
 }
 
 /// The `kind` label of `canaryd_upstream_failures_total`.
@@ -176,12 +179,13 @@ impl FailureKind {
 }
 
 impl UpstreamError {
-    /// Which kind of failure this is.
-    pub fn kind(&self) -> FailureKind {
+    /// Which kind of failure of the arm this is; `None` for the client's.
+    pub fn kind(&self) -> Option<FailureKind> {
         match self {
-            UpstreamError::Connect(_) => FailureKind::Connect,
-            UpstreamError::Timeout(_) => FailureKind::Timeout,
-            UpstreamError::Protocol(_) => FailureKind::Protocol,
+            UpstreamError::Connect(_) => Some(FailureKind::Connect),
+            UpstreamError::Timeout(_) => Some(FailureKind::Timeout),
+            UpstreamError::Protocol(_) => Some(FailureKind::Protocol),
+            UpstreamError::Client(_) => None,
         }
     }
 }
@@ -330,7 +334,11 @@ impl Upstream {
         match tokio::time::timeout(timeout, sent).await {
             Ok(Ok(resp)) => Ok(resp.map(UpstreamResponseBody::H2)),
             Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect(chain(&e))),
-            Ok(Err(e)) => Err(UpstreamError::Protocol(chain(&e))),
+            // A request body fails only by the client's fault (see `RequestBody`).
+            Ok(Err(e)) => match ClientError::find(&e) {
+                Some(c) => Err(UpstreamError::Client(c.clone())),
+                None => Err(UpstreamError::Protocol(chain(&e))),
+            },
             Err(_) => Err(UpstreamError::Timeout(timeout)),
         }
     }

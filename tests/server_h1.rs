@@ -1,6 +1,7 @@
 //! End-to-end tests of canaryd's own HTTP/1.1 server side (src/h1_server.rs) and its hand-off
-//! to hyper, seen from a raw TCP client: pipelining, requests that go to hyper in the middle
-//! of a connection (chunked, still-arriving and `Expect: 100-continue` bodies, HTTP/1.0),
+//! to hyper, seen from a raw TCP client: pipelining, request bodies the server side streams
+//! (chunked, still-arriving and `Expect: 100-continue` bodies), requests that go to hyper in
+//! the middle of a connection (HTTP/1.0),
 //! `Connection: close`, bodyless responses (HEAD, 204, 304), large, streamed and trailered
 //! response bodies, the `date` field, and request heads over `listen.max_header_bytes`.
 //!
