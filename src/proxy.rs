@@ -673,9 +673,9 @@ fn failure_status(e: &UpstreamError) -> StatusCode {
 
 /// The rules of a trusted edge for what may reach an upstream, whichever side parsed the
 /// request: `CONNECT` is refused (405: canaryd is no forward proxy), the asterisk-form target
-/// is for `OPTIONS` only, an HTTP/1.1 request has exactly one valid `Host` (HTTP/1.0: at
-/// most one), an absolute-form target carries no user info, an HTTP/2 `host` field agrees
-/// with `:authority`, and the only transfer coding is chunked (501 otherwise).
+/// is for `OPTIONS` only, an absolute-form target is `http` or `https` with no user info, an
+/// HTTP/1.1 request has exactly one valid `Host` (HTTP/1.0: at most one), an HTTP/2 `host`
+/// field agrees with `:authority`, and the only transfer coding is chunked (501 otherwise).
 fn check(
     req: &Request<UpstreamBody>,
     scan: &RequestScan<'_>,
@@ -702,7 +702,15 @@ fn check(
     if scan.host.is_some_and(|h| !fields::valid_host(h.as_bytes())) {
         return bad("invalid Host");
     }
+    match uri.scheme_str() {
+        None | Some("http" | "https") => {}
+        Some(_) => return bad("a request target whose scheme is not http or https"),
+    }
     if let Some(authority) = uri.authority() {
+        if uri.scheme().is_none() {
+            // `host:port` alone is CONNECT's form, refused above.
+            return bad("the authority-form target is only for CONNECT");
+        }
         if authority.as_str().contains('@') {
             return bad("user info in the request target");
         }
