@@ -270,12 +270,10 @@ impl Exchange {
             let Some(outgoing) = &mut self.outgoing else {
                 return Ok(());
             };
-            // What the body has ready now, up to a batch: small pieces copied together.
-            let mut pieces: Vec<Bytes> = Vec::new();
-            let mut small = BytesMut::new();
-            let mut total = 0;
+            // What the body has ready now, up to a batch.
+            let mut batch = Batch::default();
             let mut ended = None;
-            while total < SEND_BATCH {
+            while batch.total < SEND_BATCH {
                 let frame = match Pin::new(&mut outgoing.body).poll_frame(cx) {
                     Poll::Pending => break,
                     Poll::Ready(None) => {
@@ -289,17 +287,7 @@ impl Exchange {
                     Poll::Ready(Some(Ok(frame))) => frame,
                 };
                 match frame.into_data() {
-                    Ok(data) => {
-                        total += data.len();
-                        if data.len() < COPY_PIECE {
-                            small.extend_from_slice(&data);
-                        } else {
-                            if !small.is_empty() {
-                                pieces.push(small.split().freeze());
-                            }
-                            pieces.push(data);
-                        }
-                    }
+                    Ok(data) => batch.push(data),
                     Err(frame) => {
                         // Trailers end the body; a body sent by length has nowhere for them.
                         ended = Some(frame.into_trailers().ok());
@@ -307,9 +295,7 @@ impl Exchange {
                     }
                 }
             }
-            if !small.is_empty() {
-                pieces.push(small.freeze());
-            }
+            let total = batch.total;
             self.waiting_on_client = total == 0 && ended.is_none();
             if self.waiting_on_client {
                 return Ok(());
@@ -321,7 +307,7 @@ impl Exchange {
                     chunked::put_size(&mut size, total);
                     out.push_back(size.freeze());
                 }
-                out.extend(pieces);
+                batch.into_queue(out);
                 if outgoing.chunked {
                     out.push_back(Bytes::from_static(b"\r\n"));
                 }
@@ -377,6 +363,53 @@ impl Exchange {
                 Ok(_) => {}
                 Err(e) => return Poll::Ready(Err(Box::new(e))),
             }
+        }
+    }
+}
+
+/// Request body data gathered for one write: one piece is passed on as it is, several small
+/// ones are copied together, large ones stay where they are.
+#[derive(Default)]
+struct Batch {
+    first: Option<Bytes>,
+    pieces: Vec<Bytes>,
+    small: BytesMut,
+    total: usize,
+}
+
+impl Batch {
+    fn push(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        self.total += data.len();
+        if self.total == data.len() {
+            self.first = Some(data);
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            self.add(first);
+        }
+        self.add(data);
+    }
+
+    fn add(&mut self, data: Bytes) {
+        if data.len() < COPY_PIECE {
+            self.small.extend_from_slice(&data);
+        } else {
+            if !self.small.is_empty() {
+                self.pieces.push(self.small.split().freeze());
+            }
+            self.pieces.push(data);
+        }
+    }
+
+    /// Appends the batch, in order, to a write queue.
+    fn into_queue(self, out: &mut VecDeque<Bytes>) {
+        out.extend(self.first);
+        out.extend(self.pieces);
+        if !self.small.is_empty() {
+            out.push_back(self.small.freeze());
         }
     }
 }

@@ -8,7 +8,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::fields::filter_trailers;
+use super::fields::{filter_trailers, trailer_allowed};
 use super::MAX_HEADERS;
 
 /// The longest chunk-size line accepted, extensions included.
@@ -284,11 +284,14 @@ pub fn put_size(buf: &mut BytesMut, len: usize) {
     buf.put_slice(b"\r\n");
 }
 
-/// Writes the last chunk, the trailer fields (if any) and the final CRLF.
+/// Writes the last chunk, the trailer fields (if any; those [`trailer_allowed`] refuses are
+/// left out, whoever parsed them) and the final CRLF.
 pub fn put_end(buf: &mut BytesMut, trailers: Option<&HeaderMap>) {
     buf.put_slice(b"0\r\n");
     for (name, value) in trailers.into_iter().flatten() {
-        super::head::put_field(buf, name.as_str().as_bytes(), value.as_bytes());
+        if trailer_allowed(name) {
+            super::head::put_field(buf, name.as_str().as_bytes(), value.as_bytes());
+        }
     }
     buf.put_slice(b"\r\n");
 }
@@ -404,6 +407,7 @@ mod tests {
         }
         let mut t = HeaderMap::new();
         t.insert("x-sum", HeaderValue::from_static("1"));
+        t.insert("content-length", HeaderValue::from_static("1"));
         let mut b = BytesMut::new();
         put_end(&mut b, Some(&t));
         assert_eq!(&b[..], b"0\r\nx-sum: 1\r\n\r\n");
