@@ -280,6 +280,11 @@ impl HopByHop {
         self.present |= 1 << bit;
     }
 
+    /// Whether any connection-scoped field was seen.
+    pub fn any(&self) -> bool {
+        self.present != 0
+    }
+
     /// Whether a `Transfer-Encoding` field was seen.
     pub fn transfer_encoding(&self) -> bool {
         self.present & (1 << 6) != 0

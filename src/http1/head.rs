@@ -7,7 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Uri, Version};
 
-use super::fields::{connection_has, Framing, FramingError};
+use super::fields::{connection_has, Framing, FramingError, HopByHop};
 use super::{BodyLength, MAX_HEADERS};
 
 /// Notes where each parsed field's name and value are in `buf` (`[name start, name end,
@@ -303,7 +303,7 @@ pub fn parse_response(
     // Room for the field the proxy adds to name the arm, so that adding it does not grow
     // (rehash) the map.
     let mut headers = HeaderMap::with_capacity(count + 1);
-    let mut hop_by_hop = false;
+    let mut hop = HopByHop::default();
     let mut framing = Framing::default();
     let mut close = false;
     let mut keep_alive = false;
@@ -335,20 +335,12 @@ pub fn parse_response(
                     // Only about this connection: nothing for the client.
                     continue;
                 }
-                hop_by_hop = true;
             }
             "keep-alive" => continue,
-            "trailer" => {
-                trailer.push(value.clone());
-                hop_by_hop = true;
-            }
-            "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "upgrade"
-            | "te" => hop_by_hop = true,
+            "trailer" => trailer.push(value.clone()),
             _ => {}
         }
+        hop.see(&name, &value);
         headers.append(name, value);
     }
     let mut reuse = !close && (minor == 1 || keep_alive);
@@ -399,7 +391,7 @@ pub fn parse_response(
         response,
         body,
         reuse,
-        hop_by_hop,
+        hop_by_hop: hop.any(),
         trailer,
     }))
 }
