@@ -8,10 +8,11 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
-use canaryd::circuit::{self, Outcome};
 use canaryd::config::Config;
 use canaryd::control::Control;
 use canaryd::metrics::Metrics;
+use canaryd::release::circuit;
+use canaryd::release::outcome::{self, Outcome};
 use canaryd::routing::WeightTable;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
@@ -63,12 +64,12 @@ fn hot_path(c: &mut Criterion) {
     // chunks (untimed) the task takes everything, so no send meets a full channel. Without
     // that the bench would mostly time the cheap `Full` rejection: sends outpace the task's
     // batches by far.
-    let (tx, rx) = circuit::channel();
+    let (tx, rx) = outcome::channel();
     let windows = Arc::new(circuit::Windows::default());
     let _runtime = rt.enter();
     let _task = circuit::spawn(control.clone(), windows, rx);
     let name: Arc<str> = Arc::from("stable");
-    let chunk = (circuit::CHANNEL_CAPACITY / 2) as u64;
+    let chunk = (outcome::CHANNEL_CAPACITY / 2) as u64;
     let mut rejected = 0u64;
     c.bench_function("outcome hand-off (try_send to the circuit task)", |b| {
         b.iter_custom(|iters| {

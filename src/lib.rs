@@ -3,55 +3,76 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: TOML schema and validation that reports every problem with its key path.
-//! - [`routing`]: the exact bucket rule of the design (§3) and the validated weight table; pure.
-//! - [`control`]: owns the running config and publishes the immutable snapshot requests read.
-//! - [`proxy`]: the per-request service: route, forward with streaming bodies, map failures.
-//! - [`upstream`]: one client per upstream, kept across reloads: canaryd's own for HTTP/1.1
-//!   ([`h1`]), hyper-util's for HTTP/2; the `X-Forwarded-*` fields of a request.
-//! - [`http1`]: sans-IO HTTP/1.1, every wire rule both sides share: heads, `Content-Length`,
-//!   transfer codings, the chunked coding, trailers, connection tokens, the hop-by-hop list.
-//! - [`h1`]: the HTTP/1.1 client: a keep-alive pool whose connections are driven by the
-//!   request that holds them, speaking [`http1`] on them.
+//! Folders by concern; imports run one way, from the top of this list to the bottom (checked
+//! by `.ci/imports.py`: no cycle among files or folders).
+//!
+//! - `main.rs`: the command line only.
+//! - [`app`]: `run(config, listeners, shutdown)`: wiring, nothing else.
+//! - `admin/`: the admin API (weights, promote, rollback, reset, status, route, metrics), its
+//!   auth, and its listener's loop.
+//! - `server/`: downstream: the accept loop (connection slots, TLS handshakes), a
+//!   connection's life (`conn`), what ends it (`guard`: request-head and idle timeouts, the
+//!   stop signal), and canaryd's HTTP/1.1 server side (`h1`), which hands HTTP/2, upgrades,
+//!   HTTP/1.0 and heads httparse refuses to hyper at a request boundary.
+//! - `proxy/`: the per-request service: the edge's rules and one pass over the header fields
+//!   (`request`), route, forward, failures mapped to statuses and the client's response
+//!   (`response`), WebSocket tunnels (`upgrade`), and what a connection learns of its
+//!   requests (`activity`).
+//! - [`release`]: off the data path: the outcome channel ([`release::outcome`]) and the
+//!   rollback circuit task ([`release::circuit`]).
+//! - [`control`]: owns the running config, admin overrides and trips, and publishes the
+//!   immutable snapshot requests read; the state file ([`control::state`]) and the config and
+//!   certificate reload tasks ([`control::reload`]).
+//! - `upstream/`: one client per upstream, kept across reloads: canaryd's own for HTTP/1.1
+//!   (`h1`: a pool whose connections are driven by the request that holds them),
+//!   hyper-util's for HTTP/2; the `X-Forwarded-*` fields; whose fault a failure was (`error`).
+//! - [`metrics`]: every metric name in one place; per-arm handles resolved once.
+//! - [`tls`]: rustls for both sides: termination with hot-reloaded certificates, upstream
+//!   client configs.
+//! - `analysis/`: pure statistics over outcomes (the sliding per-arm window).
 //! - [`body`]: request bodies as forwarded (whole, streamed by canaryd's server side, or by
 //!   hyper) and the client's faults in them, which are never an arm's failure.
-//! - [`reload`]: directory watch + SIGHUP → parse → validate → atomic swap.
-//! - [`admin`]: the admin API (weights, promote, rollback, reset, status, route, metrics).
-//! - [`metrics`]: Prometheus names and per-arm handles resolved once.
-//! - [`window`]: sliding per-arm request/error/latency window; pure.
-//! - [`circuit`]: the task that feeds windows from request outcomes, off the data path.
-//! - [`state`]: the state file (admin overrides, tripped arms), written atomically.
-//! - [`tls`]: rustls termination with hot-reloaded certificates; upstream client configs.
-//! - [`app`]: binds listeners, runs the accept loop and tasks, drains on shutdown.
-//! - [`conn`]: one downstream connection: idle and request-head timeouts, graceful stop, and
-//!   the hand-off from canaryd's HTTP/1.1 server side (`h1_server`: HTTP/1.1 requests and
-//!   their bodies, parsed and answered by the connection's task) to hyper for the rest
-//!   (HTTP/2, upgrades, HTTP/1.0, heads httparse refuses).
-//! - [`demo`]: built-in model upstreams for `canaryd demo`.
+//! - [`http1`]: sans-IO HTTP/1.1, every wire rule both sides share: heads, `Content-Length`,
+//!   transfer codings, the chunked coding, trailers, connection tokens, the hop-by-hop list.
+//! - [`config`]: the TOML schema, the spanned reader that reports every problem with its key
+//!   path and line, validation.
+//! - [`routing`]: the bucket rule and the validated weight table; pure.
+//! - [`demo`]: built-in model upstreams for `canaryd demo` (uses [`app`]).
 //!
-//! A request: accept ([`app`]) → [`proxy`] loads the snapshot once → [`routing`] picks the arm
-//! → [`upstream`] sends, body streaming → response streams back with the arm named in a header.
-//! Reload writes new snapshots; the data path only reads.
+//! # A request's way
+//!
+//! 1. `server` accepts the connection (a slot of `max_connections`, the TLS handshake) and
+//!    `server::conn` serves it under its `guard`.
+//! 2. An HTTP/1.1 request is parsed by `server::h1` with [`http1`]; its body, if still
+//!    arriving, is decoded by the connection's own task into a bounded hand-over
+//!    ([`body::streamed`]). Anything else goes to hyper, which serves the rest of the
+//!    connection.
+//! 3. `proxy` applies the edge's rules, loads the [`control`] snapshot once, and
+//!    [`routing`] picks the arm (override, sticky bucket, or random by weight).
+//! 4. `upstream` sends it: over HTTP/1.1 the request's own task writes the head and body and
+//!    reads the response on a pooled connection, with [`http1`]; over HTTP/2, hyper-util.
+//! 5. The response streams back (`server::h1` writes head and small bodies in one write),
+//!    naming the arm in a header; its outcome goes to [`release::outcome`] with `try_send`,
+//!    and the circuit task judges it off the data path, tripping an arm by publishing a new
+//!    snapshot.
+//!
+//! Reloads and admin calls write new snapshots; the data path only reads them.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admin;
+pub(crate) mod admin;
+pub(crate) mod analysis;
 pub mod app;
 pub mod body;
-pub mod circuit;
 pub mod config;
-pub mod conn;
 pub mod control;
 pub mod demo;
-pub mod h1;
-mod h1_server;
 pub mod http1;
 pub mod metrics;
-pub mod proxy;
-pub mod reload;
+pub(crate) mod proxy;
+pub mod release;
 pub mod routing;
-pub mod state;
+pub(crate) mod server;
 pub mod tls;
-pub mod upstream;
-pub mod window;
+pub(crate) mod upstream;

@@ -15,7 +15,7 @@ use metrics_exporter_prometheus::{
 };
 
 use crate::body::ClientFault;
-use crate::upstream::FailureKind;
+use crate::upstream::error::FailureKind;
 
 /// `canaryd_requests_total{upstream,status}`.
 pub const REQUESTS: &str = "canaryd_requests_total";

@@ -12,7 +12,7 @@ use http::Uri;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use super::{
+use super::schema::{
     AdminConfig, Config, ConfigError, ConfigErrors, ListenConfig, RollbackConfig, RoutingConfig,
     StateConfig, StatusSet, TlsFiles, UpstreamConfig, UpstreamTls,
 };

@@ -15,13 +15,17 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Map, Value};
 use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 
-use crate::circuit::Windows;
+use crate::control::state::Trip;
 use crate::control::{ChangeError, Control, View};
+use crate::release::circuit::Windows;
 use crate::routing::BASIS_POINTS;
-use crate::state::Trip;
 
 /// Largest admin request body.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -456,6 +460,27 @@ pub fn weights_json(view: &View) -> Value {
             .map(|(n, t)| (n.clone(), trip_json(t)))
             .collect::<Map<String, Value>>(),
     })
+}
+
+/// Serves the admin API on `listener` until `stop` fires.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    mut stop: watch::Receiver<bool>,
+) {
+    while let Some((stream, peer)) = crate::server::accept(&listener, &mut stop, "admin").await {
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| admin.clone().handle(req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %peer, error = %e, "admin connection ended with an error");
+            }
+        });
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
@@ -23,58 +22,15 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::ClientConfig;
 
-use crate::body::{ClientError, RequestBody};
+pub mod error;
+pub mod forwarded;
+pub mod h1;
+
+use self::error::{chain, UpstreamError};
+use self::forwarded::Forwarded;
+use self::h1::{H1Body, H1Pool, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE};
+use crate::body::{BoxError, ClientError, RequestBody};
 use crate::config::{UpstreamConfig, UpstreamTls};
-use crate::h1::{BoxError, H1Body, H1Pool, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE};
-
-/// `X-Forwarded-For`.
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-/// `X-Forwarded-Proto`.
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-/// `X-Forwarded-Host`.
-pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-/// The `X-Forwarded-*` fields of an upstream request; they replace any the client sent. The
-/// HTTP/1.1 client writes them straight into the request head (adding three fields to the
-/// header map hyper parsed would make it grow, a reallocation and rehash, on most requests);
-/// for HTTP/2 they are set in the header map.
-#[derive(Debug, Clone)]
-pub struct Forwarded {
-    /// `X-Forwarded-For`: the client's list, if any, with the peer appended.
-    pub for_: HeaderValue,
-    /// `X-Forwarded-Proto`: `http` or `https`.
-    pub proto: HeaderValue,
-    /// `X-Forwarded-Host`: the host the client asked for, if it named one.
-    pub host: Option<HeaderValue>,
-}
-
-impl Forwarded {
-    /// The fields with their names, in the order they are sent.
-    pub fn fields(&self) -> impl Iterator<Item = (&'static HeaderName, &HeaderValue)> {
-        [
-            (&X_FORWARDED_FOR, Some(&self.for_)),
-            (&X_FORWARDED_PROTO, Some(&self.proto)),
-            (&X_FORWARDED_HOST, self.host.as_ref()),
-        ]
-        .into_iter()
-        .filter_map(|(n, v)| Some((n, v?)))
-    }
-
-    /// Whether `name` is one of the fields these replace.
-    pub fn replaces(name: &HeaderName) -> bool {
-        *name == X_FORWARDED_FOR || *name == X_FORWARDED_PROTO || *name == X_FORWARDED_HOST
-    }
-
-    /// Sets the fields in a header map, replacing the client's.
-    fn apply(&self, headers: &mut HeaderMap) {
-        if self.host.is_none() {
-            headers.remove(&X_FORWARDED_HOST);
-        }
-        for (name, value) in self.fields() {
-            headers.insert(name, value.clone());
-        }
-    }
-}
 
 /// Request body sent upstream (see [`RequestBody`]).
 pub type UpstreamBody = RequestBody;
@@ -135,76 +91,6 @@ impl UpstreamKey {
             http2: cfg.http2,
             tls: cfg.tls.clone(),
         }
-    }
-}
-
-/// Why no response came back from an upstream.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// TCP connect (or the TLS handshake) failed or timed out.
-    #[error("connect failed: {0}")]
-    Connect(String),
-    /// No response headers within `request_timeout`.
-    #[error("no response within {0:?}")]
-    Timeout(Duration),
-    /// The connection broke or the upstream spoke invalid HTTP.
-    #[error("protocol error: {0}")]
-    Protocol(String),
-    /// The client broke, abandoned or was too slow with its request body: not the arm's
-    /// failure.
-    #[error("{0}")]
-    Client(ClientError),
-}
-
-/// The `kind` label of `canaryd_upstream_failures_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// Connect failed or timed out.
-    Connect = 0,
-    /// No response headers within `request_timeout`.
-    Timeout = 1,
-    /// Broken connection or invalid HTTP.
-    Protocol = 2,
-}
-
-impl FailureKind {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::Connect => "connect",
-            FailureKind::Timeout => "timeout",
-            FailureKind::Protocol => "protocol",
-        }
-    }
-}
-
-impl UpstreamError {
-    /// Which kind of failure of the arm this is; `None` for the client's.
-    pub fn kind(&self) -> Option<FailureKind> {
-        match self {
-            UpstreamError::Connect(_) => Some(FailureKind::Connect),
-            UpstreamError::Timeout(_) => Some(FailureKind::Timeout),
-            UpstreamError::Protocol(_) => Some(FailureKind::Protocol),
-            UpstreamError::Client(_) => None,
-        }
-    }
-}
-
-/// An error and its sources, joined; a generic outer message with a more specific source
-/// ("client error (Connect)") is skipped.
-pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = Vec::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        parts.push(s.to_string());
-        cur = s.source();
-    }
-    if parts.is_empty() {
-        e.to_string()
-    } else if e.is::<hyper_util::client::legacy::Error>() {
-        parts.join(": ")
-    } else {
-        format!("{e}: {}", parts.join(": "))
     }
 }
 

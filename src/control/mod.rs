@@ -17,10 +17,13 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use http::header::{HeaderName, HeaderValue};
 
+pub mod reload;
+pub mod state;
+
+use self::state::{AdminWeights, State, Trip};
 use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::metrics::{ArmMetrics, Metrics};
 use crate::routing::{fmt_percent, Router, WeightTable, BASIS_POINTS};
-use crate::state::{self, AdminWeights, State, Trip};
 use crate::upstream::{Upstream, UpstreamKey};
 
 /// One arm as the data path sees it.

@@ -1,13 +1,14 @@
 //! The rollback circuit: per-arm sliding windows fed by request outcomes, and the trip rule.
 //!
-//! The proxy sends one [`Outcome`] per finished request with `try_send` on a bounded channel:
+//! The proxy sends one [`Outcome`] per finished request with `try_send` on a bounded channel
+//! ([`super::outcome`]):
 //! it never waits. A single task owns the updates and checks the trip rule (design §5) for
 //! every arm that finished a request, so a spike is caught within a few requests. `/status`
 //! reads the windows under a short lock the data path never takes.
 //!
 //! The task takes outcomes in batches. It watches every arm but the baseline: an error of a
-//! watched arm wakes it at once, and so does every [`WAKE_AFTER`]th outcome of one, so a
-//! canary is checked within a few of its requests. Everything else (the baseline's outcomes)
+//! watched arm wakes it at once, and so does every `WAKE_AFTER`th outcome of one, so a
+//! canary is checked within a few of its requests (see [`super::outcome::WAKE_AFTER`]). Everything else (the baseline's outcomes)
 //! waits for the next batch, taken at least every [`COALESCE`] while outcomes come. The
 //! task's one timer is re-armed only after it fired: a loaded proxy is not woken by a timer
 //! every millisecond, and the wake-ups it does get come from the data path, on the same
@@ -15,21 +16,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::outcome::{Outcome, OutcomeReceiver};
+use crate::analysis::window::{Window, WindowStats};
 use crate::config::RollbackConfig;
 use crate::control::{Control, Snapshot};
-use crate::window::{Window, WindowStats};
 
-/// Outcomes buffered before the data path starts dropping them (counted in metrics).
-pub const CHANNEL_CAPACITY: usize = 16_384;
 /// While outcomes keep coming, the task takes a batch at least this often, so baseline
 /// outcomes (which do not wake it) reach the windows within 10 ms. An idle task blocks on the
 /// channel and costs nothing.
@@ -40,76 +37,8 @@ pub const CHANNEL_CAPACITY: usize = 16_384;
 /// calls per request at 15,700 req/s that nginx does not make, and it capped the runtime's
 /// `epoll_wait` timeout at a millisecond (`benches/load/wakeups.sh`; README, "Performance").
 pub const COALESCE: Duration = Duration::from_millis(10);
-/// Every this many outcomes of watched arms wake the task: a canary's window is checked
-/// within this many of its requests even when they succeed (the relative rules can be met by
-/// the baseline's traffic, the latency rules by slow successes).
-pub const WAKE_AFTER: usize = 4;
 /// The most outcomes taken in one batch; a full batch is followed by the next at once.
 const BATCH: usize = 1024;
-
-/// One finished request, as the windows see it.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    /// Arm that served it.
-    pub arm: Arc<str>,
-    /// Whether the circuit watches that arm (every arm but the baseline): these outcomes
-    /// count towards [`WAKE_AFTER`].
-    pub watched: bool,
-    /// Error status or failure to get a response.
-    pub error: bool,
-    /// Time to response headers (or to the proxy's error).
-    pub latency: Duration,
-    /// When it finished.
-    pub at: Instant,
-}
-
-/// Sending half, held by the proxy.
-#[derive(Debug, Clone)]
-pub struct OutcomeSender {
-    tx: mpsc::Sender<Outcome>,
-    wake: Arc<Wake>,
-}
-
-/// How the data path wakes the circuit task between its timed batches.
-#[derive(Debug, Default)]
-struct Wake {
-    notify: Notify,
-    /// Outcomes of watched arms sent so far (wrapping).
-    watched: AtomicUsize,
-}
-
-impl OutcomeSender {
-    /// Queues `o` for the circuit task without waiting. An error of a watched arm, and every
-    /// [`WAKE_AFTER`]th outcome of one, also wakes the task if it is waiting for its next
-    /// batch.
-    pub fn try_send(&self, o: Outcome) -> Result<(), TrySendError<Outcome>> {
-        let (error, watched) = (o.error, o.watched);
-        self.tx.try_send(o)?;
-        if watched {
-            let n = self
-                .wake
-                .watched
-                .fetch_add(1, Ordering::Relaxed)
-                .wrapping_add(1);
-            if error || n % WAKE_AFTER == 0 {
-                self.wake.notify.notify_one();
-            }
-        }
-        Ok(())
-    }
-
-    /// Outcomes sent and not yet taken by the circuit task.
-    pub fn backlog(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
-    }
-}
-
-/// Receiving half, owned by the circuit task.
-#[derive(Debug)]
-pub struct OutcomeReceiver {
-    rx: mpsc::Receiver<Outcome>,
-    wake: Arc<Wake>,
-}
 
 /// The windows of every arm.
 #[derive(Debug, Default)]
@@ -252,19 +181,6 @@ pub fn evaluate(cfg: &RollbackConfig, arm: &WindowStats, base: &WindowStats) -> 
     None
 }
 
-/// Creates the outcome channel.
-pub fn channel() -> (OutcomeSender, OutcomeReceiver) {
-    let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-    let wake = Arc::new(Wake::default());
-    (
-        OutcomeSender {
-            tx,
-            wake: wake.clone(),
-        },
-        OutcomeReceiver { rx, wake },
-    )
-}
-
 /// The window epoch of each arm as last seen, to notice resets and new builds.
 #[derive(Default)]
 struct Seen {
@@ -366,6 +282,7 @@ const EMPTY: WindowStats = WindowStats {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::release::outcome::{channel, WAKE_AFTER};
 
     fn config(extra: &str) -> Config {
         let text = format!(

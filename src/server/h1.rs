@@ -30,8 +30,8 @@ use http_body::Body;
 use http_body_util::Full;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::guard::{Event, Guard};
 use crate::body::{self, BodyTx, ClientError, ClientFault, RequestBody};
-use crate::conn::{Event, Guard};
 use crate::http1::chunked::{self, ChunkedDecoder, Step};
 use crate::http1::head::{self as wire, ParsedRequest, Rejection};
 use crate::http1::BodyLength;

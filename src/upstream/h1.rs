@@ -39,11 +39,13 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tower_service::Service;
 
+use super::error::{chain, UpstreamError};
+use super::forwarded::Forwarded;
+use crate::body::RequestBody;
 use crate::body::{ClientError, ClientFault};
 use crate::http1::chunked::{self, ChunkedDecoder, Step};
 use crate::http1::head::{encode_request, parse_response, ResponseBody, ResponseHead};
 use crate::http1::BodyLength;
-use crate::upstream::{Forwarded, UpstreamBody, UpstreamError};
 
 pub use crate::body::BoxError;
 
@@ -207,7 +209,7 @@ impl Conn {
 
 /// The request body still to be sent.
 struct Outgoing {
-    body: UpstreamBody,
+    body: RequestBody,
     chunked: bool,
 }
 
@@ -507,7 +509,7 @@ impl H1Pool {
             .clone()
             .call(self.target.uri.clone())
             .await
-            .map_err(|e| UpstreamError::Connect(crate::upstream::chain(&e)))?
+            .map_err(|e| UpstreamError::Connect(chain(&e)))?
             .into_inner();
         let io = match &self.target.tls {
             None => Stream::Plain(tcp),
@@ -546,7 +548,7 @@ impl H1Pool {
     /// most `timeout`. The response body holds the connection until it has been read.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<UpstreamBody>,
+        req: Request<RequestBody>,
         forwarded: &Forwarded,
         timeout: Duration,
     ) -> Result<Response<H1Body>, UpstreamError> {

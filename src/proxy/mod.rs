@@ -1,156 +1,36 @@
 //! The proxy service: route, forward with streaming bodies, and map failures to 502/504.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
-use http_body::{Body, Frame, SizeHint};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body::Body;
 use http_body_util::Either;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 
-use crate::body::{ClientFault, RequestBody};
-use crate::circuit::{Outcome, OutcomeSender};
-use crate::conn::{Activity, Busy};
-use crate::control::{Arm, Control, Snapshot};
-use crate::h1::{BoxError, Upgraded};
-use crate::http1::fields::{self, connection_has, remove_hop_by_hop, HopByHop};
-use crate::metrics::{ArmMetrics, InFlight, Metrics};
-use crate::routing::Decision;
-use crate::upstream::{
-    FailureKind, Forwarded, UpstreamBody, UpstreamError, UpstreamResponseBody, X_FORWARDED_FOR,
+pub mod activity;
+mod request;
+mod response;
+mod upgrade;
+
+use self::activity::{Activity, Busy};
+use self::request::{check, forwarded_for, Found, RequestScan};
+use self::response::{
+    client_response, failure_status, grpc_status, is_grpc, local_response, send_outcome, GrpcWatch,
 };
-
-/// Response body: the upstream's streamed body, or a short local message. Holds the request
-/// in the arm's in-flight gauge until the body is finished or dropped, and, for a gRPC
-/// response whose status comes in trailers, reports the outcome when they arrive.
-#[derive(Debug)]
-pub struct ProxyBody {
-    inner: Either<UpstreamResponseBody, Option<Bytes>>,
-    grpc: Option<GrpcWatch>,
-    _in_flight: Option<InFlight>,
-    _busy: Option<Busy>,
-}
-
-impl ProxyBody {
-    fn local(text: String) -> Self {
-        ProxyBody {
-            inner: Either::Right(Some(Bytes::from(text))),
-            grpc: None,
-            _in_flight: None,
-            _busy: None,
-        }
-    }
-}
-
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let polled = match &mut this.inner {
-            Either::Left(upstream) => Pin::new(upstream).poll_frame(cx),
-            Either::Right(local) => return Poll::Ready(local.take().map(|b| Ok(Frame::data(b)))),
-        };
-        if let Some(watch) = &mut this.grpc {
-            match &polled {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(trailers) = frame.trailers_ref() {
-                        watch.finish(grpc_status(trailers));
-                    }
-                }
-                // The stream ended without trailers: no grpc-status is an error (UNKNOWN).
-                Poll::Ready(None) => watch.finish(Some(2)),
-                Poll::Ready(Some(Err(_))) => watch.finish(Some(2)),
-                Poll::Pending => {}
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Either::Left(upstream) => upstream.is_end_stream(),
-            Either::Right(local) => local.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Either::Left(upstream) => upstream.size_hint(),
-            Either::Right(local) => {
-                SizeHint::with_exact(local.as_ref().map_or(0, |b| b.len() as u64))
-            }
-        }
-    }
-}
-
-/// gRPC status codes that count as errors of the arm: the server-side failures UNKNOWN (2),
-/// DEADLINE_EXCEEDED (4), UNIMPLEMENTED (12), INTERNAL (13), UNAVAILABLE (14), DATA_LOSS (15).
-/// Client-caused codes (INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, ...) do not.
-pub fn grpc_error(code: u32) -> bool {
-    matches!(code, 2 | 4 | 12 | 13 | 14 | 15)
-}
-
-fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-}
-
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
-/// Reports a gRPC call's outcome once its status is known from the trailers.
-#[derive(Debug)]
-struct GrpcWatch {
-    outcome: Option<Outcome>,
-    arm: Arc<ArmMetrics>,
-    outcomes: OutcomeSender,
-    metrics: Arc<crate::metrics::Metrics>,
-}
-
-impl GrpcWatch {
-    fn finish(&mut self, code: Option<u32>) {
-        if let Some(mut o) = self.outcome.take() {
-            let code = code.unwrap_or(2);
-            self.arm.grpc_status(code);
-            o.error |= grpc_error(code);
-            send_outcome(&self.outcomes, &self.metrics, o);
-        }
-    }
-}
-
-impl Drop for GrpcWatch {
-    fn drop(&mut self) {
-        // The client went away before the trailers: not the arm's failure, but still a call.
-        if let Some(o) = self.outcome.take() {
-            send_outcome(&self.outcomes, &self.metrics, o);
-        }
-    }
-}
-
-fn send_outcome(outcomes: &OutcomeSender, metrics: &crate::metrics::Metrics, o: Outcome) {
-    match outcomes.try_send(o) {
-        Ok(()) | Err(TrySendError::Closed(_)) => {}
-        Err(TrySendError::Full(_)) => metrics.outcome_dropped(),
-    }
-}
+pub use self::response::{grpc_error, ProxyBody};
+use self::upgrade::relay_upgrade;
+use crate::body::{ClientFault, RequestBody};
+use crate::control::{Arm, Control, Snapshot};
+use crate::http1::fields::remove_hop_by_hop;
+use crate::metrics::{InFlight, Metrics};
+use crate::release::outcome::{Outcome, OutcomeSender};
+use crate::routing::Decision;
+use crate::upstream::error::{FailureKind, UpstreamError};
+use crate::upstream::forwarded::Forwarded;
+use crate::upstream::{UpstreamBody, UpstreamResponseBody};
 
 /// What the access log needs of a request after its head was consumed.
 struct Ctx {
@@ -566,232 +446,6 @@ impl Proxy {
     }
 }
 
-/// What one pass over a request's headers finds: what routing, the upgrade check, the
-/// forwarding headers and hop-by-hop removal need, instead of a hashed lookup for each.
-struct RequestScan<'a> {
-    /// The first value of the router's sticky header.
-    sticky: Option<&'a HeaderValue>,
-    /// The first value of the router's override header, if one is configured.
-    override_value: Option<&'a HeaderValue>,
-    host: Option<&'a HeaderValue>,
-    /// How many `Host` fields.
-    hosts: usize,
-    /// An `Expect` field.
-    expect: bool,
-    /// A `Content-Length` field.
-    content_length: bool,
-    upgrade: Option<&'a HeaderValue>,
-    /// A `Connection` header lists `upgrade`.
-    connection_upgrade: bool,
-    /// The client sent `X-Forwarded-For`.
-    forwarded_for: bool,
-    hop: HopByHop,
-}
-
-impl<'a> RequestScan<'a> {
-    fn of(
-        headers: &'a HeaderMap,
-        (sticky, override_name): (&HeaderName, Option<&HeaderName>),
-    ) -> Self {
-        let mut scan = RequestScan {
-            sticky: None,
-            override_value: None,
-            host: None,
-            hosts: 0,
-            expect: false,
-            content_length: false,
-            upgrade: None,
-            connection_upgrade: false,
-            forwarded_for: false,
-            hop: HopByHop::default(),
-        };
-        for (name, value) in headers {
-            if name == sticky {
-                scan.sticky.get_or_insert(value);
-            } else if Some(name) == override_name {
-                scan.override_value.get_or_insert(value);
-            }
-            match name.as_str() {
-                "host" => {
-                    scan.host.get_or_insert(value);
-                    scan.hosts += 1;
-                }
-                "expect" => scan.expect = true,
-                "content-length" => scan.content_length = true,
-                "x-forwarded-for" => scan.forwarded_for = true,
-                "connection" => {
-                    scan.connection_upgrade |= connection_has(value.as_bytes(), b"upgrade");
-                    scan.hop.see(name, value);
-                }
-                "upgrade" => {
-                    scan.upgrade.get_or_insert(value);
-                    scan.hop.see(name, value);
-                }
-                _ => scan.hop.see(name, value),
-            }
-        }
-        scan
-    }
-}
-
-/// What [`RequestScan`] found that outlives the borrow of the headers.
-struct Found {
-    host: Option<HeaderValue>,
-    forwarded_for: bool,
-    hop: HopByHop,
-    expect: bool,
-    content_length: bool,
-}
-
-/// Relays bytes both ways between the upgraded client and upstream connections until either
-/// side closes. The request stays in flight for as long as the tunnel is open.
-fn relay_upgrade(client: OnUpgrade, upstream: Upgraded, in_flight: InFlight, arm: &Arm) {
-    let name = arm.name.clone();
-    tokio::spawn(async move {
-        let _in_flight = in_flight;
-        let Upgraded { io: mut u, read } = upstream;
-        let relayed = async {
-            let mut c = TokioIo::new(client.await.map_err(std::io::Error::other)?);
-            // What the upstream sent right behind its 101 head goes first.
-            c.write_all(&read).await?;
-            tokio::io::copy_bidirectional(&mut c, &mut u).await
-        };
-        if let Err(e) = relayed.await {
-            tracing::debug!(upstream = %name, error = %e, "upgraded connection ended");
-        }
-    });
-}
-
-/// Status for a failure, decided by where it came from.
-fn failure_status(e: &UpstreamError) -> StatusCode {
-    match e {
-        UpstreamError::Connect(_) | UpstreamError::Protocol(_) => StatusCode::BAD_GATEWAY,
-        UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        UpstreamError::Client(c) => c.fault.status(),
-    }
-}
-
-/// The rules of a trusted edge for what may reach an upstream, whichever side parsed the
-/// request: `CONNECT` is refused (405: canaryd is no forward proxy), the asterisk-form target
-/// is for `OPTIONS` only, an absolute-form target is `http` or `https` with no user info, an
-/// HTTP/1.1 request has exactly one valid `Host` (HTTP/1.0: at most one), an HTTP/2 `host`
-/// field agrees with `:authority`, and the only transfer coding is chunked (501 otherwise).
-fn check(
-    req: &Request<UpstreamBody>,
-    scan: &RequestScan<'_>,
-) -> Result<(), (StatusCode, &'static str)> {
-    const fn bad(reason: &'static str) -> Result<(), (StatusCode, &'static str)> {
-        Err((StatusCode::BAD_REQUEST, reason))
-    }
-    if req.method() == Method::CONNECT {
-        return Err((
-            StatusCode::METHOD_NOT_ALLOWED,
-            "CONNECT is not served (canaryd is a reverse proxy)",
-        ));
-    }
-    let uri = req.uri();
-    if uri.path() == "*" && req.method() != Method::OPTIONS {
-        return bad("the asterisk-form target is only for OPTIONS");
-    }
-    if scan.hosts > 1 {
-        return bad("more than one Host field");
-    }
-    if scan.hosts == 0 && req.version() == Version::HTTP_11 {
-        return bad("an HTTP/1.1 request without Host");
-    }
-    if scan.host.is_some_and(|h| !fields::valid_host(h.as_bytes())) {
-        return bad("invalid Host");
-    }
-    match uri.scheme_str() {
-        None | Some("http" | "https") => {}
-        Some(_) => return bad("a request target whose scheme is not http or https"),
-    }
-    if let Some(authority) = uri.authority() {
-        if uri.scheme().is_none() {
-            // `host:port` alone is CONNECT's form, refused above.
-            return bad("the authority-form target is only for CONNECT");
-        }
-        if authority.as_str().contains('@') {
-            return bad("user info in the request target");
-        }
-        if req.version() == Version::HTTP_2
-            && scan.host.is_some_and(|h| {
-                !h.as_bytes()
-                    .eq_ignore_ascii_case(authority.as_str().as_bytes())
-            })
-        {
-            return bad("Host differs from :authority");
-        }
-    }
-    if scan.hop.transfer_encoding() {
-        let mut framing = fields::Framing::default();
-        for v in req.headers().get_all(header::TRANSFER_ENCODING) {
-            framing.coding(v.as_bytes());
-        }
-        if framing.chunked().is_err() {
-            return Err((
-                StatusCode::NOT_IMPLEMENTED,
-                "transfer codings other than chunked are not implemented",
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// A response to a request the client got wrong; `close`: HTTP/1 closes the connection after
-/// it (what follows such a request cannot be trusted).
-fn client_response(status: StatusCode, cause: &str, close: bool) -> Response<ProxyBody> {
-    let text = format!(
-        "canaryd: {} {}: {}\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        cause
-    );
-    let mut resp = Response::new(ProxyBody::local(text));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    if close {
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    resp
-}
-
-fn local_response(status: StatusCode, arm: &Arm, cause: &str) -> Response<ProxyBody> {
-    let text = format!(
-        "canaryd: {} {} from upstream \"{}\": {}\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        arm.name,
-        cause
-    );
-    let mut resp = Response::new(ProxyBody::local(text));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
-/// The `X-Forwarded-For` value to send: the client's list, if any, with the peer appended.
-fn forwarded_for(headers: &HeaderMap, peer_ip: &HeaderValue) -> HeaderValue {
-    let mut sent = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
-    if sent.peek().is_none() {
-        return peer_ip.clone();
-    }
-    let mut joined = Vec::new();
-    for v in sent {
-        joined.extend_from_slice(v.as_bytes());
-        joined.extend_from_slice(b", ");
-    }
-    joined.extend_from_slice(peer_ip.as_bytes());
-    HeaderValue::from_bytes(&joined).unwrap_or_else(|_| peer_ip.clone())
-}
-
 fn log_access(arm: &str, ctx: &Ctx, status: StatusCode, elapsed: std::time::Duration) {
     let d = &ctx.decision;
     let (method, path) = ctx
@@ -809,19 +463,4 @@ fn log_access(arm: &str, ctx: &Ctx, status: StatusCode, elapsed: std::time::Dura
         duration_ms = elapsed.as_secs_f64() * 1000.0,
         "request"
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forwarded_for_is_appended() {
-        let mut h = HeaderMap::new();
-        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
-        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
-        let peer = HeaderValue::from_static("192.0.2.7");
-        assert_eq!(forwarded_for(&h, &peer), "10.0.0.1, 10.0.0.2, 192.0.2.7");
-        assert_eq!(forwarded_for(&HeaderMap::new(), &peer), "192.0.2.7");
-    }
 }

@@ -1,0 +1,3 @@
+//! Pure statistics over request outcomes: no I/O, no clock but the one given.
+
+pub mod window;

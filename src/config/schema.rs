@@ -1,0 +1,276 @@
+//! The configuration's schema: every section's validated values and the errors found on
+//! the way.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::Uri;
+
+/// A fully validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `[listen]`: the data-plane listener.
+    pub listen: ListenConfig,
+    /// `[admin]`: the admin API listener.
+    pub admin: AdminConfig,
+    /// `[routing]`: how a request picks its arm.
+    pub routing: RoutingConfig,
+    /// `[[upstream]]`, in config order (the order canaries take bucket ranges in).
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Index into `upstreams` of the baseline (rollback target).
+    pub baseline: usize,
+    /// `[rollback]`: the local rollback circuit.
+    pub rollback: RollbackConfig,
+    /// `[state]`: where admin overrides and tripped arms survive restarts.
+    pub state: StateConfig,
+}
+
+/// `[listen]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenConfig {
+    /// Address the proxy listens on.
+    pub addr: SocketAddr,
+    /// Certificate chain and key: HTTPS with ALPN h2 and http/1.1 when set.
+    pub tls: Option<TlsFiles>,
+    /// Deadline for a client's TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Whole upstream exchange until response headers; past it the client gets 504.
+    pub request_timeout: Duration,
+    /// How long a client may take to send a request head.
+    pub header_read_timeout: Duration,
+    /// A connection with no bytes moving for this long is closed (gracefully).
+    pub idle_timeout: Duration,
+    /// Grace period for in-flight requests on shutdown.
+    pub drain_timeout: Duration,
+    /// Concurrent downstream connections; further clients wait in the accept backlog.
+    pub max_connections: usize,
+    /// Largest request head accepted; larger ones get 431 and are never forwarded.
+    pub max_header_bytes: usize,
+    /// Log one line per request at info.
+    pub access_log: bool,
+}
+
+/// `[admin]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// Address of the admin API and `/metrics`.
+    pub addr: SocketAddr,
+    /// File holding the bearer token for mutating calls.
+    pub token_file: Option<PathBuf>,
+}
+
+/// `[routing]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingConfig {
+    /// Header whose value is the sticky hash key.
+    pub sticky_header: HeaderName,
+    /// Prepended to the key before hashing; empty keeps the classic assignment.
+    pub salt: String,
+    /// Header naming an upstream that must serve the request.
+    pub override_header: Option<HeaderName>,
+    /// Response header naming the arm that served; `None` when turned off.
+    pub response_header: Option<HeaderName>,
+}
+
+/// One `[[upstream]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    /// Arm name: metric label, header value, admin API key.
+    pub name: String,
+    /// Base URL (scheme and authority only).
+    pub url: Uri,
+    /// Configured weight in basis points (1% = 100).
+    pub weight_bp: u16,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Speak HTTP/2 to this upstream (prior knowledge on http://, ALPN h2 on https://).
+    pub http2: bool,
+    /// TLS settings for an https:// upstream.
+    pub tls: UpstreamTls,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// TLS towards an https:// upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UpstreamTls {
+    /// PEM CA certificates to verify the upstream with, instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate for mutual TLS.
+    pub client: Option<TlsFiles>,
+}
+
+impl UpstreamConfig {
+    /// The URL as users write it: `http://host:port`, no trailing slash.
+    pub fn url_text(&self) -> String {
+        self.url.to_string().trim_end_matches('/').to_owned()
+    }
+}
+
+/// `[rollback]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RollbackConfig {
+    /// Whether the circuit may trip arms.
+    pub enabled: bool,
+    /// Sliding window length.
+    pub window: Duration,
+    /// Requests an arm needs in the window before it may trip.
+    pub min_requests: u64,
+    /// Absolute error rate that trips.
+    pub max_error_rate: f64,
+    /// Error rate above the baseline's that trips.
+    pub max_error_rate_increase: f64,
+    /// Which response statuses count as errors.
+    pub error_statuses: StatusSet,
+    /// Trip when the arm's window p99 exceeds the baseline's by this much.
+    pub max_p99_increase: Option<Duration>,
+    /// Trip when the arm's window p99 is at least this multiple of the baseline's.
+    pub max_p99_ratio: Option<f64>,
+}
+
+/// `[state]` section.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StateConfig {
+    /// State file path; `None` keeps admin changes in memory only.
+    pub file: Option<PathBuf>,
+}
+
+/// A set of HTTP status codes (100..=599), as a bitmap so the data path checks it in O(1).
+#[derive(Clone, PartialEq, Eq)]
+pub struct StatusSet {
+    bits: [u64; 10],
+    pub(super) spec: Vec<String>,
+}
+
+impl StatusSet {
+    pub(super) fn empty() -> Self {
+        StatusSet {
+            bits: [0; 10],
+            spec: Vec::new(),
+        }
+    }
+
+    pub(super) fn insert(&mut self, code: u16) {
+        self.bits[usize::from(code / 64)] |= 1 << (code % 64);
+    }
+
+    /// Whether `code` is in the set.
+    pub fn contains(&self, code: u16) -> bool {
+        code < 640 && self.bits[usize::from(code / 64)] & (1 << (code % 64)) != 0
+    }
+
+    /// The entries as written in the config (`"5xx"`, `"429"`).
+    pub fn spec(&self) -> &[String] {
+        &self.spec
+    }
+}
+
+impl fmt::Debug for StatusSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.spec).finish()
+    }
+}
+
+impl Config {
+    /// The baseline upstream.
+    pub fn baseline(&self) -> &UpstreamConfig {
+        &self.upstreams[self.baseline]
+    }
+
+    /// Configured weights in basis points, in config order.
+    pub fn weights_bp(&self) -> Vec<u16> {
+        self.upstreams.iter().map(|u| u.weight_bp).collect()
+    }
+
+    /// The routing rule for this config's headers, salt and arm names.
+    pub fn router(&self) -> crate::routing::Router {
+        crate::routing::Router::new(
+            self.routing.sticky_header.clone(),
+            &self.routing.salt,
+            self.routing.override_header.clone(),
+            self.upstreams.iter().map(|u| u.name.as_str()),
+        )
+    }
+
+    /// The configured weight table.
+    pub fn weight_table(&self) -> crate::routing::WeightTable {
+        // parse() only returns configs whose weights sum to 10000 with a baseline in range.
+        crate::routing::WeightTable::new(self.weights_bp(), self.baseline)
+            .expect("validated config yields a valid weight table")
+    }
+
+    /// Settings that only take effect on restart and differ between `self` and `new`.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.listen.addr != new.listen.addr {
+            out.push("listen.addr");
+        }
+        if self.listen.max_connections != new.listen.max_connections {
+            out.push("listen.max_connections");
+        }
+        if self.listen.max_header_bytes != new.listen.max_header_bytes {
+            out.push("listen.max_header_bytes");
+        }
+        if self.listen.header_read_timeout != new.listen.header_read_timeout {
+            out.push("listen.header_read_timeout");
+        }
+        if self.admin.addr != new.admin.addr {
+            out.push("admin.addr");
+        }
+        if self.listen.tls != new.listen.tls {
+            out.push("listen.tls_cert/tls_key paths");
+        }
+        if self.listen.tls_handshake_timeout != new.listen.tls_handshake_timeout {
+            out.push("listen.tls_handshake_timeout");
+        }
+        out
+    }
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Key path such as `upstream[1].weight`; empty for whole-file problems.
+    pub path: String,
+    /// 1-based line, where the parser knows it.
+    pub line: Option<usize>,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.path.is_empty(), self.line) {
+            (true, Some(l)) => write!(f, "line {l}: {}", self.message),
+            (true, None) => write!(f, "{}", self.message),
+            (false, Some(l)) => write!(f, "{} (line {l}): {}", self.path, self.message),
+            (false, None) => write!(f, "{}: {}", self.path, self.message),
+        }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
