@@ -324,3 +324,310 @@ impl Drop for InFlight {
         self.0.in_flight.decrement(1.0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the sample `series` (name and labels exactly as rendered), if present.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|l| {
+            let rest = l.strip_prefix(series)?.strip_prefix(' ')?;
+            Some(rest.trim().parse().expect("numeric sample"))
+        })
+    }
+
+    /// Every sample line of `metric` (name followed by `{` or a space).
+    fn series_of<'a>(text: &'a str, metric: &str) -> Vec<&'a str> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                l.strip_prefix(metric)
+                    .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+            })
+            .collect()
+    }
+
+    fn name(s: &str) -> Arc<str> {
+        Arc::from(s)
+    }
+
+    #[test]
+    fn arm_handles_are_resolved_once_per_name() {
+        let m = Metrics::new();
+        let a = m.arm(&name("canary"));
+        // A different allocation of the same name (a new config's arm) gets the same handles.
+        let again = m.arm(&name("canary"));
+        assert!(Arc::ptr_eq(&a, &again));
+        let stable = m.arm(&name("stable"));
+        assert!(!Arc::ptr_eq(&a, &stable));
+        // Adding arms later does not replace the earlier ones.
+        let _third = m.arm(&name("shadow"));
+        assert!(Arc::ptr_eq(&a, &m.arm(&name("canary"))));
+        // Counts made through one handle are seen through the other: one series, not two.
+        a.record(200, Duration::from_millis(1));
+        again.record(200, Duration::from_millis(1));
+        let text = m.render();
+        assert_eq!(
+            sample(
+                &text,
+                r#"canaryd_requests_total{upstream="canary",status="200"}"#
+            ),
+            Some(2.0),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn status_counters_are_created_on_first_use_and_counted_exactly() {
+        let m = Metrics::new();
+        let canary = m.arm(&name("canary"));
+        let stable = m.arm(&name("stable"));
+        assert!(
+            series_of(&m.render(), REQUESTS).is_empty(),
+            "no status series before the first request"
+        );
+        for _ in 0..3 {
+            canary.record(200, Duration::from_millis(2));
+        }
+        for _ in 0..2 {
+            canary.record(503, Duration::from_millis(40));
+        }
+        stable.record(200, Duration::from_millis(1));
+        let text = m.render();
+        let mut lines = series_of(&text, REQUESTS);
+        lines.sort_unstable();
+        assert_eq!(
+            lines,
+            vec![
+                r#"canaryd_requests_total{upstream="canary",status="200"} 3"#,
+                r#"canaryd_requests_total{upstream="canary",status="503"} 2"#,
+                r#"canaryd_requests_total{upstream="stable",status="200"} 1"#,
+            ],
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"canaryd_request_duration_seconds_count{upstream="canary"}"#
+            ),
+            Some(5.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"canaryd_request_duration_seconds_bucket{upstream="canary",le="0.0025"}"#
+            ),
+            Some(3.0),
+            "the three 2 ms requests fall in the 2.5 ms bucket: {text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"canaryd_request_duration_seconds_count{upstream="stable"}"#
+            ),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn statuses_outside_100_to_599_are_clamped_to_the_edges() {
+        let m = Metrics::new();
+        let arm = m.arm(&name("canary"));
+        arm.record(999, Duration::ZERO);
+        arm.record(599, Duration::ZERO);
+        arm.record(42, Duration::ZERO);
+        let text = m.render();
+        assert_eq!(
+            sample(
+                &text,
+                r#"canaryd_requests_total{upstream="canary",status="599"}"#
+            ),
+            Some(2.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"canaryd_requests_total{upstream="canary",status="100"}"#
+            ),
+            Some(1.0),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn failures_are_counted_by_kind_from_zero() {
+        let m = Metrics::new();
+        let arm = m.arm(&name("canary"));
+        let text = m.render();
+        for kind in ["connect", "timeout", "protocol"] {
+            assert_eq!(
+                sample(
+                    &text,
+                    &format!(
+                        r#"canaryd_upstream_failures_total{{upstream="canary",kind="{kind}"}}"#
+                    )
+                ),
+                Some(0.0),
+                "{kind} present at 0 before any failure: {text}"
+            );
+        }
+        arm.failure(FailureKind::Connect);
+        arm.failure(FailureKind::Connect);
+        arm.failure(FailureKind::Timeout);
+        let text = m.render();
+        for (kind, n) in [("connect", 2.0), ("timeout", 1.0), ("protocol", 0.0)] {
+            assert_eq!(
+                sample(
+                    &text,
+                    &format!(
+                        r#"canaryd_upstream_failures_total{{upstream="canary",kind="{kind}"}}"#
+                    )
+                ),
+                Some(n),
+                "{kind}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn client_errors_have_all_four_kinds_from_the_start() {
+        let m = Metrics::new();
+        let text = m.render();
+        let mut lines = series_of(&text, CLIENT_ERRORS);
+        lines.sort_unstable();
+        assert_eq!(
+            lines,
+            vec![
+                r#"canaryd_client_errors_total{kind="aborted"} 0"#,
+                r#"canaryd_client_errors_total{kind="bad_request"} 0"#,
+                r#"canaryd_client_errors_total{kind="body"} 0"#,
+                r#"canaryd_client_errors_total{kind="timeout"} 0"#,
+            ],
+            "{text}"
+        );
+        m.client_error(ClientFault::Aborted);
+        m.client_error(ClientFault::Aborted);
+        m.client_error(ClientFault::Timeout);
+        let text = m.render();
+        for (fault, n) in [
+            (ClientFault::BadRequest, 0.0),
+            (ClientFault::Body, 0.0),
+            (ClientFault::Aborted, 2.0),
+            (ClientFault::Timeout, 1.0),
+        ] {
+            let series = format!(
+                r#"canaryd_client_errors_total{{kind="{}"}}"#,
+                fault.as_str()
+            );
+            assert_eq!(sample(&text, &series), Some(n), "{series}: {text}");
+        }
+    }
+
+    #[test]
+    fn in_flight_gauge_follows_the_guard() {
+        let m = Metrics::new();
+        let arm = m.arm(&name("canary"));
+        let series = r#"canaryd_requests_in_flight{upstream="canary"}"#;
+        assert_eq!(sample(&m.render(), series), Some(0.0));
+        let first = arm.start();
+        let second = arm.start();
+        assert_eq!(sample(&m.render(), series), Some(2.0));
+        drop(first);
+        assert_eq!(sample(&m.render(), series), Some(1.0));
+        drop(second);
+        assert_eq!(sample(&m.render(), series), Some(0.0));
+    }
+
+    #[test]
+    fn grpc_statuses_above_16_share_the_other_bucket() {
+        let m = Metrics::new();
+        let arm = m.arm(&name("canary"));
+        for code in [0, 0, 14, 16, 17, 99, u32::MAX] {
+            arm.grpc_status(code);
+        }
+        let text = m.render();
+        let mut lines = series_of(&text, GRPC);
+        lines.sort_unstable();
+        assert_eq!(
+            lines,
+            vec![
+                r#"canaryd_grpc_responses_total{upstream="canary",grpc_status="0"} 2"#,
+                r#"canaryd_grpc_responses_total{upstream="canary",grpc_status="14"} 1"#,
+                r#"canaryd_grpc_responses_total{upstream="canary",grpc_status="16"} 1"#,
+                r#"canaryd_grpc_responses_total{upstream="canary",grpc_status="other"} 3"#,
+            ],
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn state_gauges_reloads_and_rollbacks() {
+        let m = Metrics::new();
+        let arm = m.arm(&name("canary"));
+        arm.set_state(1250, false);
+        let text = m.render();
+        assert_eq!(
+            sample(
+                &text,
+                r#"canaryd_upstream_weight_percent{upstream="canary"}"#
+            ),
+            Some(12.5)
+        );
+        assert_eq!(
+            sample(&text, r#"canaryd_upstream_tripped{upstream="canary"}"#),
+            Some(0.0)
+        );
+        arm.set_state(0, true);
+        m.reload(true);
+        m.reload(true);
+        m.reload(false);
+        m.rollback("canary", "error_rate");
+        m.outcome_dropped();
+        let text = m.render();
+        for (series, want) in [
+            (r#"canaryd_upstream_weight_percent{upstream="canary"}"#, 0.0),
+            (r#"canaryd_upstream_tripped{upstream="canary"}"#, 1.0),
+            (r#"canaryd_config_reloads_total{result="success"}"#, 2.0),
+            (r#"canaryd_config_reloads_total{result="failure"}"#, 1.0),
+            (
+                r#"canaryd_rollbacks_total{upstream="canary",reason="error_rate"}"#,
+                1.0,
+            ),
+            ("canaryd_outcomes_dropped_total", 1.0),
+        ] {
+            assert_eq!(sample(&text, series), Some(want), "{series}: {text}");
+        }
+    }
+
+    #[test]
+    fn two_registries_do_not_share_counts() {
+        let one = Metrics::new();
+        let two = Metrics::new();
+        let a = one.arm(&name("canary"));
+        let b = two.arm(&name("canary"));
+        assert!(!Arc::ptr_eq(&a, &b));
+        for _ in 0..3 {
+            a.record(200, Duration::from_millis(1));
+        }
+        b.record(200, Duration::from_millis(1));
+        a.failure(FailureKind::Protocol);
+        one.client_error(ClientFault::Body);
+        let _guard = a.start();
+        let series = r#"canaryd_requests_total{upstream="canary",status="200"}"#;
+        let (t1, t2) = (one.render(), two.render());
+        assert_eq!(sample(&t1, series), Some(3.0), "{t1}");
+        assert_eq!(sample(&t2, series), Some(1.0), "{t2}");
+        let fail = r#"canaryd_upstream_failures_total{upstream="canary",kind="protocol"}"#;
+        assert_eq!(sample(&t1, fail), Some(1.0));
+        assert_eq!(sample(&t2, fail), Some(0.0));
+        let body = r#"canaryd_client_errors_total{kind="body"}"#;
+        assert_eq!(sample(&t1, body), Some(1.0));
+        assert_eq!(sample(&t2, body), Some(0.0));
+        let in_flight = r#"canaryd_requests_in_flight{upstream="canary"}"#;
+        assert_eq!(sample(&t1, in_flight), Some(1.0));
+        assert_eq!(sample(&t2, in_flight), Some(0.0));
+    }
+}

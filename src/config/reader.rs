@@ -26,7 +26,12 @@ pub(super) fn read(src: &str, doc: &DeTable<'_>) -> Result<Config, ConfigErrors>
     };
     match r.document(doc) {
         Some(c) if r.errors.is_empty() => Ok(c),
-        _ => Err(ConfigErrors(r.errors)),
+        _ => {
+            // In the order of the file, whatever order the sections were read in (problems
+            // with no line, such as a missing section, last).
+            r.errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+            Err(ConfigErrors(r.errors))
+        }
     }
 }
 
@@ -124,7 +129,7 @@ impl<'s> Reader<'s> {
         let admin = self.admin(admin_t);
         let routing = self.routing(routing_t);
         let upstreams = self.upstreams(doc);
-        let baseline = self.baseline(routing_t, &upstreams);
+        let baseline = self.baseline(routing_t, &upstreams, doc);
         let rollback = self.rollback(rollback_t);
         let state = StateConfig {
             file: self.opt_path(state_t, "state", "file"),
@@ -450,13 +455,28 @@ impl<'s> Reader<'s> {
         Some(bp as u16)
     }
 
-    fn baseline(&mut self, routing: &Table<'_>, ups: &[UpstreamConfig]) -> Option<usize> {
+    fn baseline(
+        &mut self,
+        routing: &Table<'_>,
+        ups: &[UpstreamConfig],
+        doc: &Table<'_>,
+    ) -> Option<usize> {
         match routing.get("baseline") {
             None => (!ups.is_empty()).then_some(0),
             Some(v) => {
                 let name = self.string(routing, "routing", "baseline")?;
                 let found = ups.iter().position(|u| u.name == name);
-                if found.is_none() && !ups.is_empty() {
+                // An entry with problems of its own is not among `ups`, but it is there: its
+                // problems are reported, not a missing baseline.
+                let named = || {
+                    doc.get("upstream")
+                        .and_then(|v| v.get_ref().as_array())
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|e| e.get_ref().as_table()?.get("name"))
+                        .any(|n| n.get_ref().as_str() == Some(name.as_str()))
+                };
+                if found.is_none() && !ups.is_empty() && !named() {
                     let names: Vec<&str> = ups.iter().map(|u| u.name.as_str()).collect();
                     self.err(
                         "routing.baseline",
@@ -844,4 +864,578 @@ fn edit_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError};
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        match Config::parse(text) {
+            Ok(c) => panic!("expected errors, parsed {c:?}\n{text}"),
+            Err(e) => e.0,
+        }
+    }
+
+    fn show(errs: &[ConfigError]) -> String {
+        errs.iter()
+            .map(|e| format!("  {:?} line {:?}: {}", e.path, e.line, e.message))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Exactly the errors `want` (key path, line, a fragment of the message), in any order.
+    #[track_caller]
+    fn assert_errors(text: &str, want: &[(&str, usize, &str)]) {
+        let errs = errors(text);
+        let mut got: Vec<(&str, Option<usize>)> =
+            errs.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        let mut expected: Vec<(&str, Option<usize>)> =
+            want.iter().map(|&(p, l, _)| (p, Some(l))).collect();
+        got.sort_unstable_by_key(|&(p, l)| (l, p));
+        expected.sort_unstable_by_key(|&(p, l)| (l, p));
+        assert_eq!(got, expected, "errors:\n{}\nfile:\n{text}", show(&errs));
+        for &(path, line, fragment) in want {
+            let e = errs
+                .iter()
+                .find(|e| e.path == path && e.line == Some(line))
+                .expect("matched above");
+            assert!(
+                e.message.contains(fragment),
+                "{path} (line {line}): {:?} does not contain {fragment:?}",
+                e.message
+            );
+        }
+    }
+
+    /// Two valid upstreams; `canary_url` and the weights are spliced in. The canary's `url` is
+    /// on line 8 and its `weight` on line 9.
+    fn two_arms(stable_weight: &str, canary_url: &str, canary_weight: &str) -> String {
+        format!(
+            r#"[[upstream]]
+name = "stable"
+url = "http://127.0.0.1:9000"
+weight = {stable_weight}
+
+[[upstream]]
+name = "canary"
+url = "{canary_url}"
+weight = {canary_weight}
+"#
+        )
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_in_every_section() {
+        let text = r#"[listen]
+adr = "0.0.0.0:8080"
+colour = "blue"
+
+[admin]
+tokn_file = "/etc/canaryd/token"
+
+[routing]
+stiky_header = "x-user-id"
+
+[[upstream]]
+name = "stable"
+url = "http://127.0.0.1:9000"
+weight = 90
+
+[[upstream]]
+name = "canary"
+url = "http://127.0.0.1:9001"
+weight = 10
+htp2 = true
+
+[rollback]
+windw = "30s"
+
+[state]
+fiel = "/var/lib/canaryd/state.json"
+
+[rollbak]
+enabled = false
+"#;
+        assert_errors(
+            text,
+            &[
+                ("listen.adr", 2, "unknown key `adr` (did you mean `addr`?)"),
+                (
+                    "listen.colour",
+                    3,
+                    "unknown key `colour`; expected one of: addr,",
+                ),
+                ("admin.tokn_file", 6, "did you mean `token_file`?"),
+                ("routing.stiky_header", 9, "did you mean `sticky_header`?"),
+                ("upstream[1].htp2", 20, "did you mean `http2`?"),
+                ("rollback.windw", 23, "did you mean `window`?"),
+                ("state.fiel", 26, "did you mean `file`?"),
+                ("rollbak", 28, "did you mean `rollback`?"),
+            ],
+        );
+        let colour = errors(text)
+            .into_iter()
+            .find(|e| e.path == "listen.colour")
+            .expect("colour");
+        assert!(
+            !colour.message.contains("did you mean"),
+            "no hint for a key nothing resembles: {}",
+            colour.message
+        );
+    }
+
+    #[test]
+    fn wrong_types_name_the_expected_and_found_type() {
+        let text = r#"[listen]
+access_log = "yes"
+max_connections = "many"
+
+[admin]
+addr = 9901
+
+[routing]
+salt = 5
+
+[[upstream]]
+name = "stable"
+url = "http://127.0.0.1:9000"
+weight = 90
+http2 = 1
+
+[[upstream]]
+name = "canary"
+url = "http://127.0.0.1:9001"
+weight = "ten"
+
+[rollback]
+enabled = "no"
+min_requests = 1.5
+max_error_rate = 2
+error_statuses = "5xx"
+max_p99_ratio = 0.5
+
+[state]
+file = 1
+"#;
+        assert_errors(
+            text,
+            &[
+                (
+                    "listen.access_log",
+                    2,
+                    "expected true or false, found string",
+                ),
+                (
+                    "listen.max_connections",
+                    3,
+                    "expected an integer in 1..=1000000",
+                ),
+                ("admin.addr", 6, "expected a string, found integer"),
+                ("routing.salt", 9, "expected a string, found integer"),
+                (
+                    "upstream[0].http2",
+                    15,
+                    "expected true or false, found integer",
+                ),
+                (
+                    "upstream[1].weight",
+                    20,
+                    "expected a number (percent), found string",
+                ),
+                (
+                    "rollback.enabled",
+                    23,
+                    "expected true or false, found string",
+                ),
+                (
+                    "rollback.min_requests",
+                    24,
+                    "expected an integer in 1..=1000000000",
+                ),
+                ("rollback.max_error_rate", 25, "fraction between 0 and 1"),
+                ("rollback.error_statuses", 26, "expected a list"),
+                ("rollback.max_p99_ratio", 27, "greater than 1"),
+                ("state.file", 30, "expected a string, found integer"),
+            ],
+        );
+    }
+
+    #[test]
+    fn misshapen_sections_and_entries() {
+        let arms = two_arms("90", "http://127.0.0.1:9001", "10");
+        assert_errors(
+            &format!("listen = 5\n{arms}"),
+            &[("listen", 1, "expected a table [listen], found integer")],
+        );
+        assert_errors(
+            "[upstream]\nname = \"stable\"\nurl = \"http://127.0.0.1:9000\"\nweight = 100\n",
+            &[("upstream", 1, "expected an array of tables [[upstream]]")],
+        );
+        assert_errors(
+            "upstream = [1]\n",
+            &[("upstream[0]", 1, "expected a table")],
+        );
+        assert_errors(
+            "[[upstream]]\nname = \"stable\"\n",
+            &[
+                ("upstream[0].url", 1, "missing required key `url`"),
+                ("upstream[0].weight", 1, "missing required key `weight`"),
+            ],
+        );
+        assert_errors(
+            &format!("{arms}\n[[upstream]]\nurl = \"http://127.0.0.1:9002\"\nweight = 0\n"),
+            &[("upstream[2].name", 11, "missing required key `name`")],
+        );
+        assert_errors(
+            &two_arms("90", "http://127.0.0.1:9001", "10").replace("\"canary\"", "\"can ary\""),
+            &[("upstream[1].name", 7, "invalid name \"can ary\"")],
+        );
+    }
+
+    #[test]
+    fn bad_durations() {
+        let text = r#"[listen]
+request_timeout = "soon"
+idle_timeout = "0s"
+drain_timeout = 20
+
+[[upstream]]
+name = "stable"
+url = "http://127.0.0.1:9000"
+weight = 100
+connect_timeout = "2 parsecs"
+
+[rollback]
+window = "-1s"
+max_p99_increase = "fast"
+"#;
+        assert_errors(
+            text,
+            &[
+                ("listen.request_timeout", 2, "invalid duration \"soon\""),
+                (
+                    "listen.idle_timeout",
+                    3,
+                    "duration must be greater than zero",
+                ),
+                (
+                    "listen.drain_timeout",
+                    4,
+                    "expected a string, found integer",
+                ),
+                (
+                    "upstream[0].connect_timeout",
+                    10,
+                    "invalid duration \"2 parsecs\"",
+                ),
+                ("rollback.window", 13, "invalid duration \"-1s\""),
+                ("rollback.max_p99_increase", 14, "invalid duration \"fast\""),
+            ],
+        );
+        let good = text
+            .replace("\"soon\"", "\"250ms\"")
+            .replace("\"0s\"", "\"2m\"")
+            .replace("= 20", "= \"1h 30m\"")
+            .replace("\"2 parsecs\"", "\"1500ms\"")
+            .replace("\"-1s\"", "\"45s\"")
+            .replace("\"fast\"", "\"50ms\"");
+        let c = Config::parse(&good).expect("valid durations");
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(c.listen.request_timeout, ms(250));
+        assert_eq!(c.listen.idle_timeout, ms(120_000));
+        assert_eq!(c.listen.drain_timeout, ms(5_400_000));
+        assert_eq!(c.upstreams[0].connect_timeout, ms(1500));
+        assert_eq!(c.rollback.window, ms(45_000));
+        assert_eq!(c.rollback.max_p99_increase, Some(ms(50)));
+    }
+
+    #[test]
+    fn weights_must_sum_to_100_and_the_error_gives_the_sum() {
+        let text = format!(
+            "[listen]\naddr = \"127.0.0.1:8080\"\n\n{}",
+            two_arms("90", "http://127.0.0.1:9001", "12.5")
+        );
+        // The sum belongs to the whole array: reported at the first [[upstream]] (line 4).
+        assert_errors(
+            &text,
+            &[(
+                "upstream",
+                4,
+                "weights must sum to 100, they sum to 102.5 (stable=90, canary=12.5)",
+            )],
+        );
+        assert_errors(
+            &two_arms("89.99", "http://127.0.0.1:9001", "10"),
+            &[("upstream", 1, "they sum to 99.99 (stable=89.99, canary=10)")],
+        );
+        // An out-of-range weight is reported on its own line, and no sum is claimed.
+        assert_errors(
+            &two_arms("-5", "http://127.0.0.1:9001", "105"),
+            &[
+                ("upstream[0].weight", 4, "weight -5 is outside 0..=100"),
+                ("upstream[1].weight", 9, "weight 105 is outside 0..=100"),
+            ],
+        );
+    }
+
+    #[test]
+    fn weights_take_at_most_two_decimals() {
+        assert_errors(
+            &two_arms("89.995", "http://127.0.0.1:9001", "10.005"),
+            &[
+                (
+                    "upstream[0].weight",
+                    4,
+                    "weight 89.995 has more than 2 decimals",
+                ),
+                (
+                    "upstream[1].weight",
+                    9,
+                    "weight 10.005 has more than 2 decimals",
+                ),
+            ],
+        );
+        // Two decimals are exact, whatever binary floating point makes of them.
+        for bp in [1u16, 7, 29, 57, 115, 3333, 5785, 9999, 10_000] {
+            let pct = |bp: u16| format!("{}.{:02}", bp / 100, bp % 100);
+            let text = two_arms(&pct(10_000 - bp), "http://127.0.0.1:9001", &pct(bp));
+            let c = Config::parse(&text).unwrap_or_else(|e| panic!("{bp}: {e}\n{text}"));
+            assert_eq!(c.weights_bp(), vec![10_000 - bp, bp], "{text}");
+        }
+    }
+
+    #[test]
+    fn duplicate_upstream_names() {
+        let text = format!(
+            "{}\n[[upstream]]\nname = \"stable\"\nurl = \"http://127.0.0.1:9002\"\nweight = 0\n",
+            two_arms("90", "http://127.0.0.1:9001", "10")
+        );
+        assert_errors(
+            &text,
+            &[("upstream[2].name", 12, "duplicate upstream name \"stable\"")],
+        );
+    }
+
+    #[test]
+    fn unknown_baseline() {
+        let text = format!(
+            "[routing]\nbaseline = \"prod\"\n\n{}",
+            two_arms("90", "http://127.0.0.1:9001", "10")
+        );
+        assert_errors(
+            &text,
+            &[(
+                "routing.baseline",
+                2,
+                "baseline \"prod\" is not an upstream; upstreams are: stable, canary",
+            )],
+        );
+        let named = text.replace("\"prod\"", "\"canary\"");
+        assert_eq!(Config::parse(&named).expect("valid").baseline, 1);
+    }
+
+    #[test]
+    fn bad_upstream_urls() {
+        for (url, fragment) in [
+            ("http://127.0.0.1:9001/api", "has a path"),
+            ("http://127.0.0.1:9001/?debug=1", "has a path"),
+            (
+                "ftp://127.0.0.1:9001",
+                "must start with http:// or https://",
+            ),
+            ("127.0.0.1:9001", "must start with http:// or https://"),
+            (
+                "http://user:pw@127.0.0.1:9001",
+                "must not carry credentials",
+            ),
+            ("not a url", "invalid URL"),
+            ("", "invalid URL"),
+        ] {
+            let text = two_arms("90", url, "10");
+            let errs = errors(&text);
+            assert_eq!(errs.len(), 1, "{url:?}:\n{}", show(&errs));
+            let e = &errs[0];
+            assert_eq!(
+                (e.path.as_str(), e.line),
+                ("upstream[1].url", Some(8)),
+                "{url:?}"
+            );
+            assert!(e.message.contains(fragment), "{url:?}: {}", e.message);
+        }
+        for url in [
+            "http://127.0.0.1:9001/",
+            "https://model.internal:8443",
+            "http://[::1]:9001",
+        ] {
+            let text = two_arms("90", url, "10");
+            if let Err(e) = Config::parse(&text) {
+                panic!("{url:?} is valid: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_header_names() {
+        let arms = two_arms("90", "http://127.0.0.1:9001", "10");
+        let routing = |sticky: &str, over: &str, resp: &str| {
+            format!(
+                "[routing]\nsticky_header = \"{sticky}\"\noverride_header = \"{over}\"\n\
+                 response_header = \"{resp}\"\n\n{arms}"
+            )
+        };
+        assert_errors(
+            &routing("x user", "x(y)", "bad:header"),
+            &[
+                (
+                    "routing.sticky_header",
+                    2,
+                    "\"x user\" is not a valid HTTP header name",
+                ),
+                (
+                    "routing.override_header",
+                    3,
+                    "\"x(y)\" is not a valid HTTP header name",
+                ),
+                (
+                    "routing.response_header",
+                    4,
+                    "\"bad:header\" is not a valid HTTP header name",
+                ),
+            ],
+        );
+        // The sticky header cannot be turned off; the other two can.
+        assert_errors(
+            &routing("", "", ""),
+            &[("routing.sticky_header", 2, "must not be empty")],
+        );
+        let c = Config::parse(&routing("X-Tenant", "", "")).expect("valid");
+        assert_eq!(c.routing.sticky_header.as_str(), "x-tenant");
+        assert_eq!(c.routing.override_header, None);
+        assert_eq!(c.routing.response_header, None);
+    }
+
+    #[test]
+    fn invalid_toml_reports_the_parsers_line() {
+        for (text, line) in [
+            ("[listen]\naddr = \"a\"\naddr = \"b\"\n", 3),
+            ("[listen]\n\n[listen]\n", 3),
+            ("[listen]\naddr = \n", 2),
+            (
+                "[[upstream]]\nname = \"unterminated\nurl = \"http://x:1\"\n",
+                2,
+            ),
+            ("\n\n[listen\naddr = \"x\"\n", 3),
+            ("[[upstream]]\nname = \"a\"\nweight = 50 50\n", 3),
+        ] {
+            let errs = errors(text);
+            assert_eq!(errs.len(), 1, "{text:?}:\n{}", show(&errs));
+            let e = &errs[0];
+            assert_eq!(e.path, "", "{text:?}");
+            assert_eq!(e.line, Some(line), "{text:?}: {}", e.message);
+            assert!(e.message.starts_with("invalid TOML: "), "{}", e.message);
+            assert_eq!(
+                e.to_string(),
+                format!("line {line}: {}", e.message),
+                "whole-file errors print their line"
+            );
+        }
+    }
+
+    #[test]
+    fn status_list_entries_are_checked_one_by_one() {
+        let text = format!(
+            "[rollback]\nerror_statuses = [\"5xx\", \"6xx\", 429, \"abc\", 600]\n\n{}",
+            two_arms("90", "http://127.0.0.1:9001", "10")
+        );
+        assert_errors(
+            &text,
+            &[
+                ("rollback.error_statuses[1]", 2, "expected \"5xx\""),
+                ("rollback.error_statuses[3]", 2, "expected \"5xx\""),
+                ("rollback.error_statuses[4]", 2, "expected \"5xx\""),
+            ],
+        );
+    }
+
+    /// Eleven independent problems, one per line, in every section; used by the two tests below.
+    const MANY_PROBLEMS: &str = r#"[listen]
+addr = "0.0.0.0:80800"
+request_timeout = "soon"
+acess_log = true
+
+[admin]
+addr = "127.0.0.1:9901"
+token_file = 7
+
+[routing]
+sticky_header = "x user"
+baseline = "prod"
+
+[[upstream]]
+name = "stable"
+url = "http://127.0.0.1:9000"
+weight = 90
+
+[[upstream]]
+name = "canary"
+url = "ftp://127.0.0.1:9001"
+weight = 10.005
+
+[[upstream]]
+name = "stable"
+url = "http://127.0.0.1:9002"
+weight = 0
+
+[rollback]
+windw = "30s"
+error_statuses = ["5xx", "6xx"]
+"#;
+
+    /// In file order.
+    const MANY_EXPECTED: &[(&str, usize, &str)] = &[
+        ("listen.addr", 2, "invalid address \"0.0.0.0:80800\""),
+        ("listen.request_timeout", 3, "invalid duration"),
+        ("listen.acess_log", 4, "did you mean `access_log`?"),
+        ("admin.token_file", 8, "expected a string, found integer"),
+        ("routing.sticky_header", 11, "not a valid HTTP header name"),
+        (
+            "routing.baseline",
+            12,
+            "baseline \"prod\" is not an upstream",
+        ),
+        ("upstream[1].url", 21, "must start with http:// or https://"),
+        ("upstream[1].weight", 22, "more than 2 decimals"),
+        ("upstream[2].name", 25, "duplicate upstream name"),
+        ("rollback.windw", 30, "did you mean `window`?"),
+        ("rollback.error_statuses[1]", 31, "expected \"5xx\""),
+    ];
+
+    #[test]
+    fn n_independent_problems_yield_exactly_n_errors() {
+        assert_errors(MANY_PROBLEMS, MANY_EXPECTED);
+    }
+
+    #[test]
+    fn errors_are_listed_in_file_order() {
+        let errs = errors(MANY_PROBLEMS);
+        let got: Vec<(&str, Option<usize>)> =
+            errs.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        let want: Vec<(&str, Option<usize>)> = MANY_EXPECTED
+            .iter()
+            .map(|&(p, l, _)| (p, Some(l)))
+            .collect();
+        assert_eq!(got, want, "errors:\n{}", show(&errs));
+    }
+
+    #[test]
+    fn a_problem_in_the_baselines_entry_does_not_also_report_an_unknown_baseline() {
+        let text = format!(
+            "[routing]\nbaseline = \"stable\"\n\n{}",
+            two_arms("90", "http://127.0.0.1:9001", "10")
+                .replace("http://127.0.0.1:9000", "http://127.0.0.1:9000/api")
+        );
+        // One problem (line 6: the url has a path): one error. "stable" is an upstream.
+        assert_errors(&text, &[("upstream[0].url", 6, "has a path")]);
+    }
 }

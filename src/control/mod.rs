@@ -498,7 +498,22 @@ fn tripped_error(name: &str, trip: &Trip) -> ChangeError {
 }
 
 fn restore(path: &std::path::Path) -> State {
-    match state::load(path) {
+    let loaded = state::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|s| match s {
+            // A table that parses but cannot be a table of weights is as unusable as a file that
+            // does not parse.
+            Some(s)
+                if s.admin_weights.as_ref().is_some_and(|a| {
+                    a.weights_bp.values().map(|&w| u32::from(w)).sum::<u32>()
+                        != u32::from(BASIS_POINTS)
+                }) =>
+            {
+                Err("the admin weights do not sum to 100%".to_owned())
+            }
+            s => Ok(s),
+        });
+    match loaded {
         Ok(Some(s)) => {
             tracing::info!(path = %path.display(), admin_override = s.admin_weights.is_some(), tripped = s.tripped.len(), "state restored");
             s
@@ -663,5 +678,927 @@ fn build_snapshot(generation: u64, inner: &Inner) -> Snapshot {
         request_timeout: config.listen.request_timeout,
         access_log: config.listen.access_log,
         config: config.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// `(name, url, weight in percent)`; the first arm is the baseline unless one is named.
+    type Spec = &'static [(&'static str, &'static str, &'static str)];
+
+    const TWO: Spec = &[
+        ("stable", "http://127.0.0.1:9000", "90"),
+        ("canary", "http://127.0.0.1:9001", "10"),
+    ];
+    const TWO_80_20: Spec = &[
+        ("stable", "http://127.0.0.1:9000", "80"),
+        ("canary", "http://127.0.0.1:9001", "20"),
+    ];
+    /// TWO with the canary's url spelled with a trailing slash: the same url.
+    const TWO_SLASH: Spec = &[
+        ("stable", "http://127.0.0.1:9000", "90"),
+        ("canary", "http://127.0.0.1:9001/", "10"),
+    ];
+    /// TWO with a new canary build at another address.
+    const TWO_NEW_URL: Spec = &[
+        ("stable", "http://127.0.0.1:9000", "90"),
+        ("canary", "http://127.0.0.1:9002", "10"),
+    ];
+    const TWO_PLUS_SHADOW: Spec = &[
+        ("stable", "http://127.0.0.1:9000", "90"),
+        ("canary", "http://127.0.0.1:9001", "10"),
+        ("shadow", "http://127.0.0.1:9003", "0"),
+    ];
+    const STABLE_ONLY: Spec = &[("stable", "http://127.0.0.1:9000", "100")];
+    const THREE: Spec = &[
+        ("stable", "http://127.0.0.1:9000", "80"),
+        ("a", "http://127.0.0.1:9001", "10"),
+        ("b", "http://127.0.0.1:9002", "10"),
+    ];
+
+    fn toml(arms: Spec, baseline: Option<&str>, state: Option<&Path>) -> String {
+        let mut t = String::new();
+        if let Some(b) = baseline {
+            t.push_str(&format!("[routing]\nbaseline = {b:?}\n\n"));
+        }
+        if let Some(p) = state {
+            t.push_str(&format!(
+                "[state]\nfile = {:?}\n\n",
+                p.display().to_string()
+            ));
+        }
+        for (name, url, weight) in arms {
+            t.push_str(&format!(
+                "[[upstream]]\nname = {name:?}\nurl = {url:?}\nweight = {weight}\n\n"
+            ));
+        }
+        t
+    }
+
+    fn config(arms: Spec, baseline: Option<&str>, state: Option<&Path>) -> Config {
+        let text = toml(arms, baseline, state);
+        Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    fn control(arms: Spec, state: Option<&Path>) -> Arc<Control> {
+        Control::new(config(arms, None, state), Metrics::new()).expect("control")
+    }
+
+    /// A temporary directory for state files, in memory where possible: every published
+    /// change fsyncs the state file and its directory, which costs milliseconds on a disk.
+    fn scratch_dir() -> tempfile::TempDir {
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            if let Ok(d) = tempfile::tempdir_in(shm) {
+                return d;
+            }
+        }
+        tempfile::tempdir().expect("tempdir")
+    }
+
+    fn names(v: &View) -> Vec<&str> {
+        v.tripped.keys().map(String::as_str).collect()
+    }
+
+    /// What a refused call must leave exactly as it was.
+    fn observable(c: &Control) -> (u64, Vec<u16>, Vec<u16>, WeightSource, Vec<String>, Vec<u16>) {
+        let v = c.view();
+        (
+            v.generation,
+            v.configured,
+            v.effective,
+            v.source,
+            v.tripped.into_keys().collect(),
+            v.file,
+        )
+    }
+
+    /// Asserts the view, and that the published snapshot and the state file agree with it.
+    #[track_caller]
+    fn check(
+        case: &str,
+        c: &Control,
+        configured: &[u16],
+        effective: &[u16],
+        source: WeightSource,
+        tripped: &[&str],
+    ) {
+        let v = c.view();
+        let snap = c.snapshot();
+        let what = format!("case {case:?}: {v:#?}");
+        assert_eq!(v.configured, configured, "configured: {what}");
+        assert_eq!(v.effective, effective, "effective: {what}");
+        assert_eq!(v.source, source, "source: {what}");
+        assert_eq!(names(&v), tripped, "tripped: {what}");
+        assert_eq!(v.file, v.config.weights_bp(), "file: {what}");
+        assert_eq!(snap.generation, v.generation, "{what}");
+        assert_eq!(snap.table.weights(), effective, "{what}");
+        assert_eq!(snap.table.baseline(), v.config.baseline, "{what}");
+        let arms: Vec<(&str, bool)> = snap.arms.iter().map(|a| (&*a.name, a.tripped)).collect();
+        let want: Vec<(&str, bool)> = v
+            .config
+            .upstreams
+            .iter()
+            .map(|u| (u.name.as_str(), tripped.contains(&u.name.as_str())))
+            .collect();
+        assert_eq!(arms, want, "snapshot arms: {what}");
+        if let Some(path) = &v.config.state.file {
+            let saved = state::load(path).expect("readable").expect("written");
+            assert_eq!(
+                saved.tripped.keys().map(String::as_str).collect::<Vec<_>>(),
+                tripped,
+                "persisted trips: {what}"
+            );
+            match (&saved.admin_weights, source) {
+                (None, WeightSource::File) => {}
+                (Some(a), WeightSource::Admin) => {
+                    let by_name: Vec<u16> = v
+                        .config
+                        .upstreams
+                        .iter()
+                        .map(|u| a.weights_bp[&u.name])
+                        .collect();
+                    assert_eq!(by_name, configured, "persisted admin weights: {what}");
+                }
+                (saved, source) => {
+                    panic!("persisted {saved:?} while the source is {source:?}: {what}")
+                }
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Step {
+        /// A reload with these arms, the first the baseline.
+        Reload(Spec),
+        /// A reload with these arms and this baseline.
+        ReloadBaseline(Spec, &'static str),
+        /// `PUT /weights` (basis points).
+        Set(&'static [(&'static str, u16)]),
+        /// `POST /promote`.
+        Promote(Option<&'static str>),
+        /// `POST /rollback`.
+        Rollback,
+        /// The rollback circuit trips an arm.
+        Trip(&'static str),
+        /// `POST /reset`.
+        Reset,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Outcome {
+        /// A new snapshot, generation + 1.
+        Published,
+        /// Nothing published (a trip that does not apply).
+        Unchanged,
+        /// Refused with `ChangeError::Invalid`.
+        Invalid,
+        /// Refused with `ChangeError::Tripped`.
+        Tripped,
+    }
+    use Outcome::{Invalid, Published, Tripped, Unchanged};
+    use Step::{Promote, Reload, ReloadBaseline, Reset, Rollback, Set, Trip};
+    use WeightSource::{Admin, File};
+
+    fn refused(e: ChangeError) -> Outcome {
+        match e {
+            ChangeError::Invalid(_) => Invalid,
+            ChangeError::Tripped(_) => Tripped,
+        }
+    }
+
+    /// A `PUT /weights` body.
+    fn table(w: &[(&str, u16)]) -> BTreeMap<String, u16> {
+        w.iter().map(|&(n, bp)| (n.to_owned(), bp)).collect()
+    }
+
+    /// Runs `step`, returning what happened and the generation it reported, if any.
+    fn run(c: &Control, step: Step, state: Option<&Path>) -> (Outcome, Option<u64>) {
+        let change = |r: Result<u64, ChangeError>| match r {
+            Ok(g) => (Published, Some(g)),
+            Err(e) => (refused(e), None),
+        };
+        match step {
+            Reload(arms) => {
+                let (g, _) = c.apply_config(config(arms, None, state)).expect("reload");
+                (Published, Some(g))
+            }
+            ReloadBaseline(arms, b) => {
+                let (g, _) = c
+                    .apply_config(config(arms, Some(b), state))
+                    .expect("reload");
+                (Published, Some(g))
+            }
+            Set(w) => change(c.set_weights(&table(w))),
+            Promote(target) => change(c.promote(target)),
+            Rollback => (Published, Some(c.rollback_all())),
+            Trip(arm) => {
+                if c.trip(arm, "error_rate", "12 errors in 20 requests".into()) {
+                    (Published, None)
+                } else {
+                    (Unchanged, None)
+                }
+            }
+            Reset => (Published, Some(c.reset().0)),
+        }
+    }
+
+    struct Case {
+        name: &'static str,
+        start: Spec,
+        steps: &'static [(Step, Outcome)],
+        configured: &'static [u16],
+        effective: &'static [u16],
+        source: WeightSource,
+        tripped: &'static [&'static str],
+    }
+
+    const CASES: &[Case] = &[
+        Case {
+            name: "the file's weights apply",
+            start: TWO,
+            steps: &[],
+            configured: &[9000, 1000],
+            effective: &[9000, 1000],
+            source: File,
+            tripped: &[],
+        },
+        Case {
+            name: "an admin table replaces the file's weights",
+            start: TWO,
+            steps: &[(Set(&[("canary", 2500)]), Published)],
+            configured: &[7500, 2500],
+            effective: &[7500, 2500],
+            source: Admin,
+            tripped: &[],
+        },
+        Case {
+            name: "a reload that changes the file's weights replaces the admin table",
+            start: TWO,
+            steps: &[
+                (Set(&[("canary", 2500)]), Published),
+                (Reload(TWO_80_20), Published),
+            ],
+            configured: &[8000, 2000],
+            effective: &[8000, 2000],
+            source: File,
+            tripped: &[],
+        },
+        Case {
+            name: "reloads that leave the file's weights untouched keep the admin table",
+            start: TWO,
+            steps: &[
+                (Set(&[("canary", 2500)]), Published),
+                (Reload(TWO), Published),
+                (Reload(TWO_NEW_URL), Published),
+                (ReloadBaseline(TWO_NEW_URL, "stable"), Published),
+            ],
+            configured: &[7500, 2500],
+            effective: &[7500, 2500],
+            source: Admin,
+            tripped: &[],
+        },
+        Case {
+            name: "a reload that adds an arm replaces the admin table",
+            start: TWO,
+            steps: &[
+                (Set(&[("canary", 2500)]), Published),
+                (Reload(TWO_PLUS_SHADOW), Published),
+            ],
+            configured: &[9000, 1000, 0],
+            effective: &[9000, 1000, 0],
+            source: File,
+            tripped: &[],
+        },
+        Case {
+            name: "a tripped arm's weight goes to the baseline; its configured weight is kept",
+            start: TWO,
+            steps: &[(Trip("canary"), Published)],
+            configured: &[9000, 1000],
+            effective: &[10000, 0],
+            source: File,
+            tripped: &["canary"],
+        },
+        Case {
+            name: "a trip moves the admin weight too",
+            start: TWO,
+            steps: &[
+                (Set(&[("canary", 2500)]), Published),
+                (Trip("canary"), Published),
+            ],
+            configured: &[7500, 2500],
+            effective: &[10000, 0],
+            source: Admin,
+            tripped: &["canary"],
+        },
+        Case {
+            name: "a trip survives reloads, also with the same url spelled differently",
+            start: TWO,
+            steps: &[
+                (Trip("canary"), Published),
+                (Reload(TWO), Published),
+                (Reload(TWO_SLASH), Published),
+            ],
+            configured: &[9000, 1000],
+            effective: &[10000, 0],
+            source: File,
+            tripped: &["canary"],
+        },
+        Case {
+            name: "a file weight change for a tripped arm is configured, not in effect",
+            start: TWO,
+            steps: &[(Trip("canary"), Published), (Reload(TWO_80_20), Published)],
+            configured: &[8000, 2000],
+            effective: &[10000, 0],
+            source: File,
+            tripped: &["canary"],
+        },
+        Case {
+            name: "the file's new weights and a surviving trip after an admin table",
+            start: TWO,
+            steps: &[
+                (Set(&[("canary", 2500)]), Published),
+                (Trip("canary"), Published),
+                (Reload(TWO_80_20), Published),
+            ],
+            configured: &[8000, 2000],
+            effective: &[10000, 0],
+            source: File,
+            tripped: &["canary"],
+        },
+        Case {
+            name: "a new url for a tripped arm (a new build) clears the trip",
+            start: TWO,
+            steps: &[
+                (Trip("canary"), Published),
+                (Reload(TWO_NEW_URL), Published),
+            ],
+            configured: &[9000, 1000],
+            effective: &[9000, 1000],
+            source: File,
+            tripped: &[],
+        },
+        Case {
+            name: "a removed arm's trip is cleared",
+            start: TWO,
+            steps: &[
+                (Trip("canary"), Published),
+                (Reload(STABLE_ONLY), Published),
+            ],
+            configured: &[10000],
+            effective: &[10000],
+            source: File,
+            tripped: &[],
+        },
+        Case {
+            name: "an arm that becomes the baseline is no longer tripped",
+            start: TWO,
+            steps: &[
+                (Trip("canary"), Published),
+                (ReloadBaseline(TWO, "canary"), Published),
+            ],
+            configured: &[9000, 1000],
+            effective: &[9000, 1000],
+            source: File,
+            tripped: &[],
+        },
+        Case {
+            name: "with another baseline, the remainder goes to it and trips move weight to it",
+            start: TWO,
+            steps: &[
+                (ReloadBaseline(TWO, "canary"), Published),
+                (Set(&[("stable", 3000)]), Published),
+                (Trip("stable"), Published),
+                (Trip("canary"), Unchanged),
+            ],
+            configured: &[3000, 7000],
+            effective: &[0, 10000],
+            source: Admin,
+            tripped: &["stable"],
+        },
+        Case {
+            name: "reset clears trips and restores the file's table",
+            start: TWO,
+            steps: &[(Trip("canary"), Published), (Reset, Published)],
+            configured: &[9000, 1000],
+            effective: &[9000, 1000],
+            source: File,
+            tripped: &[],
+        },
+        Case {
+            name: "reset restores the admin table",
+            start: TWO,
+            steps: &[
+                (Set(&[("canary", 2500)]), Published),
+                (Trip("canary"), Published),
+                (Reset, Published),
+            ],
+            configured: &[7500, 2500],
+            effective: &[7500, 2500],
+            source: Admin,
+            tripped: &[],
+        },
+        Case {
+            name: "reset makes a file weight change made while tripped effective",
+            start: TWO,
+            steps: &[
+                (Trip("canary"), Published),
+                (Reload(TWO_80_20), Published),
+                (Reset, Published),
+            ],
+            configured: &[8000, 2000],
+            effective: &[8000, 2000],
+            source: File,
+            tripped: &[],
+        },
+        Case {
+            name: "rollback and reset with nothing to change still publish",
+            start: TWO,
+            steps: &[
+                (Reset, Published),
+                (Rollback, Published),
+                (Rollback, Published),
+            ],
+            configured: &[9000, 1000],
+            effective: &[10000, 0],
+            source: File,
+            tripped: &["canary"],
+        },
+        Case {
+            name: "promote gives the only canary 100",
+            start: TWO,
+            steps: &[(Promote(None), Published)],
+            configured: &[0, 10000],
+            effective: &[0, 10000],
+            source: Admin,
+            tripped: &[],
+        },
+        Case {
+            name: "promote a named arm",
+            start: THREE,
+            steps: &[(Promote(Some("b")), Published)],
+            configured: &[0, 0, 10000],
+            effective: &[0, 0, 10000],
+            source: Admin,
+            tripped: &[],
+        },
+        Case {
+            name: "promote the baseline",
+            start: TWO,
+            steps: &[(Promote(Some("stable")), Published)],
+            configured: &[10000, 0],
+            effective: &[10000, 0],
+            source: Admin,
+            tripped: &[],
+        },
+        Case {
+            name: "promote needs a name among several canaries, and a known one",
+            start: THREE,
+            steps: &[(Promote(None), Invalid), (Promote(Some("nope")), Invalid)],
+            configured: &[8000, 1000, 1000],
+            effective: &[8000, 1000, 1000],
+            source: File,
+            tripped: &[],
+        },
+        Case {
+            name: "promote with only a baseline is refused",
+            start: STABLE_ONLY,
+            steps: &[(Promote(None), Invalid)],
+            configured: &[10000],
+            effective: &[10000],
+            source: File,
+            tripped: &[],
+        },
+        Case {
+            name: "a promoted arm that trips goes back to the baseline",
+            start: TWO,
+            steps: &[(Promote(None), Published), (Trip("canary"), Published)],
+            configured: &[0, 10000],
+            effective: &[10000, 0],
+            source: Admin,
+            tripped: &["canary"],
+        },
+        Case {
+            name: "rollback trips every canary; the weight changes that name them are refused",
+            start: THREE,
+            steps: &[
+                (Rollback, Published),
+                (Set(&[("a", 500)]), Tripped),
+                (Set(&[("stable", 10000), ("b", 0)]), Tripped),
+                (Promote(Some("a")), Tripped),
+                (Trip("b"), Unchanged),
+            ],
+            configured: &[8000, 1000, 1000],
+            effective: &[10000, 0, 0],
+            source: File,
+            tripped: &["a", "b"],
+        },
+        Case {
+            name: "an untripped arm's weight may change while another is tripped",
+            start: THREE,
+            steps: &[
+                (Trip("b"), Published),
+                (Set(&[("a", 2000), ("b", 500)]), Tripped),
+                (Set(&[("a", 2000)]), Published),
+                (Promote(Some("stable")), Published),
+            ],
+            configured: &[10000, 0, 0],
+            effective: &[10000, 0, 0],
+            source: Admin,
+            tripped: &["b"],
+        },
+        Case {
+            name: "unnamed canaries keep their weight; the baseline gets the remainder",
+            start: THREE,
+            steps: &[
+                (Set(&[("a", 2500)]), Published),
+                (Set(&[("b", 0)]), Published),
+            ],
+            configured: &[7500, 2500, 0],
+            effective: &[7500, 2500, 0],
+            source: Admin,
+            tripped: &[],
+        },
+        Case {
+            name: "the baseline may be named with exactly the remainder",
+            start: TWO,
+            steps: &[(Set(&[("stable", 7500), ("canary", 2500)]), Published)],
+            configured: &[7500, 2500],
+            effective: &[7500, 2500],
+            source: Admin,
+            tripped: &[],
+        },
+        Case {
+            name: "invalid tables are refused and change nothing",
+            start: THREE,
+            steps: &[
+                (Set(&[]), Invalid),
+                (Set(&[("nope", 100)]), Invalid),
+                (Set(&[("a", 100), ("nope", 100)]), Invalid),
+                (Set(&[("a", 10001)]), Invalid),
+                (Set(&[("a", 6000), ("b", 5000)]), Invalid),
+                (Set(&[("stable", 8000), ("a", 2000)]), Invalid),
+                (Set(&[("a", u16::MAX), ("b", u16::MAX)]), Invalid),
+            ],
+            configured: &[8000, 1000, 1000],
+            effective: &[8000, 1000, 1000],
+            source: File,
+            tripped: &[],
+        },
+        Case {
+            name: "trips that do not apply publish nothing",
+            start: TWO,
+            steps: &[
+                (Trip("stable"), Unchanged),
+                (Trip("nope"), Unchanged),
+                (Trip("canary"), Published),
+                (Trip("canary"), Unchanged),
+            ],
+            configured: &[9000, 1000],
+            effective: &[10000, 0],
+            source: File,
+            tripped: &["canary"],
+        },
+    ];
+
+    /// Runs `case` from a fresh control plane, checking every step's outcome and generation.
+    fn run_case(case: &Case, state: Option<&Path>) {
+        {
+            let c = control(case.start, state);
+            assert_eq!(c.view().generation, 1, "{}", case.name);
+            for (i, &(step, want)) in case.steps.iter().enumerate() {
+                let before = observable(&c);
+                let snap_before = c.snapshot();
+                let (got, reported) = run(&c, step, state);
+                let at = format!("{}: step {i} {step:?}", case.name);
+                assert_eq!(got, want, "{at}");
+                let after = observable(&c);
+                if got == Published {
+                    assert_eq!(after.0, before.0 + 1, "{at}: generation + 1");
+                    assert_eq!(c.snapshot().generation, after.0, "{at}");
+                    if let Some(g) = reported {
+                        assert_eq!(g, after.0, "{at}: reported generation");
+                    }
+                } else {
+                    assert_eq!(after, before, "{at}: nothing changes");
+                    assert!(
+                        Arc::ptr_eq(&snap_before, &c.snapshot()),
+                        "{at}: nothing published"
+                    );
+                }
+            }
+            // One generation per published change, none for the others.
+            let published = case.steps.iter().filter(|s| s.1 == Published).count();
+            assert_eq!(c.view().generation, 1 + published as u64, "{}", case.name);
+            check(
+                case.name,
+                &c,
+                case.configured,
+                case.effective,
+                case.source,
+                case.tripped,
+            );
+        }
+    }
+
+    #[test]
+    fn weight_precedence() {
+        for case in CASES {
+            run_case(case, None);
+        }
+    }
+
+    /// The same cases with a state file: after every case the file holds exactly the admin
+    /// table (or none) and the trips in force.
+    #[test]
+    fn weight_precedence_is_persisted() {
+        for case in CASES.iter().filter(|c| !c.steps.is_empty()) {
+            let dir = scratch_dir();
+            run_case(case, Some(&dir.path().join("state.json")));
+        }
+    }
+
+    #[test]
+    fn a_refused_reload_changes_nothing() {
+        let c = control(TWO, None);
+        c.set_weights(&table(&[("canary", 2500)])).expect("set");
+        assert!(c.trip("canary", "latency", "p99 +80ms".into()));
+        let before = observable(&c);
+        let snap = c.snapshot();
+
+        // Invalid text: every error recorded as the last reload, nothing published.
+        let bad = toml(TWO_80_20, None, None).replace("weight = 20", "weight = 20.001");
+        reload::reload(Path::new("canaryd.toml"), &bad, &c, "test");
+        assert_eq!(observable(&c), before);
+        assert!(Arc::ptr_eq(&snap, &c.snapshot()));
+        let status = c.view().last_reload.expect("recorded");
+        let err = status.result.expect_err("rejected");
+        assert!(err.contains("upstream[1].weight (line 9)"), "{err}");
+
+        // An upstream whose TLS files cannot be loaded refuses the whole config.
+        let tls = toml(TWO_80_20, None, None).replace(
+            "url = \"http://127.0.0.1:9001\"",
+            "url = \"https://127.0.0.1:9001\"\nca_file = \"/nonexistent/ca.pem\"",
+        );
+        let e = c
+            .apply_config(Config::parse(&tls).expect("parses"))
+            .expect_err("unloadable CA");
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert_eq!(e.0[0].path, "upstream[1].tls");
+        assert_eq!(observable(&c), before);
+        assert!(Arc::ptr_eq(&snap, &c.snapshot()));
+
+        // A valid reload afterwards applies normally (file weights changed: the file wins).
+        reload::reload(
+            Path::new("canaryd.toml"),
+            &toml(TWO_80_20, None, None),
+            &c,
+            "test",
+        );
+        check("after", &c, &[8000, 2000], &[10000, 0], File, &["canary"]);
+        assert_eq!(
+            c.view().last_reload.expect("recorded").result,
+            Ok(before.0 + 1)
+        );
+        let text = c.metrics().render();
+        for line in [
+            r#"canaryd_config_reloads_total{result="failure"} 1"#,
+            r#"canaryd_config_reloads_total{result="success"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}: {text}");
+        }
+    }
+
+    #[test]
+    fn arms_keep_pools_and_metric_handles_and_windows_restart_when_history_stops_counting() {
+        let c = control(TWO, None);
+        let first = c.snapshot();
+        let epochs = |s: &Snapshot| s.arms.iter().map(|a| a.window_epoch).collect::<Vec<_>>();
+        assert_eq!(epochs(&first), [0, 0]);
+
+        // Same settings: the same pools and handles, the windows go on.
+        c.apply_config(config(TWO_80_20, None, None))
+            .expect("reload");
+        let same = c.snapshot();
+        for (a, b) in first.arms.iter().zip(&same.arms) {
+            assert!(Arc::ptr_eq(&a.upstream, &b.upstream), "{}", a.name);
+            assert!(Arc::ptr_eq(&a.metrics, &b.metrics), "{}", a.name);
+        }
+        assert_eq!(epochs(&same), [0, 0]);
+
+        // A new url: a new pool and a new window, the same metric handles.
+        c.apply_config(config(TWO_NEW_URL, None, None))
+            .expect("reload");
+        let moved = c.snapshot();
+        assert!(Arc::ptr_eq(
+            &first.arms[0].upstream,
+            &moved.arms[0].upstream
+        ));
+        assert!(!Arc::ptr_eq(
+            &first.arms[1].upstream,
+            &moved.arms[1].upstream
+        ));
+        assert!(Arc::ptr_eq(&first.arms[1].metrics, &moved.arms[1].metrics));
+        assert_eq!(epochs(&moved), [0, 1]);
+
+        // A trip keeps the window (its errors are why); reset starts it over.
+        assert!(c.trip("canary", "error_rate", "x".into()));
+        assert_eq!(epochs(&c.snapshot()), [0, 1]);
+        assert_eq!(c.reset().1, ["canary"]);
+        assert_eq!(epochs(&c.snapshot()), [0, 2]);
+        assert!(c.snapshot().watched(&c.snapshot().arms[1]));
+        assert!(!c.snapshot().watched(&c.snapshot().arms[0]));
+
+        // The weight and tripped gauges follow every published snapshot.
+        assert!(c.trip("canary", "error_rate", "x".into()));
+        let text = c.metrics().render();
+        for line in [
+            r#"canaryd_upstream_weight_percent{upstream="stable"} 100"#,
+            r#"canaryd_upstream_weight_percent{upstream="canary"} 0"#,
+            r#"canaryd_upstream_tripped{upstream="canary"} 1"#,
+            r#"canaryd_rollbacks_total{upstream="canary",reason="error_rate"} 2"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}: {text}");
+        }
+    }
+
+    #[test]
+    fn trips_record_why_and_rollback_keeps_an_earlier_reason() {
+        let c = control(THREE, None);
+        assert!(c.trip("a", "error_rate", "12 errors in 20 requests".into()));
+        c.rollback_all();
+        let v = c.view();
+        let a = &v.tripped["a"];
+        assert_eq!(
+            (a.reason.as_str(), a.detail.as_str(), a.url.as_str()),
+            (
+                "error_rate",
+                "12 errors in 20 requests",
+                "http://127.0.0.1:9001"
+            )
+        );
+        let b = &v.tripped["b"];
+        assert_eq!(
+            (b.reason.as_str(), b.detail.as_str(), b.url.as_str()),
+            ("manual", "POST /rollback", "http://127.0.0.1:9002")
+        );
+        let Err(ChangeError::Tripped(msg)) = c.set_weights(&table(&[("a", 500)])) else {
+            panic!("a is tripped");
+        };
+        assert!(
+            msg.contains("\"a\" is tripped (error_rate: 12 errors in 20 requests)"),
+            "{msg}"
+        );
+        let (_, cleared) = c.reset();
+        assert_eq!(cleared, ["a", "b"]);
+    }
+
+    /// A state written by one run: admin table canary=25 (over file weights 90/10), canary
+    /// tripped at http://127.0.0.1:9001.
+    fn saved_state(path: &Path) -> State {
+        let c = control(TWO, Some(path));
+        c.set_weights(&table(&[("canary", 2500)])).expect("set");
+        assert!(c.trip("canary", "error_rate", "12 errors in 20 requests".into()));
+        drop(c);
+        state::load(path).expect("readable").expect("written")
+    }
+
+    #[test]
+    fn a_restart_restores_admin_weights_and_trips() {
+        let dir = scratch_dir();
+        let path = dir.path().join("state.json");
+        let saved = saved_state(&path);
+        let c = control(TWO, Some(&path));
+        let v = c.view();
+        assert_eq!(v.generation, 1);
+        check(
+            "restart",
+            &c,
+            &[7500, 2500],
+            &[10000, 0],
+            Admin,
+            &["canary"],
+        );
+        assert_eq!(
+            v.tripped, saved.tripped,
+            "reason, detail, time and url survive"
+        );
+        assert_eq!(state::load(&path).expect("readable"), Some(saved));
+    }
+
+    /// What changed in the file while canaryd was down is applied like a reload.
+    #[test]
+    fn a_restart_applies_the_files_changes_like_a_reload() {
+        type Want = (
+            &'static [u16],
+            &'static [u16],
+            WeightSource,
+            &'static [&'static str],
+        );
+        let cases: &[(&str, Spec, Want)] = &[
+            (
+                "unchanged",
+                TWO,
+                (&[7500, 2500], &[10000, 0], Admin, &["canary"]),
+            ),
+            (
+                "same url, spelled differently",
+                TWO_SLASH,
+                (&[7500, 2500], &[10000, 0], Admin, &["canary"]),
+            ),
+            (
+                "weights changed",
+                TWO_80_20,
+                (&[8000, 2000], &[10000, 0], File, &["canary"]),
+            ),
+            (
+                "new canary url",
+                TWO_NEW_URL,
+                (&[7500, 2500], &[7500, 2500], Admin, &[]),
+            ),
+            (
+                "arm added",
+                TWO_PLUS_SHADOW,
+                (&[9000, 1000, 0], &[10000, 0, 0], File, &["canary"]),
+            ),
+            (
+                "canary removed",
+                STABLE_ONLY,
+                (&[10000], &[10000], File, &[]),
+            ),
+        ];
+        for &(name, arms, (configured, effective, source, tripped)) in cases {
+            // Restart on the changed file.
+            let dir = scratch_dir();
+            let path = dir.path().join("state.json");
+            saved_state(&path);
+            let restarted = control(arms, Some(&path));
+            assert_eq!(restarted.view().generation, 1, "{name}");
+            check(name, &restarted, configured, effective, source, tripped);
+
+            // The same change as a reload of a running canaryd.
+            let running = control(TWO, None);
+            running
+                .set_weights(&table(&[("canary", 2500)]))
+                .expect("set");
+            assert!(running.trip("canary", "error_rate", "x".into()));
+            running
+                .apply_config(config(arms, None, None))
+                .expect("reload");
+            check(name, &running, configured, effective, source, tripped);
+        }
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_moved_aside_and_the_file_weights_serve() {
+        let dir = scratch_dir();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, b"{\"version\": 1, \"tripped\": ").expect("write");
+        let c = control(TWO, Some(&path));
+        check("corrupt", &c, &[9000, 1000], &[9000, 1000], File, &[]);
+        let aside: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("state.json.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+    }
+
+    /// A state file that parses but whose admin table is not a valid table for the config
+    /// (hand-edited, or written for another config with the same arm names and file weights).
+    #[test]
+    fn a_state_file_with_an_invalid_admin_table_does_not_stop_the_start() {
+        let dir = scratch_dir();
+        let path = dir.path().join("state.json");
+        let file = BTreeMap::from([("canary".to_owned(), 1000), ("stable".to_owned(), 9000)]);
+        let bad = State {
+            version: state::VERSION,
+            admin_weights: Some(AdminWeights {
+                // Sums to 60%.
+                weights_bp: BTreeMap::from([
+                    ("canary".to_owned(), 1000),
+                    ("stable".to_owned(), 5000),
+                ]),
+                file_weights_bp: file,
+                at_ms: 1,
+            }),
+            tripped: BTreeMap::new(),
+        };
+        state::save(&path, &bad).expect("save");
+        let started = std::panic::catch_unwind(|| {
+            Control::new(config(TWO, None, Some(&path)), Metrics::new()).map(|c| c.view())
+        });
+        let Ok(Ok(v)) = started else {
+            panic!(
+                "Control::new panicked (or failed) on a state file whose admin table sums to 60%; \
+                 the README says an unusable state file is moved aside and the config file's \
+                 weights serve"
+            );
+        };
+        assert_eq!((v.source, v.configured), (File, vec![9000, 1000]));
     }
 }
