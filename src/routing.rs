@@ -1,4 +1,4 @@
-//! The routing rule of design §3: sticky buckets and the weight table. Pure; no I/O.
+//! The routing rule: sticky buckets and the weight table. Pure; no I/O.
 //!
 //! `bucket = (h mod 100) * 100 + (h div 100) mod 100` where `h` is the MD5 of `salt ++ key`
 //! read as a big-endian `u128`. The first factor is the classic `md5(uid) % 100` percentile, so
@@ -14,7 +14,8 @@ use md5::{Digest, Md5};
 /// Number of buckets: weights are in basis points (1% = 100).
 pub const BASIS_POINTS: u16 = 10_000;
 
-/// The §3 bucket of a sticky key, in `[0, 10000)`.
+/// The bucket of a sticky key, in `[0, 10000)`: the MD5 of `salt ++ key` as a big-endian
+/// 128-bit integer `h`, then `(h mod 100) * 100 + (h div 100) mod 100`.
 pub fn bucket(salt: &[u8], key: &[u8]) -> u16 {
     let mut md5 = Md5::new();
     md5.update(salt);
@@ -181,7 +182,7 @@ impl Router {
         }
     }
 
-    /// Routes a request by its headers (§3: override, then sticky bucket, then random).
+    /// Routes a request by its headers (override, then sticky bucket, then random).
     #[inline]
     pub fn decide(&self, table: &WeightTable, headers: &HeaderMap) -> Decision {
         let override_value = self.override_header.as_ref().and_then(|h| headers.get(h));
@@ -250,7 +251,7 @@ mod tests {
     use http::HeaderValue;
 
     #[test]
-    fn design_vectors() {
+    fn readme_vectors() {
         assert_eq!(bucket(b"", b"user_123"), 8884);
         assert_eq!(bucket(b"", b"user_456"), 3544);
         assert_eq!(bucket(b"", b"alice"), 83);

@@ -1,4 +1,4 @@
-//! End-to-end tests of the admin API (design §4), its metrics (§7) and the state file: canaryd
+//! End-to-end tests of the admin API, its metrics and the state file: canaryd
 //! in-process in front of fake upstreams, driven over real HTTP on the admin listener.
 
 mod common;
@@ -1570,7 +1570,7 @@ async fn route_agrees_with_the_reference_bucket_and_the_data_path() {
         ("42", 7451),
     ] {
         let r = admin.get_json(&format!("/route?key={key}")).await;
-        assert_eq!(r["bucket"], bucket, "design vector {key}");
+        assert_eq!(r["bucket"], bucket, "routing vector {key}");
     }
 }
 

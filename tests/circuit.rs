@@ -1,4 +1,4 @@
-//! End-to-end tests of the rollback circuit (design §5): canaryd in-process in front of fake
+//! End-to-end tests of the rollback circuit: canaryd in-process in front of fake
 //! upstreams that fail on cue, observed through real traffic, `GET /weights`, `/status` and
 //! `/metrics`.
 

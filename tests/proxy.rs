@@ -1,4 +1,5 @@
-//! End-to-end data-path tests: canaryd in-process in front of fake upstreams (design §3, §6).
+//! End-to-end data-path tests: canaryd in-process in front of fake upstreams (the routing rule
+//! and the data path's behaviour as the README states them).
 
 mod common;
 
@@ -57,7 +58,7 @@ fn assert_one_line_naming(reply: &Reply, arm: &str) {
 }
 
 #[test]
-fn bucket_matches_design_vectors_and_independent_reference() {
+fn bucket_matches_the_readme_vectors_and_an_independent_reference() {
     for (key, bucket) in [
         ("user_123", 8884),
         ("user_456", 3544),
@@ -542,8 +543,8 @@ async fn closed_upstream_port_gives_502_naming_the_arm() {
     assert_eq!(reply.body, "stable");
 }
 
-/// Issue 4 (newer than design §6, so it wins): a request without a body whose canary refuses
-/// the connection is replayed on the baseline; a dead *baseline* still gives 502.
+/// A request without a body whose canary refuses the connection is replayed on the baseline;
+/// a dead *baseline* still gives 502.
 #[tokio::test]
 async fn bodiless_request_to_closed_canary_fails_over_to_the_baseline() {
     let (stable, proxy) = dead_canary().await;

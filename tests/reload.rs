@@ -1,4 +1,4 @@
-//! Hot reload of the config file (design §2 "Hot reload"): every way the file can change is
+//! Hot reload of the config file (README, "Hot reload"): every way the file can change is
 //! seen, and an invalid file changes nothing.
 
 mod common;

@@ -1,4 +1,5 @@
-//! The admin API (design §4): a plain match on method and path, JSON in and out.
+//! The admin API: a plain match on method and path, JSON in and out (the calls are listed
+//! in the README, "Admin API").
 //!
 //! Reads are open; PUT/POST need `Authorization: Bearer <token>` when a token is configured.
 //! Every refusal is `{"error": "..."}` with a precise message, and a refused call changes

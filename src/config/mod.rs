@@ -1,7 +1,7 @@
 //! The TOML configuration: schema, defaults and validation.
 //!
 //! The file is read by hand over a spanned TOML tree rather than with `serde` derive, because
-//! serde stops at the first problem and the contract (design §2) asks for **every** problem at
+//! serde stops at the first problem and canaryd reports **every** problem at
 //! once, each with its key path and line. Everything the data path relies on (weights in basis
 //! points summing to 10000, a baseline that exists, header names that parse) is checked here, so
 //! later stages never re-validate.

@@ -2,7 +2,7 @@
 //!
 //! The proxy sends one [`Outcome`] per finished request with `try_send` on a bounded channel
 //! ([`super::outcome`]):
-//! it never waits. A single task owns the updates and checks the trip rule (design §5) for
+//! it never waits. A single task owns the updates and checks the trip rule for
 //! every arm that finished a request, so a spike is caught within a few requests. `/status`
 //! reads the windows under a short lock the data path never takes.
 //!
@@ -117,7 +117,8 @@ pub struct Verdict {
     pub detail: String,
 }
 
-/// The trip rule of design §5 (plus the optional p99 rules), for one arm against the baseline.
+/// The trip rule (window error rate above the ceiling, or above the baseline's by the margin;
+/// plus the optional p99 rules), for one arm against the baseline.
 ///
 /// Every rule needs `min_requests` in the arm's window; the rules that compare against the
 /// baseline also need `min_requests` in the baseline's window, so a quiet baseline never makes

@@ -8,7 +8,7 @@
 //! * [`CanarydProcess`]: the real `canaryd` binary, killed on drop.
 //! * [`HttpClient`]: hyper-util legacy client (HTTP/1.1 keep-alive or h2c prior knowledge).
 //! * [`poll_until`] / [`hold_for`]: deadline-based synchronisation, never fixed sleeps.
-//! * [`reference_arm`] / [`reference_bucket`]: the §3 routing rule computed independently of
+//! * [`reference_arm`] / [`reference_bucket`]: the routing rule computed independently of
 //!   canaryd's code.
 //!
 //! Each test binary uses only part of this module.
@@ -871,7 +871,7 @@ where
 }
 
 // ---------------------------------------------------------------------------------------------
-// Independent reference of the §3 routing rule
+// Independent reference of the routing rule
 // ---------------------------------------------------------------------------------------------
 
 /// MD5 of `salt ++ key` read as a big-endian unsigned 128-bit integer.
@@ -1313,7 +1313,7 @@ impl Drop for Proxy {
 // Admin API client and metrics text
 // ---------------------------------------------------------------------------------------------
 
-/// A client for canaryd's admin API (design §4): JSON in and out, optional bearer token.
+/// A client for canaryd's admin API: JSON in and out, optional bearer token.
 #[derive(Clone)]
 pub struct AdminClient {
     addr: SocketAddr,
