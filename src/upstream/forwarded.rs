@@ -50,3 +50,66 @@ impl Forwarded {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+    use http::Method;
+
+    use super::*;
+    use crate::http1::head::encode_request;
+    use crate::http1::BodyLength;
+
+    #[test]
+    fn request_heads_carry_their_framing_and_forwarding() {
+        let mut headers = HeaderMap::new();
+        for (n, v) in [
+            ("host", "h"),
+            ("transfer-encoding", "chunked"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "spoofed"),
+        ] {
+            headers.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        let fwd = Forwarded {
+            for_: HeaderValue::from_static("10.0.0.1, 192.0.2.7"),
+            proto: HeaderValue::from_static("http"),
+            host: Some(HeaderValue::from_static("h")),
+        };
+        let mut buf = BytesMut::new();
+        let head = |buf: &mut BytesMut, fwd: &Forwarded, body| {
+            buf.clear();
+            encode_request(
+                buf,
+                &Method::POST,
+                "/p?q=1",
+                &headers,
+                Forwarded::replaces,
+                fwd.fields(),
+                body,
+            );
+            String::from_utf8(buf.to_vec()).expect("ascii")
+        };
+        assert_eq!(
+            head(&mut buf, &fwd, BodyLength::Length(3)),
+            "POST /p?q=1 HTTP/1.1\r\nhost: h\r\nx-forwarded-for: 10.0.0.1, 192.0.2.7\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: h\r\ncontent-length: 3\r\n\r\n",
+            "the client's x-forwarded-* are replaced, the framing is canaryd's"
+        );
+        let fwd = Forwarded { host: None, ..fwd };
+        assert_eq!(
+            head(&mut buf, &fwd, BodyLength::Chunked),
+            "POST /p?q=1 HTTP/1.1\r\nhost: h\r\nx-forwarded-for: 10.0.0.1, 192.0.2.7\r\n\
+             x-forwarded-proto: http\r\ntransfer-encoding: chunked\r\n\r\n",
+            "no x-forwarded-host without a host, not even the client's"
+        );
+        assert!(head(&mut buf, &fwd, BodyLength::Empty)
+            .ends_with("x-forwarded-proto: http\r\ncontent-length: 0\r\n\r\n"));
+        let mut h = HeaderMap::new();
+        h.insert(&X_FORWARDED_HOST, HeaderValue::from_static("spoofed"));
+        fwd.apply(&mut h);
+        assert!(!h.contains_key(&X_FORWARDED_HOST));
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 192.0.2.7");
+    }
+}
