@@ -382,7 +382,7 @@ if ((${#FAILED[@]})); then
 fi
 
 if ((SMOKE)); then
-  python3 "$TOOLS/report.py" compare --thr "$THR" --lat "$LAT" --summary-only >&2
+  python3 "$TOOLS/report.py" --thr "$THR" --lat "$LAT" --summary-only >&2
   log "smoke OK: ${TARGETS[*]} all served the split without errors"
   exit 0
 fi
@@ -397,7 +397,7 @@ VERSIONS=$(
 )
 REPORT_EXTRA=()
 if ((LAT_ONLY)); then REPORT_EXTRA+=(--latency-only); fi
-python3 "$TOOLS/report.py" compare --thr "$THR" --lat "$LAT" --out "$OUT" \
+python3 "$TOOLS/report.py" --thr "$THR" --lat "$LAT" --out "$OUT" \
   --date "$STARTED" --machine "$(machine_info | sed "s/^- Load average at start: .*/- Load average at start: $LOAD_AT_START/")" \
   --versions "$VERSIONS" --command "benches/load/compare.sh ${ORIG_ARGS[*]:-}" \
   --rate "$RATE" --rate-note "$RATE_NOTE" --duration "$DURATION" --connections "$CONNS" \

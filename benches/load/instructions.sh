@@ -5,7 +5,7 @@
 # HAProxy, canaryd reads twice and sends twice per request (wakeups.sh).
 #
 #   benches/load/instructions.sh                    # this tree
-#   benches/load/instructions.sh --against cbb95d6  # and a git revision, built in a worktree,
+#   benches/load/instructions.sh --against main     # and a git revision, built in a worktree,
 #                                                   # measured in the same run, with the ratio
 # Options:
 #   --requests N    requests counted (default 30000; each binary runs twice, with 2,000 and

@@ -11,7 +11,7 @@
 #
 #   1. reloads   200 config rewrites by rename, canary weight 10 <-> 20, while load runs
 #                -> failed, and mis-routed: served by an arm that neither the old nor the
-#                   new weight gives that user (bucket rule of design §3)
+#                   new weight gives that user (README, "How routing works")
 #   2. canary    SIGKILL the canary upstream under GET+POST load, wait for the circuit to
 #      killed    trip, restart it, POST /reset -> failures by the user's arm (stable users
 #                must never fail), circuit tripped, proxy still up, canary serving again

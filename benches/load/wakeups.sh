@@ -9,8 +9,8 @@
 #   benches/load/wakeups.sh                 # canaryd (this tree), nginx and HAProxy, 3 rounds
 #   benches/load/wakeups.sh --against REV   # and REV, built in a worktree, as canaryd-base
 # Options:
-#   --rate R        requests per second (default 15700: compare.sh's fixed rate on the
-#                   2-core development machine)
+#   --rate R        requests per second (default 15700; RESULTS.md names the fixed rate
+#                   compare.sh chose in its last run)
 #   --duration S    seconds counted per run (default 6, after a 2 s warm-up)
 #   --rounds N      runs of every target, alternating (default 3); medians are reported
 #   --against REV   also measure REV (git worktree + cargo build --release: a few minutes)

@@ -31,11 +31,10 @@ use crate::control::{Control, Snapshot};
 /// outcomes (which do not wake it) reach the windows within 10 ms. An idle task blocks on the
 /// channel and costs nothing.
 ///
-/// The timer that paces this is the reason for the care in [`spawn`]. It used to be a 1 ms
-/// sleep after every batch: under load every such sleep wrote the runtime's eventfd
-/// (registering a timer earlier than the driver's next one wakes the driver), 0.03 system
-/// calls per request at 15,700 req/s that nginx does not make, and it capped the runtime's
-/// `epoll_wait` timeout at a millisecond (`benches/load/wakeups.sh`; README, "Performance").
+/// The timer that paces this is the reason for the care in [`spawn`]: a short sleep after
+/// every batch would, under load, write the runtime's eventfd each time (a timer earlier than
+/// the driver's next one wakes the driver) and cap its `epoll_wait` timeout, system calls per
+/// request that nginx does not make (`benches/load/wakeups.sh` counts them).
 pub const COALESCE: Duration = Duration::from_millis(10);
 /// The most outcomes taken in one batch; a full batch is followed by the next at once.
 const BATCH: usize = 1024;

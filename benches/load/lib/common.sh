@@ -149,7 +149,9 @@ prepare_canaryd() {
     if ! (cd "$REPO_DIR" && timeout 1200 cargo build --release --bin canaryd) >&2; then
       die "cargo build --release failed (set CANARYD_BIN=/path/to/canaryd to benchmark a prebuilt binary)"
     fi
-    cp "$REPO_DIR/target/release/canaryd" "$dest"
+    local target=${CARGO_TARGET_DIR:-target}
+    [[ $target == /* ]] || target="$REPO_DIR/$target"
+    cp "$target/release/canaryd" "$dest"
   fi
   echo "$dest"
 }

@@ -8,7 +8,8 @@
 
 A request failed when it got no response or a non-2xx status. "served" is the upstream that
 really answered (the body the upstream wrote), falling back to the x-canaryd-upstream header.
-The expected arm of a user at weight W percent is canary iff bucket < W*100 (design §3).
+The expected arm of a user at weight W percent is canary iff bucket < W*100 (README, "How
+routing works").
 """
 import argparse
 import csv

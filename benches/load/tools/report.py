@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Turns compare.sh's per-round TSV files into the markdown of benches/load/RESULTS.md.
 
-Every figure in the main table is the median over rounds. Ratios are ratios of medians.
+Every figure in the main table is the median over rounds, and the peer table divides those
+medians. The targets are judged on per-round ratios: canaryd's figure over each peer's in the
+same round, their median and a bootstrap 95% interval.
 """
 import argparse
 import random
@@ -211,13 +213,8 @@ def targets_check(s, thr, lat, who="canaryd"):
     return "\n".join(lines)
 
 
-# The per-round tables' header rows: raw_tables writes them, rows_from_md finds the tables by them.
-THR_HEAD = "| round | target | requests | req/s | errors | proxy CPU s | proxy cores busy | peak RSS MiB | upstream cores | wrk cores | others' cores |"
-LAT_HEAD = "| round | target | rate | responses | p50 ms | p99 ms | p99.9 ms | non-2xx | missing | proxy CPU s | RSS MiB | oha cores | others' cores |"
-
-
 def raw_tables(thr, lat):
-    out = [THR_HEAD,
+    out = ["| round | target | requests | req/s | errors | proxy CPU s | proxy cores busy | peak RSS MiB | upstream cores | wrk cores | others' cores |",
            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in thr:
         sec = float(r["seconds"])
@@ -230,7 +227,7 @@ def raw_tables(thr, lat):
             f"{cpu} | {cores} | {hwm} | {float(r['upstream_cpu_s']) / sec:.2f} | "
             f"{float(r['gen_cpu_s']) / sec:.2f} | {float(r['foreign_cpu_s']) / sec:.2f} |"
         )
-    out += ["", LAT_HEAD,
+    out += ["", "| round | target | rate | responses | p50 ms | p99 ms | p99.9 ms | non-2xx | missing | proxy CPU s | RSS MiB | oha cores | others' cores |",
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in lat:
         direct = r["target"] == "direct"
@@ -356,60 +353,17 @@ target holds: another run of the same command may land on the other side.
     print(main_table(s))
 
 
-def rows_from_md(path, tag):
-    """The per-round tables of a RESULTS.md written by `compare`, as (throughput, latency) rows
-    with the columns the per-round ratios need; rounds are renamed TAG-N so that several
-    reports can be pooled without their round numbers colliding."""
-    thr, lat, table = [], [], None
-    for line in open(path):
-        head = line.rstrip("\n")
-        if head in (THR_HEAD, LAT_HEAD):
-            table, key, col = (thr, "rps", "req/s") if head == THR_HEAD else (lat, "p99_ms", "p99 ms")
-            cols = [x.strip() for x in head.strip("|").split("|")]
-        elif table is not None and line.startswith("| "):
-            row = dict(zip(cols, (x.strip() for x in line.strip().strip("|").split("|"))))
-            table.append({"round": f"{tag}-{row['round']}", "target": row["target"], key: row[col].replace(",", "")})
-        elif not line.startswith("|"):
-            table = None
-    return thr, lat
-
-
-def pool(a):
-    """Throughput and p99 judged per round over the rounds of several reports together."""
-    thr, lat = [], []
-    for i, path in enumerate(a.reports, 1):
-        t, l = rows_from_md(path, i)
-        if not t and not l:
-            sys.exit(f"{path}: no per-round tables (is it a RESULTS.md written by compare.sh?)")
-        print(f"{path}: {len({r['round'] for r in t})} saturation rounds, {len({r['round'] for r in l})} fixed-rate rounds")
-        thr += t
-        lat += l
-    for who in CANARYDS:
-        for rows, key, label, hib in ((thr, "rps", "throughput", True), (lat, "p99_ms", "p99", False)):
-            pr = per_round(rows, key, who, hib)
-            if pr:
-                print(f"- {'PASS' if pr[0] else 'FAIL'} ({who}): {label} {pr[1]}")
-
-
 def main():
-    ap = argparse.ArgumentParser()
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("compare")
-    c.add_argument("--thr", required=True)
-    c.add_argument("--lat", required=True)
-    c.add_argument("--out")
-    c.add_argument("--summary-only", action="store_true")
-    c.add_argument("--latency-only", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--thr", required=True, help="saturation rows (TSV written by compare.sh)")
+    ap.add_argument("--lat", required=True, help="fixed-rate rows (TSV written by compare.sh)")
+    ap.add_argument("--out", help="the markdown report to write")
+    ap.add_argument("--summary-only", action="store_true", help="print the main table only")
+    ap.add_argument("--latency-only", action="store_true")
     for k in ("date", "machine", "versions", "command", "rate", "rate-note", "duration",
               "connections", "oha-connections", "rounds", "workers", "retries"):
-        c.add_argument(f"--{k}", default="")
-    p = sub.add_parser("pool", help="judge throughput and p99 per round over several RESULTS.md")
-    p.add_argument("reports", nargs="+")
-    a = ap.parse_args()
-    if a.cmd == "compare":
-        compare(a)
-    else:
-        pool(a)
+        ap.add_argument(f"--{k}", default="")
+    compare(ap.parse_args())
 
 
 if __name__ == "__main__":
