@@ -73,7 +73,8 @@ impl Framing {
             self.chunked_only = true;
         }
         self.coded = true;
-        for token in list_tokens(value) {
+        // Every element counts, empty ones too (`chunked,` is refused as hyper refuses it).
+        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
             self.codings += 1;
             self.chunked_only &= token.eq_ignore_ascii_case(b"chunked");
         }
@@ -377,6 +378,8 @@ mod tests {
             (&["identity"], Err(FramingError::UnsupportedCoding)),
             (&["chunked, gzip"], Err(FramingError::UnsupportedCoding)),
             (&[""], Err(FramingError::UnsupportedCoding)),
+            (&["chunked,"], Err(FramingError::UnsupportedCoding)),
+            (&["chunked", ""], Err(FramingError::UnsupportedCoding)),
             (&[], Ok(false)),
         ] {
             let mut f = Framing::default();

@@ -61,7 +61,7 @@ pub struct RequestHead {
 /// A request canaryd refuses from its head, with the status that says why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rejection {
-    /// 400, 417 or 501.
+    /// 400, 417, 431 or 501.
     pub status: StatusCode,
     /// A short reason for the response body and the log.
     pub reason: &'static str,
@@ -98,14 +98,21 @@ pub enum ParsedRequest {
     /// A complete head, taken from the buffer.
     Complete(RequestHead),
     /// Not one canaryd's server side takes (another HTTP version, an upgrade, a head that
-    /// httparse refuses, too many fields, over the size limit): the buffer is as it was.
+    /// httparse refuses, too many fields): the buffer is as it was.
     HandOff,
     /// A head canaryd refuses itself; the buffer is as it was.
     Reject(Rejection),
 }
 
+/// A request head over the limit, complete or not.
+const TOO_LARGE: Rejection = Rejection {
+    status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+    reason: "request head larger than listen.max_header_bytes",
+};
+
 /// Parses a request head at the front of `buf`. `max_head`: a head longer than this, complete
-/// or not, is [`ParsedRequest::HandOff`] (hyper then answers 431).
+/// or not, is refused with 431 (whatever version it claims: hyper, which serves what is handed
+/// over, would take heads up to about twice its buffer size).
 pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> ParsedRequest {
     let mut spans = [[0u32; 4]; MAX_HEADERS];
     let (len, method, target, count) = {
@@ -115,9 +122,9 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> ParsedRequest {
             .parse_request_with_uninit_headers(&mut req, buf, &mut slots)
         {
             Ok(httparse::Status::Complete(len)) if len <= max_head => len,
-            Ok(httparse::Status::Complete(_)) => return ParsedRequest::HandOff,
+            Ok(httparse::Status::Complete(_)) => return ParsedRequest::Reject(TOO_LARGE),
             Ok(httparse::Status::Partial) if buf.len() >= max_head => {
-                return ParsedRequest::HandOff
+                return ParsedRequest::Reject(TOO_LARGE)
             }
             Ok(httparse::Status::Partial) => return ParsedRequest::Partial,
             // hyper answers it (or, for the HTTP/2 preface, serves it).
@@ -636,7 +643,7 @@ mod tests {
         let mut buf = BytesMut::from(&text[..]);
         assert!(matches!(
             parse_request(&mut buf, text.len() - 1),
-            ParsedRequest::HandOff
+            ParsedRequest::Reject(TOO_LARGE)
         ));
         assert!(matches!(
             parse_request(&mut buf, text.len()),
@@ -650,7 +657,7 @@ mod tests {
         let mut partial = BytesMut::from(&b"GET / HTTP/1.1\r\nx: aaaaaaaa"[..]);
         assert!(matches!(
             parse_request(&mut partial, 20),
-            ParsedRequest::HandOff
+            ParsedRequest::Reject(TOO_LARGE)
         ));
     }
 
