@@ -28,6 +28,9 @@ fn record_spans(buf: &[u8], fields: &[httparse::Header<'_>], spans: &mut [[u32; 
 }
 
 /// The name and value of a recorded field, the value shared with `head`.
+// Inlined into the loops over a head's fields: a call per field returning both by value
+// cost about 250 instructions per request (callgrind).
+#[inline(always)]
 fn field(head: &Bytes, span: &[u32; 4]) -> Option<(HeaderName, HeaderValue)> {
     let [n0, n1, v0, v1] = span.map(|x| x as usize);
     let name = HeaderName::from_bytes(&head[n0..n1]).ok()?;
@@ -181,32 +184,31 @@ fn build_request(
     let mut trailer = Vec::new();
     for span in spans {
         let (name, value) = field(head, span).ok_or(None)?;
-        match name.as_str() {
-            "content-length" => {
-                framing
-                    .length(value.as_bytes())
-                    .map_err(|e| Some(e.into()))?;
-                continue;
+        // Comparisons with standard names (an enum compare each), not string matches.
+        if name == header::CONTENT_LENGTH {
+            framing
+                .length(value.as_bytes())
+                .map_err(|e| Some(e.into()))?;
+            continue;
+        } else if name == header::TRANSFER_ENCODING {
+            framing.coding(value.as_bytes());
+            continue;
+        } else if name == header::EXPECT {
+            if !value.as_bytes().eq_ignore_ascii_case(b"100-continue") {
+                return Err(Some(Rejection {
+                    status: StatusCode::EXPECTATION_FAILED,
+                    reason: "the only expectation supported is 100-continue",
+                }));
             }
-            "transfer-encoding" => {
-                framing.coding(value.as_bytes());
-                continue;
-            }
-            "expect" => {
-                if !value.as_bytes().eq_ignore_ascii_case(b"100-continue") {
-                    return Err(Some(Rejection {
-                        status: StatusCode::EXPECTATION_FAILED,
-                        reason: "the only expectation supported is 100-continue",
-                    }));
-                }
-                expect_continue = true;
-                continue;
-            }
+            expect_continue = true;
+            continue;
+        } else if name == header::UPGRADE {
             // Upgrades (WebSocket) are hyper's to serve.
-            "upgrade" => return Err(None),
-            "connection" => keep_alive &= !connection_has(value.as_bytes(), b"close"),
-            "trailer" => trailer.push(value.clone()),
-            _ => {}
+            return Err(None);
+        } else if name == header::CONNECTION {
+            keep_alive &= !connection_has(value.as_bytes(), b"close");
+        } else if name == header::TRAILER {
+            trailer.push(value.clone());
         }
         headers.append(name, value);
     }
@@ -318,17 +320,16 @@ pub fn parse_response(
     for span in &spans[..count] {
         let (name, value) =
             field(&head, span).ok_or_else(|| ResponseError::Syntax("invalid field".into()))?;
-        match name.as_str() {
-            "content-length" => {
-                framing.length(value.as_bytes())?;
-                // Written again, once, with the canonical value.
-                continue;
-            }
+        if name == header::CONTENT_LENGTH {
+            framing.length(value.as_bytes())?;
+            // Written again, once, with the canonical value.
+            continue;
+        } else if name == header::TRANSFER_ENCODING {
             // The framing of this hop: the proxy frames the response again.
-            "transfer-encoding" => {
-                framing.coding(value.as_bytes());
-                continue;
-            }
+            framing.coding(value.as_bytes());
+            continue;
+        }
+        match name.as_str() {
             "connection" => {
                 let mut names_more = false;
                 for token in super::fields::list_tokens(value.as_bytes()) {
