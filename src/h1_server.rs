@@ -249,7 +249,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let written = self
             .drive(guard, true, |io, wbuf, _, cx| {
                 while !wbuf.is_empty() {
-                    ready!(tokio_util::io::poll_write_buf(Pin::new(&mut *io), cx, wbuf))?;
+                    match ready!(Pin::new(&mut *io).poll_write(cx, wbuf))? {
+                        0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                        n => wbuf.advance(n),
+                    }
                 }
                 Poll::Ready(Ok::<_, io::Error>(()))
             })

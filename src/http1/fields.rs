@@ -269,7 +269,7 @@ impl HopByHop {
     }
 
     /// Notes one header field.
-    #[inline]
+    #[inline(always)]
     pub fn see(&mut self, name: &HeaderName, value: &HeaderValue) {
         // Names are lowercase; a match on the string is a length switch and a compare.
         let bit = match name.as_str() {

@@ -314,6 +314,7 @@ pub fn parse_response(
     let mut headers = HeaderMap::with_capacity(count + 1);
     let mut hop = HopByHop::default();
     let mut framing = Framing::default();
+    let mut length_value = None;
     let mut close = false;
     let mut keep_alive = false;
     let mut trailer = Vec::new();
@@ -323,6 +324,7 @@ pub fn parse_response(
         if name == header::CONTENT_LENGTH {
             framing.length(value.as_bytes())?;
             // Written again, once, with the canonical value.
+            length_value.get_or_insert(value);
             continue;
         } else if name == header::TRANSFER_ENCODING {
             // The framing of this hop: the proxy frames the response again.
@@ -372,10 +374,14 @@ pub fn parse_response(
     } else {
         if let Some(n) = framing.length {
             let mut digits = itoa::Buffer::new();
-            headers.append(
-                header::CONTENT_LENGTH,
-                HeaderValue::from_str(digits.format(n)).map_err(|_| FramingError::InvalidLength)?,
-            );
+            let canonical = digits.format(n);
+            // The value as received is shared with the head; a new one only for a value that
+            // is not already canonical (leading zeros).
+            let value = match length_value {
+                Some(v) if v.as_bytes() == canonical.as_bytes() => v,
+                _ => HeaderValue::from_str(canonical).map_err(|_| FramingError::InvalidLength)?,
+            };
+            headers.append(header::CONTENT_LENGTH, value);
         }
         match framing.length {
             _ if no_body => ResponseBody::Empty,
