@@ -123,6 +123,31 @@ impl RequestBody {
     pub fn empty() -> Self {
         RequestBody::Full(Full::default())
     }
+
+    /// A way to ask, while another task reads the body, whether it is waiting for the client.
+    /// Only for bodies canaryd's server side streams.
+    pub fn watch(&self) -> Option<BodyWatch> {
+        match self {
+            RequestBody::Streamed(b) => Some(BodyWatch {
+                shared: b.shared.clone(),
+            }),
+            RequestBody::Full(_) | RequestBody::Hyper(_) => None,
+        }
+    }
+}
+
+/// See [`RequestBody::watch`].
+pub struct BodyWatch {
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl BodyWatch {
+    /// Whether the body's reader took everything and is waiting for more from the client
+    /// (not for room upstream): a timeout now is the client's lateness.
+    pub fn waiting_on_client(&self) -> bool {
+        let s = lock(&self.shared);
+        s.consumer.is_some() && s.queue.is_empty() && s.end.is_none()
+    }
 }
 
 impl Body for RequestBody {
@@ -400,6 +425,21 @@ mod tests {
         let err = body.frame().await.expect("frame").expect_err("error");
         let client = ClientError::find(err.as_ref()).expect("a client error");
         assert_eq!(client.fault, ClientFault::Body);
+    }
+
+    #[test]
+    fn a_watch_tells_whether_the_reader_waits_for_the_client() {
+        let (tx, body) = streamed(None);
+        let mut body = RequestBody::Streamed(body);
+        let watch = body.watch().expect("a streamed body has a watch");
+        let me = Waker::noop();
+        let mut cx = Context::from_waker(me);
+        assert!(!watch.waiting_on_client(), "not read yet");
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending());
+        assert!(watch.waiting_on_client());
+        tx.send(Bytes::from_static(b"x"), me);
+        assert!(!watch.waiting_on_client(), "data waits for the reader");
+        assert!(RequestBody::empty().watch().is_none());
     }
 
     #[test]

@@ -1403,3 +1403,39 @@ async fn a_get_pipelined_behind_a_chunked_post_is_forwarded_exactly_and_answered
     assert!(next.body.is_empty());
     assert_eq!(up.forwarded().len(), 2, "{}", up.describe());
 }
+
+/// The same blame rule when the arm speaks HTTP/2 (hyper's client reads the body on a task of
+/// its own): an upload that stalls past `request_timeout` is the client's 408, not the arm's
+/// 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_to_an_http2_arm_is_the_clients_timeout() {
+    let stable = FakeUpstream::builder("stable").start().await;
+    let canary = FakeUpstream::builder("canary").count_body().start().await;
+    let proxy = Proxy::start(
+        &ConfigBuilder::new()
+            .set("routing", "override_header", &q("x-canary"))
+            .set("listen", "request_timeout", &q("1s"))
+            .upstream("stable", &stable.url(), "90")
+            .upstream("canary", &canary.url(), "10")
+            .upstream_set("http2", "true")
+            .build(),
+    )
+    .await;
+    let mut c = Client::connect(proxy.addr()).await;
+    c.send(
+        "POST /up HTTP/1.1\r\nHost: a.test\r\nx-canary: canary\r\nContent-Length: 100\r\n\r\n\
+         0123456789",
+    )
+    .await;
+    assert_eq!(outcome(&c.response().await), "408");
+    let m = proxy.admin_client().metrics().await;
+    assert_eq!(
+        m.sum("canaryd_client_errors_total", &[("kind", "timeout")]),
+        1.0
+    );
+    assert_eq!(
+        m.sum("canaryd_upstream_failures_total", &[("upstream", "canary")]),
+        0.0,
+        "the stall is not the arm's"
+    );
+}

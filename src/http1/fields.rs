@@ -73,7 +73,8 @@ impl Framing {
             self.chunked_only = true;
         }
         self.coded = true;
-        for token in list_tokens(value) {
+        // Every element counts, empty ones too (`chunked,` is refused as hyper refuses it).
+        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
             self.codings += 1;
             self.chunked_only &= token.eq_ignore_ascii_case(b"chunked");
         }
@@ -120,43 +121,53 @@ pub fn valid_host(value: &[u8]) -> bool {
             return false;
         }
         match &value[end + 1..] {
-            [] => (&value[..=end], None),
-            [b':', port @ ..] => (&value[..=end], Some(port)),
+            [] => return true,
+            [b':', port @ ..] => (&[][..], Some(port)),
             _ => return false,
         }
     } else {
-        match value.iter().rposition(|&b| b == b':') {
+        let (host, port) = match value.iter().rposition(|&b| b == b':') {
             Some(i) => (&value[..i], Some(&value[i + 1..])),
             None => (value, None),
+        };
+        if host.is_empty() {
+            return false;
         }
+        (host, port)
     };
-    let host_ok = host.first() == Some(&b'[')
-        || (!host.is_empty()
-            && host.iter().all(|&b| {
-                b.is_ascii_alphanumeric()
-                    || matches!(
-                        b,
-                        b'-' | b'.'
-                            | b'_'
-                            | b'~'
-                            | b'%'
-                            | b'!'
-                            | b'$'
-                            | b'&'
-                            | b'\''
-                            | b'('
-                            | b')'
-                            | b'*'
-                            | b'+'
-                            | b','
-                            | b';'
-                            | b'='
-                    )
-            }));
-    let port_ok =
-        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
-    host_ok && port_ok
+    host.iter().all(|&b| REG_NAME[usize::from(b)])
+        && port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.iter().all(u8::is_ascii_digit))
 }
+
+/// The bytes of a reg-name or IPv4 address: unreserved, percent-encoded and sub-delimiters.
+static REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        b += 1;
+    }
+    table
+};
 
 /// Whether a field may be forwarded in a trailer section: not one that frames, routes,
 /// authenticates, controls caching or describes the content, whose meaning a recipient takes
@@ -258,6 +269,7 @@ impl HopByHop {
     }
 
     /// Notes one header field.
+    #[inline(always)]
     pub fn see(&mut self, name: &HeaderName, value: &HeaderValue) {
         // Names are lowercase; a match on the string is a length switch and a compare.
         let bit = match name.as_str() {
@@ -377,6 +389,8 @@ mod tests {
             (&["identity"], Err(FramingError::UnsupportedCoding)),
             (&["chunked, gzip"], Err(FramingError::UnsupportedCoding)),
             (&[""], Err(FramingError::UnsupportedCoding)),
+            (&["chunked,"], Err(FramingError::UnsupportedCoding)),
+            (&["chunked", ""], Err(FramingError::UnsupportedCoding)),
             (&[], Ok(false)),
         ] {
             let mut f = Framing::default();

@@ -28,6 +28,9 @@ fn record_spans(buf: &[u8], fields: &[httparse::Header<'_>], spans: &mut [[u32; 
 }
 
 /// The name and value of a recorded field, the value shared with `head`.
+// Inlined into the loops over a head's fields: a call per field returning both by value
+// cost about 250 instructions per request (callgrind).
+#[inline(always)]
 fn field(head: &Bytes, span: &[u32; 4]) -> Option<(HeaderName, HeaderValue)> {
     let [n0, n1, v0, v1] = span.map(|x| x as usize);
     let name = HeaderName::from_bytes(&head[n0..n1]).ok()?;
@@ -61,7 +64,7 @@ pub struct RequestHead {
 /// A request canaryd refuses from its head, with the status that says why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rejection {
-    /// 400, 417 or 501.
+    /// 400, 417, 431 or 501.
     pub status: StatusCode,
     /// A short reason for the response body and the log.
     pub reason: &'static str,
@@ -98,14 +101,21 @@ pub enum ParsedRequest {
     /// A complete head, taken from the buffer.
     Complete(RequestHead),
     /// Not one canaryd's server side takes (another HTTP version, an upgrade, a head that
-    /// httparse refuses, too many fields, over the size limit): the buffer is as it was.
+    /// httparse refuses, too many fields): the buffer is as it was.
     HandOff,
     /// A head canaryd refuses itself; the buffer is as it was.
     Reject(Rejection),
 }
 
+/// A request head over the limit, complete or not.
+const TOO_LARGE: Rejection = Rejection {
+    status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+    reason: "request head larger than listen.max_header_bytes",
+};
+
 /// Parses a request head at the front of `buf`. `max_head`: a head longer than this, complete
-/// or not, is [`ParsedRequest::HandOff`] (hyper then answers 431).
+/// or not, is refused with 431 (whatever version it claims: hyper, which serves what is handed
+/// over, would take heads up to about twice its buffer size).
 pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> ParsedRequest {
     let mut spans = [[0u32; 4]; MAX_HEADERS];
     let (len, method, target, count) = {
@@ -115,9 +125,9 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> ParsedRequest {
             .parse_request_with_uninit_headers(&mut req, buf, &mut slots)
         {
             Ok(httparse::Status::Complete(len)) if len <= max_head => len,
-            Ok(httparse::Status::Complete(_)) => return ParsedRequest::HandOff,
+            Ok(httparse::Status::Complete(_)) => return ParsedRequest::Reject(TOO_LARGE),
             Ok(httparse::Status::Partial) if buf.len() >= max_head => {
-                return ParsedRequest::HandOff
+                return ParsedRequest::Reject(TOO_LARGE)
             }
             Ok(httparse::Status::Partial) => return ParsedRequest::Partial,
             // hyper answers it (or, for the HTTP/2 preface, serves it).
@@ -174,32 +184,31 @@ fn build_request(
     let mut trailer = Vec::new();
     for span in spans {
         let (name, value) = field(head, span).ok_or(None)?;
-        match name.as_str() {
-            "content-length" => {
-                framing
-                    .length(value.as_bytes())
-                    .map_err(|e| Some(e.into()))?;
-                continue;
+        // Comparisons with standard names (an enum compare each), not string matches.
+        if name == header::CONTENT_LENGTH {
+            framing
+                .length(value.as_bytes())
+                .map_err(|e| Some(e.into()))?;
+            continue;
+        } else if name == header::TRANSFER_ENCODING {
+            framing.coding(value.as_bytes());
+            continue;
+        } else if name == header::EXPECT {
+            if !value.as_bytes().eq_ignore_ascii_case(b"100-continue") {
+                return Err(Some(Rejection {
+                    status: StatusCode::EXPECTATION_FAILED,
+                    reason: "the only expectation supported is 100-continue",
+                }));
             }
-            "transfer-encoding" => {
-                framing.coding(value.as_bytes());
-                continue;
-            }
-            "expect" => {
-                if !value.as_bytes().eq_ignore_ascii_case(b"100-continue") {
-                    return Err(Some(Rejection {
-                        status: StatusCode::EXPECTATION_FAILED,
-                        reason: "the only expectation supported is 100-continue",
-                    }));
-                }
-                expect_continue = true;
-                continue;
-            }
+            expect_continue = true;
+            continue;
+        } else if name == header::UPGRADE {
             // Upgrades (WebSocket) are hyper's to serve.
-            "upgrade" => return Err(None),
-            "connection" => keep_alive &= !connection_has(value.as_bytes(), b"close"),
-            "trailer" => trailer.push(value.clone()),
-            _ => {}
+            return Err(None);
+        } else if name == header::CONNECTION {
+            keep_alive &= !connection_has(value.as_bytes(), b"close");
+        } else if name == header::TRAILER {
+            trailer.push(value.clone());
         }
         headers.append(name, value);
     }
@@ -305,23 +314,24 @@ pub fn parse_response(
     let mut headers = HeaderMap::with_capacity(count + 1);
     let mut hop = HopByHop::default();
     let mut framing = Framing::default();
+    let mut length_value = None;
     let mut close = false;
     let mut keep_alive = false;
     let mut trailer = Vec::new();
     for span in &spans[..count] {
         let (name, value) =
             field(&head, span).ok_or_else(|| ResponseError::Syntax("invalid field".into()))?;
-        match name.as_str() {
-            "content-length" => {
-                framing.length(value.as_bytes())?;
-                // Written again, once, with the canonical value.
-                continue;
-            }
+        if name == header::CONTENT_LENGTH {
+            framing.length(value.as_bytes())?;
+            // Written again, once, with the canonical value.
+            length_value.get_or_insert(value);
+            continue;
+        } else if name == header::TRANSFER_ENCODING {
             // The framing of this hop: the proxy frames the response again.
-            "transfer-encoding" => {
-                framing.coding(value.as_bytes());
-                continue;
-            }
+            framing.coding(value.as_bytes());
+            continue;
+        }
+        match name.as_str() {
             "connection" => {
                 let mut names_more = false;
                 for token in super::fields::list_tokens(value.as_bytes()) {
@@ -364,10 +374,14 @@ pub fn parse_response(
     } else {
         if let Some(n) = framing.length {
             let mut digits = itoa::Buffer::new();
-            headers.append(
-                header::CONTENT_LENGTH,
-                HeaderValue::from_str(digits.format(n)).map_err(|_| FramingError::InvalidLength)?,
-            );
+            let canonical = digits.format(n);
+            // The value as received is shared with the head; a new one only for a value that
+            // is not already canonical (leading zeros).
+            let value = match length_value {
+                Some(v) if v.as_bytes() == canonical.as_bytes() => v,
+                _ => HeaderValue::from_str(canonical).map_err(|_| FramingError::InvalidLength)?,
+            };
+            headers.append(header::CONTENT_LENGTH, value);
         }
         match framing.length {
             _ if no_body => ResponseBody::Empty,
@@ -636,7 +650,7 @@ mod tests {
         let mut buf = BytesMut::from(&text[..]);
         assert!(matches!(
             parse_request(&mut buf, text.len() - 1),
-            ParsedRequest::HandOff
+            ParsedRequest::Reject(TOO_LARGE)
         ));
         assert!(matches!(
             parse_request(&mut buf, text.len()),
@@ -650,7 +664,7 @@ mod tests {
         let mut partial = BytesMut::from(&b"GET / HTTP/1.1\r\nx: aaaaaaaa"[..]);
         assert!(matches!(
             parse_request(&mut partial, 20),
-            ParsedRequest::HandOff
+            ParsedRequest::Reject(TOO_LARGE)
         ));
     }
 

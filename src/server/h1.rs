@@ -7,11 +7,11 @@
 //! still arriving is decoded by the connection's task while the proxy sends it on, through a
 //! bounded hand-over ([`crate::body::streamed`]): many small chunks become one piece of data,
 //! and the client is not read while the upstream is not taking. Requests with `Upgrade`
-//! (WebSocket), HTTP/1.0, the HTTP/2 preface and heads httparse refuses (or over
-//! `max_header_bytes`) are handed to hyper at the request boundary, with every byte read so
-//! far; hyper serves the rest of the connection. Framing canaryd refuses (a bad
-//! `Content-Length`, a coding other than chunked, both framings, an unknown expectation) is
-//! answered here (400, 501, 417), and the connection closes.
+//! (WebSocket), HTTP/1.0, the HTTP/2 preface and heads httparse refuses are handed to hyper at
+//! the request boundary, with every byte read so far; hyper serves the rest of the connection.
+//! Heads over `max_header_bytes` (complete or not) and framing canaryd refuses (a bad
+//! `Content-Length`, a coding other than chunked, both framings, an unknown expectation) are
+//! answered here (431, 400, 501, 417), and the connection closes.
 //!
 //! Responses are framed by their `Content-Length` when the upstream gave one (or the body's
 //! size is known), chunked otherwise (with the trailers allowed through). The head and a small
@@ -66,8 +66,7 @@ pub(crate) enum Served<S> {
 }
 
 /// Serves HTTP/1.1 requests on `io` until the connection ends or a request needs hyper.
-/// `max_head`: a head still incomplete after this many bytes is handed over (hyper answers
-/// it with 431).
+/// `max_head`: a head longer than this, complete or not, is refused with 431.
 pub(crate) async fn serve<S>(
     io: S,
     proxy: &Proxy,
@@ -250,7 +249,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let written = self
             .drive(guard, true, |io, wbuf, _, cx| {
                 while !wbuf.is_empty() {
-                    ready!(tokio_util::io::poll_write_buf(Pin::new(&mut *io), cx, wbuf))?;
+                    match ready!(Pin::new(&mut *io).poll_write(cx, wbuf))? {
+                        0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                        n => wbuf.advance(n),
+                    }
                 }
                 Poll::Ready(Ok::<_, io::Error>(()))
             })

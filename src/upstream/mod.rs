@@ -29,7 +29,7 @@ pub mod h1;
 use self::error::{chain, UpstreamError};
 use self::forwarded::Forwarded;
 use self::h1::{H1Body, H1Pool, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE};
-use crate::body::{BoxError, ClientError, RequestBody};
+use crate::body::{BoxError, ClientError, ClientFault, RequestBody};
 use crate::config::{UpstreamConfig, UpstreamTls};
 
 /// Request body sent upstream (see [`RequestBody`]).
@@ -209,6 +209,9 @@ impl Upstream {
         if let Pool::H2Plain(_) | Pool::H2Tls(_) = &self.pool {
             forwarded.apply(req.headers_mut());
         }
+        // hyper's client polls the body on a task of its own: whether the request still waits
+        // for the client's body when the time is up is asked of the body's hand-over.
+        let watch = req.body().watch();
         let sent = match &self.pool {
             Pool::H1(pool) => {
                 let resp = pool.send(req, forwarded, timeout).await?;
@@ -225,6 +228,12 @@ impl Upstream {
                 Some(c) => Err(UpstreamError::Client(c.clone())),
                 None => Err(UpstreamError::Protocol(chain(&e))),
             },
+            Err(_) if watch.is_some_and(|w| w.waiting_on_client()) => {
+                Err(UpstreamError::Client(ClientError::new(
+                    ClientFault::Timeout,
+                    format!("the request body did not arrive within {timeout:?}"),
+                )))
+            }
             Err(_) => Err(UpstreamError::Timeout(timeout)),
         }
     }
