@@ -1,4 +1,4 @@
-//! End-to-end tests of canaryd's HTTP/1.1 upstream client (src/h1.rs): connection reuse,
+//! End-to-end tests of canaryd's HTTP/1.1 upstream client (src/upstream/h1.rs): connection reuse,
 //! upstreams that close connections (with and without `Connection: close`), chunked and
 //! bodyless responses, responses abandoned half-way, streamed request bodies on a reused
 //! connection, the idle sweep, upstreams that never answer, interim `1xx` responses,

@@ -1,4 +1,4 @@
-//! End-to-end tests of canaryd's own HTTP/1.1 server side (src/h1_server.rs) and its hand-off
+//! End-to-end tests of canaryd's own HTTP/1.1 server side (src/server/h1.rs) and its hand-off
 //! to hyper, seen from a raw TCP client: pipelining, request bodies the server side streams
 //! (chunked, still-arriving and `Expect: 100-continue` bodies), requests that go to hyper in
 //! the middle of a connection (HTTP/1.0),
