@@ -130,6 +130,11 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> ParsedRequest {
                 return ParsedRequest::Reject(TOO_LARGE)
             }
             Ok(httparse::Status::Partial) => return ParsedRequest::Partial,
+            // A fault past the limit: had the bytes come in two reads, the first would have
+            // been refused as too large. The answer must not depend on how the bytes arrived.
+            Err(_) if buf.len() > max_head && incomplete(&buf[..max_head]) => {
+                return ParsedRequest::Reject(TOO_LARGE)
+            }
             // hyper answers it (or, for the HTTP/2 preface, serves it).
             Err(_) => return ParsedRequest::HandOff,
         };
@@ -162,6 +167,17 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> ParsedRequest {
             }
         }
     }
+}
+
+/// Whether `bytes` are the valid start of a request head that has not ended yet.
+fn incomplete(bytes: &[u8]) -> bool {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    matches!(
+        httparse::ParserConfig::default()
+            .parse_request_with_uninit_headers(&mut req, bytes, &mut slots),
+        Ok(httparse::Status::Partial)
+    )
 }
 
 /// The request of a parsed head: `Err(None)` to hand it over, `Err(Some(_))` to refuse it.
@@ -661,6 +677,18 @@ mod tests {
         assert!(matches!(request(text.as_bytes()).0, ParsedRequest::HandOff));
         let (p, _) = request(b"GET / HTTP/1.1\r\nHost: a\r\n");
         assert!(matches!(p, ParsedRequest::Partial));
+        // A fault past the limit is the same 431 whether or not the bytes came in one read.
+        let over = b"GET / HTTP/1.1\r\nx: aaaaaaaaaaaaaaaaaaaa\x01\r\n\r\n";
+        let mut whole = BytesMut::from(&over[..]);
+        assert!(matches!(
+            parse_request(&mut whole, 24),
+            ParsedRequest::Reject(TOO_LARGE)
+        ));
+        let mut within = BytesMut::from(&b"GET / HTTP/1.1\r\nx\x01: a\r\n\r\n"[..]);
+        assert!(matches!(
+            parse_request(&mut within, 24),
+            ParsedRequest::HandOff
+        ));
         let mut partial = BytesMut::from(&b"GET / HTTP/1.1\r\nx: aaaaaaaa"[..]);
         assert!(matches!(
             parse_request(&mut partial, 20),
