@@ -184,11 +184,6 @@ stop_target() {
   T_PID=
 }
 
-# rotate ROUND: the target order for a round (each round starts one target later)
-order_for_round() {
-  local r=$1 n=${#TARGETS[@]} i
-  for ((i = 0; i < n; i++)); do echo "${TARGETS[$(((i + r - 1) % n))]}"; done
-}
 
 FAILED=()
 split_check() {

@@ -155,23 +155,6 @@ stop_target() {
   if [[ -n $T_PID ]]; then stop_pid "$T_PID" TERM 15; fi
   T_PID=
 }
-# the target order of round R: each round starts one target later
-order_for_round() {
-  local r=$1 n=${#TARGETS[@]} i
-  for ((i = 0; i < n; i++)); do echo "${TARGETS[$(((i + r - 1) % n))]}"; done
-}
-# wait_exit PID TIMEOUT_S: until PID (our child) exits; its exit code, 124 on timeout
-wait_exit() {
-  local pid=$1 t=$2 i rc=0
-  for ((i = 0; i < t * 20; i++)); do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      wait "$pid" || rc=$?
-      return "$rc"
-    fi
-    sleep 0.05
-  done
-  return 124
-}
 
 FAILED=()
 fail() { FAILED+=("$1"); log "  FAILED: $1"; }

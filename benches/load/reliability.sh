@@ -70,18 +70,6 @@ mkdir -p "$CFG_DIR"
 
 now() { date +%s.%N; }
 
-# wait_exit PID TIMEOUT_S: until PID (our child) exits; returns its exit code, 124 on timeout
-wait_exit() {
-  local pid=$1 t=$2 i rc=0
-  for ((i = 0; i < t * 20; i++)); do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      wait "$pid" || rc=$?
-      return "$rc"
-    fi
-    sleep 0.05
-  done
-  return 124
-}
 
 CANARY_PID='' PROXY_PID='' CLIENT_PID=''
 start_upstream() { # start_upstream stable|canary
