@@ -391,23 +391,13 @@ mod tests {
         tx.send(Bytes::from_static(b"abc"), me);
         tx.send(Bytes::from_static(b"def"), me);
         tx.end(Ok(None), me);
-        let got = body
-            .frame()
-            .await
-            .expect("frame")
-            .expect("ok")
-            .into_data()
-            .expect("data");
-        assert_eq!(got, "abc");
+        async fn data(body: &mut StreamedBody) -> Bytes {
+            let frame = body.frame().await.expect("frame").expect("ok");
+            frame.into_data().expect("data")
+        }
+        assert_eq!(data(&mut body).await, "abc");
         assert_eq!(body.size_hint().exact(), Some(3));
-        let got = body
-            .frame()
-            .await
-            .expect("frame")
-            .expect("ok")
-            .into_data()
-            .expect("data");
-        assert_eq!(got, "def");
+        assert_eq!(data(&mut body).await, "def");
         assert!(body.frame().await.is_none());
         assert!(body.is_end_stream());
     }
