@@ -558,6 +558,46 @@ async fn bodiless_request_to_closed_canary_fails_over_to_the_baseline() {
     assert_eq!(stable.requests(), 1);
 }
 
+/// A request forced to the canary by the override header never fails over: whoever asks for
+/// an arm by name gets that arm's answer, here the 502 that names it.
+#[tokio::test]
+async fn request_forced_to_a_closed_canary_gets_its_502_not_the_baseline() {
+    let stable = FakeUpstream::start("stable").await;
+    let dead = closed_port_url().await;
+    let cfg = ConfigBuilder::new()
+        .set("routing", "override_header", &q("x-canary"))
+        .upstream("stable", &stable.url(), "90")
+        .upstream("canary", &dead, "10")
+        .build();
+    let proxy = Proxy::start(&cfg).await;
+    let (stable_user, canary_user) = stable_and_canary_users();
+    let client = HttpClient::http1();
+    for user in [&stable_user, &canary_user] {
+        let reply = client
+            .get(
+                proxy.addr(),
+                "/",
+                &[("x-user-id", user.as_str()), ("x-canary", "canary")],
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{reply:?}");
+        assert_one_line_naming(&reply, "canary");
+        assert_eq!(reply.arm(), Some("canary"));
+    }
+    assert_eq!(
+        stable.requests(),
+        0,
+        "a forced request never reaches the baseline"
+    );
+    // The same canary user without the override is routed, and fails over as before.
+    let reply = client
+        .get(proxy.addr(), "/", &[("x-user-id", &canary_user)])
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.arm(), Some("stable"));
+    assert_eq!(stable.requests(), 1);
+}
+
 #[tokio::test]
 async fn bodiless_request_to_closed_baseline_gives_502() {
     let canary = FakeUpstream::start("canary").await;

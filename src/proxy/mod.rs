@@ -27,7 +27,7 @@ use crate::control::{Arm, Control, Snapshot};
 use crate::http1::fields::remove_hop_by_hop;
 use crate::metrics::{InFlight, Metrics};
 use crate::release::outcome::{Outcome, OutcomeSender};
-use crate::routing::Decision;
+use crate::routing::{Decision, Source};
 use crate::upstream::error::{FailureKind, UpstreamError};
 use crate::upstream::forwarded::Forwarded;
 use crate::upstream::{UpstreamBody, UpstreamResponseBody};
@@ -179,8 +179,11 @@ impl Proxy {
         };
         let base = &snap.arms[snap.table.baseline()];
         // Without a body the request can be replayed, so a canary that cannot even accept the
-        // connection costs the user nothing: the baseline answers instead.
-        let replay = if decision.arm == snap.table.baseline() {
+        // connection costs the user nothing: the baseline answers instead. Not when the client
+        // forced the arm: whoever asks for the canary by name wants the canary's answer, and a
+        // baseline 200 would hide that it is down.
+        let replay = if decision.arm == snap.table.baseline() || decision.source == Source::Override
+        {
             None
         } else {
             Replay::of(&up, base)
