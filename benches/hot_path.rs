@@ -65,9 +65,9 @@ fn hot_path(c: &mut Criterion) {
     // that the bench would mostly time the cheap `Full` rejection: sends outpace the task's
     // batches by far.
     let (tx, rx) = outcome::channel();
-    let windows = Arc::new(circuit::Windows::default());
+    let ledger = Arc::new(circuit::Ledger::default());
     let _runtime = rt.enter();
-    let _task = circuit::spawn(control.clone(), windows, rx);
+    let _task = circuit::spawn(control.clone(), ledger, rx);
     let name: Arc<str> = Arc::from("stable");
     let chunk = (outcome::CHANNEL_CAPACITY / 2) as u64;
     let mut rejected = 0u64;

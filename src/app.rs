@@ -18,7 +18,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::control::Control;
 use crate::metrics::{Metrics, UPKEEP_INTERVAL};
-use crate::release::circuit::Windows;
+use crate::release::circuit::Ledger;
 use crate::tls::CertStore;
 
 /// Listeners bound before [`run`] starts.
@@ -134,8 +134,8 @@ pub async fn run(
         None => None,
     };
     let (outcomes, outcome_rx) = crate::release::outcome::channel();
-    let windows = Arc::new(Windows::default());
-    let circuit = crate::release::circuit::spawn(control.clone(), windows.clone(), outcome_rx);
+    let ledger = Arc::new(Ledger::default());
+    let circuit = crate::release::circuit::spawn(control.clone(), ledger.clone(), outcome_rx);
     let upkeep = tokio::spawn({
         let control = control.clone();
         async move {
@@ -161,7 +161,7 @@ pub async fn run(
         }
         let admin = Arc::new(Admin {
             control: control.clone(),
-            windows,
+            ledger,
             token,
             ready: ready.clone(),
         });

@@ -62,7 +62,7 @@
 #![warn(missing_docs)]
 
 pub(crate) mod admin;
-pub(crate) mod analysis;
+pub mod analysis;
 pub mod app;
 pub mod body;
 pub mod config;

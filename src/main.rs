@@ -62,6 +62,9 @@ enum Command {
         #[arg(long)]
         key: String,
     },
+    /// Estimate, before a release, how often the config rolls back a good canary and how fast
+    /// it catches a bad one: the analysis run on simulated outcomes (no sockets).
+    Simulate(SimulateArgs),
     /// Run the proxy in front of two built-in model servers.
     Demo {
         /// Share of canary requests that fail (0..1), to watch the rollback circuit.
@@ -76,6 +79,47 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// Config file (TOML); its `[rollback]` section is what is simulated.
+    #[arg(long, env = "CANARYD_CONFIG")]
+    config: PathBuf,
+    /// Requests per second through the proxy (turns requests into seconds).
+    #[arg(long, default_value_t = 100.0)]
+    rps: f64,
+    /// The canary's weight in percent; several (`10,50`) split each run into equal parts, like
+    /// ramp steps. Default: the first canary's weight in the config.
+    #[arg(long, value_delimiter = ',')]
+    weight: Vec<f64>,
+    /// The baseline's error rate (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    baseline_error: f64,
+    /// The regressed canary's error rate (0..1). Default: the baseline's.
+    #[arg(long)]
+    canary_error: Option<f64>,
+    /// The baseline's median latency in ms (log-normal).
+    #[arg(long, default_value_t = 20.0)]
+    latency_ms: f64,
+    /// The regressed canary's median latency in ms. Default: the baseline's.
+    #[arg(long)]
+    canary_latency_ms: Option<f64>,
+    /// Spread of the log-normal latencies (standard deviation of the log).
+    #[arg(long, default_value_t = 0.5)]
+    latency_sigma: f64,
+    /// Runs per scenario.
+    #[arg(long, default_value_t = 1000)]
+    runs: u64,
+    /// Length of one run, at `--rps`.
+    #[arg(long, default_value = "10m")]
+    duration: String,
+    /// Seed: the same seed gives the same result on any machine.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -83,6 +127,7 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Route { config, key } => route(&config, &key),
         Command::Run { config } => run(config, cli.threads),
+        Command::Simulate(args) => simulate(&args, cli.threads),
         Command::Demo {
             canary_error_rate,
             listen,
@@ -277,6 +322,193 @@ fn demo(opts: canaryd::demo::DemoOptions, threads: Option<usize>) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "demo stopped");
             ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn simulate(args: &SimulateArgs, threads: Option<usize>) -> ExitCode {
+    use canaryd::analysis::simulate::{Behaviour, Scenario};
+    use std::time::Duration;
+
+    let config = match load(&args.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let usage = |msg: String| {
+        eprintln!("canaryd simulate: {msg}");
+        ExitCode::from(EXIT_INVALID)
+    };
+    let duration = match humantime::parse_duration(&args.duration) {
+        Ok(d) if !d.is_zero() => d,
+        _ => {
+            return usage(format!(
+                "--duration {:?}: expected a duration like \"10m\"",
+                args.duration
+            ))
+        }
+    };
+    if !(args.rps.is_finite() && args.rps > 0.0) {
+        return usage(format!("--rps {}: expected a positive number", args.rps));
+    }
+    let requests = (args.rps * duration.as_secs_f64()).round() as u64;
+    if requests == 0 || requests > 1_000_000_000 {
+        return usage(format!(
+            "--rps x --duration gives {requests} requests per run; expected 1 to 10^9"
+        ));
+    }
+    let weights = if args.weight.is_empty() {
+        let canary = (0..config.upstreams.len()).find(|&i| i != config.baseline);
+        match canary {
+            Some(i) => vec![config.upstreams[i].weight_bp as f64 / 100.0],
+            None => return usage("the config has no canary; give --weight".into()),
+        }
+    } else {
+        args.weight.clone()
+    };
+    if let Some(w) = weights
+        .iter()
+        .find(|w| !(w.is_finite() && **w > 0.0 && **w <= 100.0))
+    {
+        return usage(format!(
+            "--weight {w}: expected percents above 0 and at most 100"
+        ));
+    }
+    let canary_error = args.canary_error.unwrap_or(args.baseline_error);
+    for (flag, p) in [
+        ("--baseline-error", args.baseline_error),
+        ("--canary-error", canary_error),
+    ] {
+        if !(0.0..=1.0).contains(&p) {
+            return usage(format!(
+                "{flag} {p}: expected a fraction from 0 to 1 (0.01 is 1%)"
+            ));
+        }
+    }
+    let canary_latency = args.canary_latency_ms.unwrap_or(args.latency_ms);
+    for (flag, ms) in [
+        ("--latency-ms", args.latency_ms),
+        ("--canary-latency-ms", canary_latency),
+    ] {
+        if !(ms.is_finite() && ms > 0.0 && ms < 3.6e6) {
+            return usage(format!("{flag} {ms}: expected milliseconds above 0"));
+        }
+    }
+    if !(args.latency_sigma.is_finite() && (0.0..=3.0).contains(&args.latency_sigma)) {
+        return usage(format!(
+            "--latency-sigma {}: expected 0 to 3",
+            args.latency_sigma
+        ));
+    }
+    if args.runs == 0 || args.runs > 10_000_000 {
+        return usage(format!("--runs {}: expected 1 to 10^7", args.runs));
+    }
+    let behaviour = |error_rate, ms: f64| Behaviour {
+        error_rate,
+        median: Duration::from_secs_f64(ms / 1e3),
+        sigma: args.latency_sigma,
+    };
+    let base = behaviour(args.baseline_error, args.latency_ms);
+    let scenario = |canary| Scenario {
+        limits: config.rollback.limits(),
+        requests,
+        rps: args.rps,
+        weights: weights.iter().map(|w| w / 100.0).collect(),
+        baseline: base,
+        canary,
+        check_every: canaryd::release::outcome::WAKE_AFTER as u64,
+    };
+    let identical = scenario(base);
+    let regressed = behaviour(canary_error, canary_latency);
+    let regression = (regressed != base).then(|| scenario(regressed));
+    let threads = threads
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1);
+    let scenarios = 1 + u64::from(regression.is_some());
+    let progress = Progress::new(args.runs * scenarios);
+    let aa = progress.run(&identical, args.runs, args.seed, threads);
+    let ab = regression
+        .as_ref()
+        .map(|sc| progress.run(sc, args.runs, args.seed ^ 0x5EED, threads));
+    progress.finish();
+    let report = canaryd::analysis::simulate::Report {
+        identical: &identical,
+        aa: &aa,
+        regression: regression.as_ref().zip(ab.as_ref()),
+    };
+    if args.json {
+        println!("{}", report.json());
+    } else {
+        print!("{}", report.text());
+    }
+    ExitCode::SUCCESS
+}
+
+/// A progress bar on stderr for long simulations (only when stderr is a terminal).
+struct Progress {
+    total: u64,
+    done: std::sync::atomic::AtomicU64,
+    show: bool,
+    started: std::time::Instant,
+}
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        Progress {
+            total,
+            done: std::sync::atomic::AtomicU64::new(0),
+            show: std::io::stderr().is_terminal(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Runs a scenario while a second thread redraws the bar every 200 ms.
+    fn run(
+        &self,
+        sc: &canaryd::analysis::simulate::Scenario,
+        runs: u64,
+        seed: u64,
+        threads: usize,
+    ) -> canaryd::analysis::simulate::Summary {
+        use std::sync::atomic::Ordering;
+        let finished = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            if self.show {
+                s.spawn(|| {
+                    while !finished.load(Ordering::Relaxed) {
+                        self.draw();
+                        std::thread::park_timeout(std::time::Duration::from_millis(200));
+                    }
+                });
+            }
+            let summary =
+                canaryd::analysis::simulate::run_many(sc, runs, seed, threads, &self.done);
+            finished.store(true, Ordering::Relaxed);
+            summary
+        })
+    }
+
+    fn draw(&self) {
+        let done = self.done.load(std::sync::atomic::Ordering::Relaxed);
+        let width = 30;
+        let filled = (done * width / self.total.max(1)) as usize;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let eta = if done > 0 {
+            elapsed * (self.total - done.min(self.total)) as f64 / done as f64
+        } else {
+            0.0
+        };
+        eprint!(
+            "\r  [{}{}] {done}/{} runs, {elapsed:.0}s, about {eta:.0}s left ",
+            "#".repeat(filled),
+            " ".repeat(width as usize - filled),
+            self.total
+        );
+    }
+
+    fn finish(&self) {
+        if self.show {
+            self.draw();
+            eprintln!();
         }
     }
 }

@@ -37,6 +37,8 @@ pub const RELOADS: &str = "canaryd_config_reloads_total";
 pub const GRPC: &str = "canaryd_grpc_responses_total";
 /// `canaryd_client_errors_total{kind}`: requests the client broke (never an arm's failure).
 pub const CLIENT_ERRORS: &str = "canaryd_client_errors_total";
+/// `canaryd_analysis_verdict{upstream,metric}`: -1 fail, 0 inconclusive, 1 pass.
+pub const ANALYSIS_VERDICT: &str = "canaryd_analysis_verdict";
 /// `canaryd_outcomes_dropped_total`: outcomes the window task could not keep up with.
 pub const OUTCOMES_DROPPED: &str = "canaryd_outcomes_dropped_total";
 
@@ -148,6 +150,22 @@ impl Metrics {
             .increment(1);
     }
 
+    /// Sets `canaryd_analysis_verdict` of one arm and metric.
+    pub fn analysis_verdict(&self, arm: &str, metric: &'static str, value: f64) {
+        self.recorder
+            .register_gauge(
+                &Key::from_parts(
+                    ANALYSIS_VERDICT,
+                    vec![
+                        Label::new("upstream", arm.to_owned()),
+                        Label::new("metric", metric),
+                    ],
+                ),
+                &METADATA,
+            )
+            .set(value);
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         self.handle.render()
@@ -168,7 +186,7 @@ fn describe(r: &PrometheusRecorder) {
         d(RELOADS, None, "Config reloads, by result."),
         d(GRPC, None, "gRPC calls by arm and grpc-status (from headers or trailers)."),
         d(CLIENT_ERRORS, None, "Requests the client broke (refused head, malformed, abandoned or too slow body), by kind; never counted against an arm."),
-        d(OUTCOMES_DROPPED, None, "Request outcomes not counted in the sliding windows because the window task was behind."),
+        d(OUTCOMES_DROPPED, None, "Request outcomes not counted in the analysis and the recent windows because the circuit task was behind."),
     ] {
         r.describe_counter(name.into(), unit, text.into());
     }
@@ -192,6 +210,13 @@ fn describe(r: &PrometheusRecorder) {
         TRIPPED.into(),
         None,
         "1 while the arm is tripped (weight forced to 0).".into(),
+    );
+    r.describe_gauge(
+        ANALYSIS_VERDICT.into(),
+        None,
+        "The analysis of the arm against the baseline, by metric: 1 pass (shown within the \
+         limit), 0 inconclusive, -1 fail (shown beyond it), at the configured confidence."
+            .into(),
     );
 }
 

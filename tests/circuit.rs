@@ -9,13 +9,14 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
+use canaryd::analysis::compare::{Comparison, Limits};
 use common::*;
 use http::StatusCode;
 use serde_json::{json, Value};
 
 /// `[rollback] min_requests` in these tests.
 const MIN_REQUESTS: usize = 20;
-/// Requests that may still reach a canary after the one that tripped it: the window task
+/// Requests that may still reach a canary after the one that tripped it: the circuit task
 /// runs beside the data path, so a few requests can be routed before the trip is published.
 const SLACK: usize = 5;
 /// How long a trip, reset or reload may take to show.
@@ -33,6 +34,32 @@ fn circuit_config(stable_url: &str, canary_url: &str, canary_weight: u32) -> Con
         .set("rollback", "min_requests", &MIN_REQUESTS.to_string())
         .set("rollback", "max_error_rate", "0.10")
         .set("rollback", "max_error_rate_increase", "0.02")
+}
+
+/// The limits of [`circuit_config`], as the analysis takes them.
+fn circuit_limits() -> Limits {
+    Limits {
+        confidence: 0.99,
+        min_requests: MIN_REQUESTS as u64,
+        max_error_rate: 0.10,
+        max_error_rate_increase: 0.02,
+        max_p99_ratio: None,
+        max_p99_increase: None,
+    }
+}
+
+/// The canary request (counted from 1) at which the analysis first fails, for a baseline of
+/// `baseline` clean requests and a canary whose `i`th request (from 0) fails when `fails(i)`:
+/// where the proxy should trip, replayed on the library's own analysis.
+fn trip_point(limits: &Limits, baseline: u64, fails: impl Fn(u64) -> bool) -> Option<u64> {
+    let mut c = Comparison::new();
+    for _ in 0..baseline {
+        c.record_baseline(false, Duration::from_millis(1));
+    }
+    (0..100_000).find_map(|i| {
+        c.record_arm(fails(i), Duration::from_millis(1));
+        c.fails(limits).map(|_| i + 1)
+    })
 }
 
 /// `n` distinct user ids whose reference bucket (salt "") is in `range`.
@@ -103,13 +130,17 @@ fn tripped_gauge(m: &MetricsText, arm: &str) -> Option<f64> {
     m.value("canaryd_upstream_tripped", &[("upstream", arm)])
 }
 
-/// The canary's window in `/status`.
-fn canary_window(status: &Value) -> &Value {
+/// The canary's entry in `/status`.
+fn canary_arm(status: &Value) -> &Value {
     let arms = status["arms"].as_array().expect("arms");
-    &arms
-        .iter()
+    arms.iter()
         .find(|a| a["name"] == "canary")
-        .expect("canary arm")["window"]
+        .expect("canary arm")
+}
+
+/// The canary's recent window in `/status`.
+fn canary_window(status: &Value) -> &Value {
+    &canary_arm(status)["window"]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,6 +205,38 @@ async fn failing_canary_trips_after_min_requests_and_its_users_go_to_the_baselin
     assert_eq!(s["circuit"]["tripped"], json!(["canary"]), "{s}");
 }
 
+/// With the default `[rollback]` (only `enabled = true`), a canary failing every request
+/// trips within 10 of its requests: `min_requests` is 5, and 5 errors in 5 put the error rate
+/// far above the 10% ceiling at 99%.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_failing_everything_trips_within_ten_requests_with_the_defaults() {
+    let stable = FakeUpstream::start("stable").await;
+    let canary = FakeUpstream::builder("canary").status(500).start().await;
+    let cfg = ConfigBuilder::new()
+        .upstream("stable", &stable.url(), "90")
+        .upstream("canary", &canary.url(), "10")
+        .set("rollback", "enabled", "true");
+    let proxy = Proxy::start(&cfg.build()).await;
+    let admin = proxy.admin_client();
+    let client = HttpClient::http1();
+    warm_baseline(&client, proxy.addr(), 50).await;
+    let users = users_in(0..1000, 100, "defaults");
+    let served = drive_until_tripped(&client, proxy.addr(), &users, 500).await;
+    assert!(
+        (5..=10).contains(&served),
+        "tripped after {served} canary requests; expected 5 (min_requests) to 10"
+    );
+    let s = admin.status().await;
+    let analysis = &canary_arm(&s)["analysis"];
+    assert_eq!(analysis["verdict"], "fail", "{s}");
+    assert_eq!(analysis["metrics"]["error_rate"]["verdict"], "fail", "{s}");
+    let interval = &analysis["metrics"]["error_rate"]["checks"][0]["interval"];
+    assert!(
+        interval[0].as_f64().is_some_and(|lo| lo > 0.10),
+        "the interval's low end is above the 10% ceiling: {s}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_that_turns_bad_trips_within_a_few_requests() {
     const HEALTHY: usize = 30;
@@ -182,6 +245,7 @@ async fn canary_that_turns_bad_trips_within_a_few_requests() {
     let proxy = Proxy::start(&circuit_config(&stable.url(), &canary.url(), 10).build()).await;
     let admin = proxy.admin_client();
     let client = HttpClient::http1();
+    warm_baseline(&client, proxy.addr(), 1000).await;
     let users = users_in(0..1000, HEALTHY + 100, "turns-bad");
 
     for user in &users[..HEALTHY] {
@@ -190,15 +254,22 @@ async fn canary_that_turns_bad_trips_within_a_few_requests() {
         assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     }
     canary.set_status(503);
-    // 30 good requests in the window: the 4th error makes 4/34 >= 10%.
+    // 30 good requests, then errors, against 0 errors in 1000 baseline requests.
+    let expected = trip_point(&circuit_limits(), 1000, |i| i >= HEALTHY as u64)
+        .expect("the analysis fails") as usize
+        - HEALTHY;
+    assert!(
+        (5..=10).contains(&expected),
+        "the analysis needs {expected} errors after {HEALTHY} successes; a few are enough"
+    );
     let failed = drive_until_tripped(&client, proxy.addr(), &users[HEALTHY..], 503).await;
     assert!(
-        (4..=4 + SLACK).contains(&failed),
-        "tripped after {failed} failing requests, expected the 4th (+{SLACK})"
+        (expected..=expected + SLACK).contains(&failed),
+        "tripped after {failed} failing requests, expected the {expected}th (+{SLACK})"
     );
     assert_eq!(
         admin.trip_reason("canary").await.as_deref(),
-        Some("error_rate")
+        Some("error_rate_increase")
     );
 }
 
@@ -308,22 +379,25 @@ async fn canary_as_bad_as_the_baseline_does_not_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_worse_than_the_baseline_trips_on_the_increase() {
-    // Baseline at 5%; the canary fails every 12th request (<= 8.3%, under the 10% absolute
-    // limit): at its 24th request it is 8.3% vs 5%, 3.3 points worse.
-    let stable = FakeUpstream::builder("stable")
-        .fail_every(20, 0, 500)
-        .start()
-        .await;
+    // A clean baseline (1000 requests); the canary fails every 11th request: 9.1% at most,
+    // under the 10% ceiling (which it can therefore never be shown above), 9 points above
+    // the baseline.
+    let stable = FakeUpstream::start("stable").await;
     let canary = FakeUpstream::builder("canary")
-        .fail_every(12, 11, 500)
+        .fail_every(11, 10, 500)
         .start()
         .await;
     let proxy = Proxy::start(&circuit_config(&stable.url(), &canary.url(), 50).build()).await;
     let admin = proxy.admin_client();
     let client = HttpClient::http1();
-    warm_baseline(&client, proxy.addr(), 400).await;
+    warm_baseline(&client, proxy.addr(), 1000).await;
 
-    let users = users_in(0..5000, 200, "worse");
+    let expected = trip_point(&circuit_limits(), 1000, |i| i % 11 == 10).expect("fails") as usize;
+    assert!(
+        (50..=300).contains(&expected),
+        "the analysis needs {expected} requests of a 9.1% canary against a clean baseline"
+    );
+    let users = users_in(0..5000, 400, "worse");
     let mut served = 0;
     for user in &users {
         let reply = send_as(&client, proxy.addr(), user).await;
@@ -333,35 +407,55 @@ async fn canary_worse_than_the_baseline_trips_on_the_increase() {
         served += 1;
     }
     assert!(
-        (24..=24 + SLACK).contains(&served),
-        "tripped after {served} canary requests, expected the 24th (+{SLACK})"
+        (expected..=expected + SLACK).contains(&served),
+        "tripped after {served} canary requests, expected the {expected}th (+{SLACK})"
     );
     let w = admin.weights().await;
     assert_eq!(
         w["tripped"]["canary"]["reason"], "error_rate_increase",
         "{w}"
     );
+    let detail = w["tripped"]["canary"]["detail"]
+        .as_str()
+        .unwrap_or_default();
+    // Counted when the trip was decided: the failing request, and perhaps a few after it.
+    let errors = expected / 11;
+    assert!(
+        detail.contains(&format!("arm {errors} errors in "))
+            && detail.contains("0 errors in 1000 requests")
+            && detail.contains("above max_error_rate_increase 2%"),
+        "{detail}"
+    );
     let m = admin.metrics().await;
     assert_eq!(rollbacks(&m, "error_rate_increase"), 1.0, "{}", m.text);
     assert_eq!(rollbacks(&m, "error_rate"), 0.0, "{}", m.text);
+    let verdict = |metric| {
+        m.value(
+            "canaryd_analysis_verdict",
+            &[("upstream", "canary"), ("metric", metric)],
+        )
+    };
+    assert_eq!(verdict("error_rate_increase"), Some(-1.0), "{}", m.text);
+    assert_eq!(verdict("error_rate"), Some(0.0), "{}", m.text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relative_rule_needs_a_busy_baseline() {
-    // A canary at 5% errors against a clean baseline: 5 points worse.
+async fn a_quiet_baseline_never_makes_a_canary_look_worse() {
+    // The same 9.1% canary against a baseline that has served 5 requests: the baseline's
+    // error rate could be anything up to 74% at 99%, so nothing is shown about the canary's
+    // increase over it.
     let stable = FakeUpstream::start("stable").await;
     let canary = FakeUpstream::builder("canary")
-        .fail_every(20, 19, 500)
+        .fail_every(11, 10, 500)
         .start()
         .await;
     let proxy = Proxy::start(&circuit_config(&stable.url(), &canary.url(), 50).build()).await;
     let admin = proxy.admin_client();
     let client = HttpClient::http1();
 
-    // With 5 baseline requests (< min_requests) the comparison is not made.
     warm_baseline(&client, proxy.addr(), 5).await;
     let users = users_in(0..5000, 300, "busy");
-    for user in &users[..100] {
+    for user in &users[..200] {
         let reply = send_as(&client, proxy.addr(), user).await;
         assert_eq!(
             reply.arm(),
@@ -369,26 +463,94 @@ async fn relative_rule_needs_a_busy_baseline() {
             "quiet baseline tripped it: {reply:?}"
         );
     }
-    poll_until(
+    let s = poll_until(
         DEADLINE,
-        "the canary window to hold 100 requests",
-        || async { (canary_window(&admin.status().await)["requests"] == 100).then_some(()) },
+        "the analysis to hold 200 canary requests",
+        || async {
+            let s = admin.status().await;
+            (canary_arm(&s)["analysis"]["arm"]["requests"] == 200).then_some(s)
+        },
     )
     .await;
+    let increase = &canary_arm(&s)["analysis"]["metrics"]["error_rate_increase"];
+    assert_eq!(increase["verdict"], "inconclusive", "{s}");
     assert_eq!(admin.weights().await["tripped"], json!({}));
 
-    // Once the baseline has min_requests, the rule is checked on the canary's next request
-    // (a success: 5 of 101 is still 4.95 points above the baseline's 0%) and trips it.
-    warm_baseline(&client, proxy.addr(), MIN_REQUESTS).await;
-    let served = drive_until_tripped(&client, proxy.addr(), &users[100..], 200).await;
+    // Once the baseline is busy (2000 clean requests), the canary's next checks trip it.
+    warm_baseline(&client, proxy.addr(), 2000).await;
+    let served = drive_until_tripped(&client, proxy.addr(), &users[200..], 200).await;
     assert!(
-        (1..=1 + SLACK).contains(&served),
+        served <= 1 + SLACK,
         "tripped after {served} more canary requests, expected the 1st (+{SLACK})"
     );
     assert_eq!(
         admin.trip_reason("canary").await.as_deref(),
         Some("error_rate_increase")
     );
+}
+
+/// The issue that replaced the window rule: identical arms failing 2% of requests (a normal
+/// background error rate) must not trip. 5,000 requests at 50%, each arm failing on its own
+/// seeded schedule. Recomputed in Python (the schedule from `seeded_unit`, the interval with
+/// math.lgamma): over the canary's first 3,000 requests its rate interval's low end never
+/// passes 1.27%, below the 2-point margin whatever the baseline does, so no order in which
+/// the concurrent requests finish can trip it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_arms_failing_two_percent_never_trip() {
+    const REQUESTS: usize = 5000;
+    let stable = FakeUpstream::builder("stable")
+        .fail_seeded(0.02, 1, 500)
+        .start()
+        .await;
+    let canary = FakeUpstream::builder("canary")
+        .fail_seeded(0.02, 2, 500)
+        .start()
+        .await;
+    let cfg = ConfigBuilder::new()
+        .upstream("stable", &stable.url(), "50")
+        .upstream("canary", &canary.url(), "50")
+        .set("rollback", "enabled", "true");
+    let proxy = Proxy::start(&cfg.build()).await;
+    let admin = proxy.admin_client();
+    let client = HttpClient::http1();
+    let ids = user_ids(REQUESTS);
+    let replies = route_all(&client, proxy.addr(), &ids, CONCURRENCY).await;
+    let canary_served = replies.iter().filter(|r| r.arm() == Some("canary")).count();
+    assert!(
+        canary_served > 2000,
+        "the canary served {canary_served} of {REQUESTS}: it tripped"
+    );
+    let s = poll_until(DEADLINE, "the analysis to hold every request", || async {
+        let s = admin.status().await;
+        let a = &canary_arm(&s)["analysis"];
+        let total = a["arm"]["requests"].as_u64()? + a["baseline"]["requests"].as_u64()?;
+        (total == REQUESTS as u64).then_some(s)
+    })
+    .await;
+    assert_eq!(admin.weights().await["tripped"], json!({}), "{s}");
+    let a = &canary_arm(&s)["analysis"];
+    assert_ne!(a["verdict"], "fail", "{s}");
+    // The difference's interval holds 0 (the truth here) and is what the verdict is read from.
+    let increase = &a["metrics"]["error_rate_increase"];
+    let interval = &increase["checks"][0]["interval"];
+    let (lo, hi) = (
+        interval[0].as_f64().expect("lo"),
+        interval[1].as_f64().expect("hi"),
+    );
+    assert!(lo < 0.0 && 0.0 < hi, "{increase}");
+    assert_eq!(increase["checks"][0]["limit"], 0.02);
+    // Three quarters of the 1% budget go to the increase (the ceiling has the rest).
+    assert_eq!(increase["confidence"], 0.9925);
+    let errors = |arm: &str| {
+        replies
+            .iter()
+            .filter(|r| r.arm() == Some(arm) && r.status == StatusCode::INTERNAL_SERVER_ERROR)
+            .count() as u64
+    };
+    assert_eq!(a["arm"]["errors"], errors("canary"), "{s}");
+    assert_eq!(a["baseline"]["errors"], errors("stable"), "{s}");
+    let m = admin.metrics().await;
+    assert_eq!(m.sum("canaryd_rollbacks_total", &[]), 0.0, "{}", m.text);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::analysis::compare::{Check, Report, SampleReport};
 use crate::control::state::Trip;
 use crate::control::{ChangeError, Control, View};
-use crate::release::circuit::Windows;
+use crate::release::circuit::Ledger;
 use crate::routing::BASIS_POINTS;
 
 /// Largest admin request body.
@@ -36,8 +37,8 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub struct Admin {
     /// The control plane.
     pub control: Arc<Control>,
-    /// Per-arm windows for `/status`.
-    pub windows: Arc<Windows>,
+    /// Per-arm recent windows and analyses for `/status`.
+    pub ledger: Arc<Ledger>,
     /// Bearer token for mutating calls.
     pub token: Option<String>,
     /// `/readyz` answers 200 while set.
@@ -293,8 +294,9 @@ impl Admin {
 
     fn status(&self) -> Resp {
         let view = self.control.view();
-        let stats = self.windows.stats(tokio::time::Instant::now());
+        let stats = self.ledger.windows.stats(tokio::time::Instant::now());
         let c = &view.config;
+        let limits = c.rollback.limits();
         let arms: Vec<Value> = c
             .upstreams
             .iter()
@@ -316,6 +318,7 @@ impl Admin {
                         "p50_ms": ms(w.and_then(|s| s.p50)),
                         "p99_ms": ms(w.and_then(|s| s.p99)),
                     },
+                    "analysis": self.ledger.report(&u.name, &limits).map(|r| analysis_json(&r)),
                 })
             })
             .collect();
@@ -336,10 +339,13 @@ impl Admin {
                 "arms": arms,
                 "circuit": {
                     "enabled": r.enabled,
+                    "confidence": r.confidence,
                     "window": humantime::format_duration(r.window).to_string(),
                     "min_requests": r.min_requests,
                     "max_error_rate": r.max_error_rate,
                     "max_error_rate_increase": r.max_error_rate_increase,
+                    "max_p99_ratio": r.max_p99_ratio,
+                    "max_p99_increase_ms": r.max_p99_increase.map(|d| d.as_secs_f64() * 1e3),
                     "error_statuses": r.error_statuses.spec(),
                     "tripped": view.tripped.keys().collect::<Vec<_>>(),
                 },
@@ -430,6 +436,55 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
     }
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// The analysis of one arm against the baseline, as `/status` shows it: the verdict, both
+/// samples' numbers and, per metric, each quantity's estimate, anytime-valid interval and limit
+/// (fail when the interval's low end is above the limit, pass when its high end is at or
+/// below it). Infinite ends (nothing known yet) are `null`.
+fn analysis_json(r: &Report) -> Value {
+    let num = |x: f64| if x.is_finite() { json!(x) } else { Value::Null };
+    let sample = |s: &SampleReport| {
+        json!({
+            "requests": s.requests,
+            "errors": s.errors,
+            "error_rate": s.error_rate,
+            "error_rate_interval": [num(s.error_rate_interval.0), num(s.error_rate_interval.1)],
+            "p99_ms": s.p99_ms,
+            "p99_interval_ms": s.p99_interval_ms.map(|(lo, hi)| [num(lo), num(hi)]),
+        })
+    };
+    let check = |c: &Check| {
+        json!({
+            "quantity": c.quantity,
+            "estimate": num(c.estimate),
+            "interval": [num(c.low), num(c.high)],
+            "limit": c.limit,
+            "limit_key": c.key,
+        })
+    };
+    let metrics: serde_json::Map<String, Value> = r
+        .metrics
+        .iter()
+        .map(|m| {
+            (
+                m.metric.as_str().to_owned(),
+                json!({
+                    "verdict": m.verdict.as_str(),
+                    "confidence": m.level,
+                    "checks": m.checks.iter().map(check).collect::<Vec<_>>(),
+                }),
+            )
+        })
+        .collect();
+    json!({
+        "verdict": r.verdict.as_str(),
+        "confidence": r.confidence,
+        "below_min_requests": r.below_min_requests,
+        "arm": sample(&r.arm),
+        "baseline": sample(&r.baseline),
+        "metrics": metrics,
+    })
 }
 
 fn trip_json(t: &Trip) -> Value {

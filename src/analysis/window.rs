@@ -1,18 +1,19 @@
 //! Sliding window of one arm's requests, errors and latencies. Pure; time is passed in.
 //!
-//! The window is a ring of [`SLOTS`] time slots. A running total is kept alongside, so the
-//! error rate and quantiles of the whole window cost O(buckets), not O(slots × buckets): the
-//! rollback circuit checks them after every request. Latencies go into a log-linear histogram
-//! with 16 sub-buckets per power of two (≤ 6.25% relative error).
+//! This is the recent view `GET /status` shows per arm (the verdicts come from the analysis,
+//! which keeps every outcome since the arm's build, not a window). The window is a ring of
+//! [`SLOTS`] time slots with a running total alongside, so the numbers of the whole window cost
+//! O(buckets), not O(slots × buckets). Latencies go into the log-linear buckets of
+//! [`super::histogram`].
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::histogram::{bucket_of, quantile, BUCKETS};
+
 /// Slots per window; the window slides in steps of `window / SLOTS`.
 pub const SLOTS: usize = 30;
-/// Exact buckets below 16 µs, then 16 per octave up to 2^26 µs (67 s).
-const BUCKETS: usize = 16 + 23 * 16;
 
 #[derive(Clone)]
 struct Counts {
@@ -147,8 +148,8 @@ impl Window {
     /// The numbers over the window ending at `now`, with latency quantiles.
     pub fn stats(&mut self, now: Instant) -> WindowStats {
         let mut s = self.counts(now);
-        s.p50 = quantile(&self.total.latency, s.requests, 0.50);
-        s.p99 = quantile(&self.total.latency, s.requests, 0.99);
+        s.p50 = quantile(&self.total.latency[..], s.requests, 0.50);
+        s.p99 = quantile(&self.total.latency[..], s.requests, 0.99);
         s
     }
 
@@ -169,43 +170,6 @@ impl Window {
             p99: None,
         }
     }
-}
-
-fn bucket_of(d: Duration) -> usize {
-    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
-    if us < 16 {
-        return us as usize;
-    }
-    let octave = 63 - us.leading_zeros() as usize; // >= 4
-    let sub = ((us >> (octave - 4)) & 15) as usize;
-    (16 + (octave - 4) * 16 + sub).min(BUCKETS - 1)
-}
-
-/// Midpoint of a bucket, in microseconds.
-fn bucket_mid_us(b: usize) -> f64 {
-    if b < 16 {
-        return b as f64;
-    }
-    let octave = (b - 16) / 16 + 4;
-    let sub = ((b - 16) % 16) as u64;
-    let lo = (16 + sub) << (octave - 4);
-    let hi = (17 + sub) << (octave - 4);
-    (lo + hi) as f64 / 2.0
-}
-
-fn quantile(hist: &[u32; BUCKETS], total: u64, q: f64) -> Option<Duration> {
-    if total == 0 {
-        return None;
-    }
-    let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
-    let mut seen = 0u64;
-    for (b, &n) in hist.iter().enumerate() {
-        seen += u64::from(n);
-        if seen >= rank {
-            return Some(Duration::from_nanos((bucket_mid_us(b) * 1000.0) as u64));
-        }
-    }
-    None
 }
 
 #[cfg(test)]
@@ -259,16 +223,5 @@ mod tests {
         let p99 = s.p99.expect("p99").as_secs_f64();
         assert!((p50 / 0.050 - 1.0).abs() < 0.07, "p50 {p50}");
         assert!((p99 / 0.099 - 1.0).abs() < 0.07, "p99 {p99}");
-    }
-
-    #[test]
-    fn buckets_are_monotonic() {
-        let mut last = 0;
-        for us in 1..2_000_000u64 {
-            let b = bucket_of(Duration::from_micros(us));
-            assert!(b >= last);
-            last = b;
-        }
-        assert_eq!(bucket_of(Duration::from_secs(3600)), BUCKETS - 1);
     }
 }

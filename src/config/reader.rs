@@ -88,6 +88,7 @@ const UPSTREAM_KEYS: &[&str] = &[
 ];
 const ROLLBACK_KEYS: &[&str] = &[
     "enabled",
+    "confidence",
     "window",
     "min_requests",
     "max_error_rate",
@@ -495,8 +496,23 @@ impl<'s> Reader<'s> {
     fn rollback(&mut self, t: &Table<'_>) -> Option<RollbackConfig> {
         let p = "rollback";
         let enabled = self.boolean(t, p, "enabled", true);
+        let confidence = match t.get("confidence") {
+            None => Some(0.99),
+            Some(v) => match number(v.get_ref()) {
+                Some(c) if (0.5..1.0).contains(&c) && c <= 0.999_999 => Some(c),
+                _ => {
+                    self.err(
+                        join(p, "confidence"),
+                        Some(v.span()),
+                        "expected a number from 0.5 to 0.999999 (0.99 rolls back at most 1% of \
+                         canaries that are within the limits)",
+                    );
+                    None
+                }
+            },
+        };
         let window = self.duration(t, p, "window", Duration::from_secs(30));
-        let min_requests = self.int(t, p, "min_requests", 20, 1..=1_000_000_000);
+        let min_requests = self.int(t, p, "min_requests", 5, 1..=1_000_000_000);
         let max_error_rate = self.rate(t, p, "max_error_rate", 0.10);
         let max_error_rate_increase = self.rate(t, p, "max_error_rate_increase", 0.02);
         let error_statuses = self.statuses(t, p, "error_statuses");
@@ -523,6 +539,7 @@ impl<'s> Reader<'s> {
         };
         Some(RollbackConfig {
             enabled: enabled?,
+            confidence: confidence?,
             window: window?,
             min_requests: min_requests?,
             max_error_rate: max_error_rate?,

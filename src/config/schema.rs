@@ -122,20 +122,36 @@ impl UpstreamConfig {
 pub struct RollbackConfig {
     /// Whether the circuit may trip arms.
     pub enabled: bool,
-    /// Sliding window length.
+    /// 1 minus the share of canaries within the limits that the analysis may roll back.
+    pub confidence: f64,
+    /// Span of the recent per-arm numbers `/status` shows (not used by the verdicts).
     pub window: Duration,
-    /// Requests an arm needs in the window before it may trip.
+    /// Outcomes an arm needs before the analysis gives it a verdict.
     pub min_requests: u64,
-    /// Absolute error rate that trips.
+    /// Ceiling on an arm's error rate.
     pub max_error_rate: f64,
-    /// Error rate above the baseline's that trips.
+    /// Margin on an arm's error rate above the baseline's.
     pub max_error_rate_increase: f64,
     /// Which response statuses count as errors.
     pub error_statuses: StatusSet,
-    /// Trip when the arm's window p99 exceeds the baseline's by this much.
+    /// Ceiling on an arm's p99 minus the baseline's.
     pub max_p99_increase: Option<Duration>,
-    /// Trip when the arm's window p99 is at least this multiple of the baseline's.
+    /// Ceiling on an arm's p99 over the baseline's.
     pub max_p99_ratio: Option<f64>,
+}
+
+impl RollbackConfig {
+    /// The limits the analysis judges arms against.
+    pub fn limits(&self) -> crate::analysis::compare::Limits {
+        crate::analysis::compare::Limits {
+            confidence: self.confidence,
+            min_requests: self.min_requests,
+            max_error_rate: self.max_error_rate,
+            max_error_rate_increase: self.max_error_rate_increase,
+            max_p99_ratio: self.max_p99_ratio,
+            max_p99_increase: self.max_p99_increase,
+        }
+    }
 }
 
 /// `[state]` section.

@@ -1,18 +1,21 @@
-//! The rollback circuit: per-arm sliding windows fed by request outcomes, and the trip rule.
+//! The rollback circuit: the analysis of every non-baseline arm against the baseline, fed by
+//! request outcomes, and the trip on a `fail` verdict.
 //!
 //! The proxy sends one [`Outcome`] per finished request with `try_send` on a bounded channel
-//! ([`super::outcome`]):
-//! it never waits. A single task owns the updates and checks the trip rule for
-//! every arm that finished a request, so a spike is caught within a few requests. `/status`
-//! reads the windows under a short lock the data path never takes.
+//! ([`super::outcome`]): it never waits. A single task owns the updates: every outcome goes
+//! into the arm's [`Comparison`] (and a baseline outcome into every arm's, so each arm is
+//! compared with the baseline over the same period) and into the recent window `/status`
+//! shows. After each batch the task re-judges every arm that finished a request and trips the
+//! arm whose analysis fails. `/status` reads the same state under a short lock the data path
+//! never takes.
 //!
 //! The task takes outcomes in batches. It watches every arm but the baseline: an error of a
-//! watched arm wakes it at once, and so does every `WAKE_AFTER`th outcome of one, so a
-//! canary is checked within a few of its requests (see [`super::outcome::WAKE_AFTER`]). Everything else (the baseline's outcomes)
-//! waits for the next batch, taken at least every [`COALESCE`] while outcomes come. The
-//! task's one timer is re-armed only after it fired: a loaded proxy is not woken by a timer
-//! every millisecond, and the wake-ups it does get come from the data path, on the same
-//! thread in a single-threaded runtime, without a system call.
+//! watched arm wakes it at once, and so does every `WAKE_AFTER`th outcome of one, so an arm is
+//! re-judged within a few of its requests (see [`super::outcome::WAKE_AFTER`]). Everything
+//! else (the baseline's outcomes) waits for the next batch, taken at least every [`COALESCE`]
+//! while outcomes come. The task's one timer is re-armed only after it fired: a loaded proxy
+//! is not woken by a timer every millisecond, and the wake-ups it does get come from the data
+//! path, on the same thread in a single-threaded runtime, without a system call.
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::pin;
@@ -23,9 +26,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::outcome::{Outcome, OutcomeReceiver};
+use crate::analysis::compare::{Comparison, Limits, Metric, Report, Verdict};
 use crate::analysis::window::{Window, WindowStats};
-use crate::config::RollbackConfig;
 use crate::control::{Control, Snapshot};
+use crate::metrics::Metrics;
 
 /// While outcomes keep coming, the task takes a batch at least this often, so baseline
 /// outcomes (which do not wake it) reach the windows within 10 ms. An idle task blocks on the
@@ -107,106 +111,206 @@ impl Windows {
     }
 }
 
-/// Why an arm trips.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Verdict {
-    /// Metric label: `error_rate`, `error_rate_increase` or `latency`.
-    pub reason: &'static str,
-    /// The numbers, in words, for the log and the state file.
-    pub detail: String,
+/// What the circuit task keeps, and `/status` reads: the recent window of every arm and the
+/// analysis of every non-baseline arm against the baseline.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    /// Recent numbers per arm, over `[rollback] window`.
+    pub windows: Windows,
+    analyses: Mutex<Analyses>,
 }
 
-/// The trip rule (window error rate above the ceiling, or above the baseline's by the margin;
-/// plus the optional p99 rules), for one arm against the baseline.
-///
-/// Every rule needs `min_requests` in the arm's window; the rules that compare against the
-/// baseline also need `min_requests` in the baseline's window, so a quiet baseline never makes
-/// a canary look worse than it is.
-pub fn evaluate(cfg: &RollbackConfig, arm: &WindowStats, base: &WindowStats) -> Option<Verdict> {
-    if arm.requests < cfg.min_requests {
-        return None;
-    }
-    let numbers = format!(
-        "{} errors in {} requests ({:.1}%) over {}",
-        arm.errors,
-        arm.requests,
-        arm.error_rate * 100.0,
-        humantime::format_duration(cfg.window)
-    );
-    if arm.error_rate >= cfg.max_error_rate {
-        return Some(Verdict {
-            reason: "error_rate",
-            detail: format!(
-                "{numbers}; max_error_rate is {:.1}%",
-                cfg.max_error_rate * 100.0
-            ),
-        });
-    }
-    if base.requests < cfg.min_requests {
-        return None;
-    }
-    if arm.error_rate - base.error_rate >= cfg.max_error_rate_increase {
-        return Some(Verdict {
-            reason: "error_rate_increase",
-            detail: format!(
-                "{numbers}; baseline {:.1}% of {}; max_error_rate_increase is {:.1} points",
-                base.error_rate * 100.0,
-                base.requests,
-                cfg.max_error_rate_increase * 100.0
-            ),
-        });
-    }
-    let (Some(p99), Some(base_p99)) = (arm.p99, base.p99) else {
-        return None;
-    };
-    let latency = |limit: String| Verdict {
-        reason: "latency",
-        detail: format!(
-            "p99 {:.1}ms vs baseline {:.1}ms over {} requests; {limit}",
-            p99.as_secs_f64() * 1e3,
-            base_p99.as_secs_f64() * 1e3,
-            arm.requests
-        ),
-    };
-    if let Some(max) = cfg.max_p99_increase {
-        if p99.saturating_sub(base_p99) >= max {
-            return Some(latency(format!("max_p99_increase is {max:?}")));
+/// The comparisons, one per non-baseline arm.
+#[derive(Debug, Default)]
+struct Analyses {
+    /// The baseline they are compared with.
+    baseline: Option<Arc<str>>,
+    arms: Vec<Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    arm: Arc<str>,
+    comparison: Comparison,
+    /// The verdicts last exported, per metric (`canaryd_analysis_verdict` is set on change).
+    exported: Vec<(Metric, Verdict)>,
+    /// When they were last computed (see [`EXPORT_EVERY`]).
+    exported_at: Option<Instant>,
+}
+
+/// The exported verdicts are recomputed at most this often per arm (and at once on a trip):
+/// the per-batch check only asks whether a metric fails, which is cheaper than judging every
+/// metric both ways.
+pub const EXPORT_EVERY: Duration = Duration::from_secs(1);
+
+impl Entry {
+    fn new(arm: Arc<str>) -> Self {
+        Entry {
+            arm,
+            comparison: Comparison::new(),
+            exported: Vec::new(),
+            exported_at: None,
         }
     }
-    if let Some(ratio) = cfg.max_p99_ratio {
-        if p99.as_secs_f64() >= base_p99.as_secs_f64() * ratio {
-            return Some(latency(format!("max_p99_ratio is {ratio}")));
+
+    /// Judges every metric and exports the verdicts that changed.
+    fn export(&mut self, metrics: &Metrics, limits: &Limits, now: Instant) {
+        self.exported_at = Some(now);
+        for (metric, verdict) in self.comparison.verdicts(limits) {
+            let known = self.exported.iter_mut().find(|(m, _)| *m == metric);
+            match known {
+                Some((_, v)) if *v == verdict => continue,
+                Some((_, v)) => *v = verdict,
+                None => self.exported.push((metric, verdict)),
+            }
+            metrics.analysis_verdict(&self.arm, metric.as_str(), verdict.gauge());
         }
     }
-    None
+
+    /// Starts the comparison over; exported verdicts go back to inconclusive.
+    fn restart(&mut self, metrics: &Metrics) {
+        self.comparison = Comparison::new();
+        self.exported_at = None;
+        for (m, v) in &mut self.exported {
+            *v = Verdict::Inconclusive;
+            metrics.analysis_verdict(&self.arm, m.as_str(), Verdict::Inconclusive.gauge());
+        }
+    }
+}
+
+impl Analyses {
+    fn lock(m: &Mutex<Analyses>) -> std::sync::MutexGuard<'_, Analyses> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn entry(&mut self, arm: &str) -> Option<&mut Entry> {
+        let i = self
+            .arms
+            .iter()
+            .position(|e| std::ptr::eq(e.arm.as_ptr(), arm.as_ptr()) && e.arm.len() == arm.len())
+            .or_else(|| self.arms.iter().position(|e| *e.arm == *arm))?;
+        self.arms.get_mut(i)
+    }
+}
+
+impl Ledger {
+    /// Records a batch: every outcome into its arm's window; an arm's outcome into its
+    /// comparison, a baseline outcome into every comparison.
+    pub fn record(&self, batch: &[Outcome], window: Duration) {
+        self.windows.record(batch, window);
+        let mut a = Analyses::lock(&self.analyses);
+        let Some(baseline) = a.baseline.clone() else {
+            return;
+        };
+        for o in batch {
+            if *o.arm == *baseline {
+                for e in &mut a.arms {
+                    e.comparison.record_baseline(o.error, o.latency);
+                }
+            } else if let Some(e) = a.entry(&o.arm) {
+                e.comparison.record_arm(o.error, o.latency);
+            }
+        }
+    }
+
+    /// Makes the comparisons match `snap`'s arms and baseline: one per non-baseline arm; a
+    /// new baseline starts every comparison over, and so does `restart` for the arms in it
+    /// (a reset or a new build: history that no longer counts).
+    fn align(&self, snap: &Snapshot, restart: &[Arc<str>], metrics: &Metrics) {
+        let mut a = Analyses::lock(&self.analyses);
+        let baseline = snap.arms.get(snap.table.baseline()).map(|b| b.name.clone());
+        let new_baseline = a.baseline.as_deref() != baseline.as_deref()
+            || baseline
+                .as_ref()
+                .is_some_and(|b| restart.iter().any(|r| r == b));
+        a.baseline = baseline.clone();
+        a.arms.retain(|e| {
+            snap.arms.iter().any(|arm| arm.name == e.arm) && Some(&e.arm) != baseline.as_ref()
+        });
+        for arm in &snap.arms {
+            if Some(&arm.name) == baseline.as_ref() {
+                continue;
+            }
+            match a.entry(&arm.name) {
+                Some(e) => {
+                    if new_baseline || restart.contains(&arm.name) {
+                        e.restart(metrics);
+                    }
+                }
+                None => a.arms.push(Entry::new(arm.name.clone())),
+            }
+        }
+    }
+
+    /// The analysis of `arm` as it stands, if it is a non-baseline arm. The intervals take
+    /// milliseconds to find: they are found on a copy, without holding up the circuit.
+    pub fn report(&self, arm: &str, limits: &Limits) -> Option<Report> {
+        let comparison = {
+            let mut a = Analyses::lock(&self.analyses);
+            a.entry(arm)?.comparison.clone()
+        };
+        Some(comparison.report(limits))
+    }
+
+    /// Judges `arm`: its first failing metric and the numbers behind it, if one fails. The
+    /// exported verdicts are refreshed when one fails, or when [`EXPORT_EVERY`] has passed.
+    ///
+    /// Without `may_trip` (the circuit is off, or the arm is tripped already) only the
+    /// exported verdicts are kept fresh.
+    fn judge(
+        &self,
+        arm: &str,
+        limits: &Limits,
+        metrics: &Metrics,
+        now: Instant,
+        may_trip: bool,
+    ) -> Option<(Metric, String)> {
+        let mut a = Analyses::lock(&self.analyses);
+        let e = a.entry(arm)?;
+        let failing = if may_trip {
+            e.comparison.fails(limits)
+        } else {
+            None
+        };
+        let due = e
+            .exported_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= EXPORT_EVERY);
+        if failing.is_some() || due {
+            e.export(metrics, limits, now);
+        }
+        failing.map(|metric| (metric, e.comparison.explain(metric, limits)))
+    }
 }
 
 /// The window epoch of each arm as last seen, to notice resets and new builds.
 #[derive(Default)]
 struct Seen {
-    generation: u64,
+    generation: Option<u64>,
     epochs: HashMap<Arc<str>, u64>,
 }
 
 impl Seen {
-    /// Clears the window of every arm whose epoch moved: its history belongs to the build or
-    /// the episode that was reset, not to what serves now.
-    fn sync(&mut self, snap: &Snapshot, windows: &Windows) {
-        if snap.generation == self.generation {
+    /// Clears the window and restarts the comparison of every arm whose epoch moved: its
+    /// history belongs to the build or the episode that was reset, not to what serves now.
+    fn sync(&mut self, snap: &Snapshot, ledger: &Ledger, metrics: &Metrics) {
+        if self.generation == Some(snap.generation) {
             return;
         }
-        self.generation = snap.generation;
+        self.generation = Some(snap.generation);
+        let mut restart = Vec::new();
         for arm in &snap.arms {
             let previous = self.epochs.insert(arm.name.clone(), arm.window_epoch);
             if previous.is_some_and(|e| e != arm.window_epoch) {
-                windows.clear(&arm.name);
+                ledger.windows.clear(&arm.name);
+                restart.push(arm.name.clone());
             }
         }
+        ledger.align(snap, &restart, metrics);
     }
 }
 
-/// Runs the window and trip task until every sender is gone.
-pub fn spawn(control: Arc<Control>, windows: Arc<Windows>, rx: OutcomeReceiver) -> JoinHandle<()> {
+/// Runs the circuit task until every sender is gone.
+pub fn spawn(control: Arc<Control>, ledger: Arc<Ledger>, rx: OutcomeReceiver) -> JoinHandle<()> {
     let OutcomeReceiver { mut rx, wake } = rx;
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(BATCH);
@@ -218,12 +322,9 @@ pub fn spawn(control: Arc<Control>, windows: Arc<Windows>, rx: OutcomeReceiver) 
         let mut armed = false;
         while rx.recv_many(&mut batch, BATCH).await > 0 {
             let snap = control.snapshot();
-            seen.sync(&snap, &windows);
-            let cfg = &snap.config.rollback;
-            windows.record(&batch, cfg.window);
-            if cfg.enabled {
-                check(&control, &snap, &windows, &batch);
-            }
+            seen.sync(&snap, &ledger, control.metrics());
+            ledger.record(&batch, snap.config.rollback.window);
+            check(&control, &snap, &ledger, &batch);
             let full = batch.len() == BATCH;
             batch.clear();
             if full {
@@ -242,47 +343,31 @@ pub fn spawn(control: Arc<Control>, windows: Arc<Windows>, rx: OutcomeReceiver) 
     })
 }
 
-/// Checks every non-baseline, untripped arm that appears in `batch`.
-fn check(control: &Control, snap: &Snapshot, windows: &Windows, batch: &[Outcome]) {
+/// Judges every non-baseline arm that appears in `batch`; with the circuit enabled, trips
+/// the untripped ones whose analysis fails.
+fn check(control: &Control, snap: &Snapshot, ledger: &Ledger, batch: &[Outcome]) {
     let baseline = &snap.arms[snap.table.baseline()];
-    let now = batch.last().map_or_else(Instant::now, |o| o.at);
     let cfg = &snap.config.rollback;
-    let quantiles = cfg.max_p99_increase.is_some() || cfg.max_p99_ratio.is_some();
-    let mut base: Option<WindowStats> = None;
+    let limits = cfg.limits();
+    let now = Instant::now();
     for arm in &snap.arms {
-        if arm.tripped
-            || Arc::ptr_eq(&arm.name, &baseline.name)
-            || !batch.iter().any(|o| o.arm == arm.name)
-        {
+        if Arc::ptr_eq(&arm.name, &baseline.name) || !batch.iter().any(|o| o.arm == arm.name) {
             continue;
         }
-        let Some(stats) = windows.arm_stats(&arm.name, now, quantiles) else {
-            continue;
-        };
-        let base = *base.get_or_insert_with(|| {
-            windows
-                .arm_stats(&baseline.name, now, quantiles)
-                .unwrap_or(EMPTY)
-        });
-        if let Some(v) = evaluate(&snap.config.rollback, &stats, &base) {
-            control.trip(&arm.name, v.reason, v.detail);
+        let may_trip = cfg.enabled && !arm.tripped;
+        if let Some((metric, detail)) =
+            ledger.judge(&arm.name, &limits, control.metrics(), now, may_trip)
+        {
+            control.trip(&arm.name, metric.as_str(), detail);
         }
     }
 }
-
-const EMPTY: WindowStats = WindowStats {
-    requests: 0,
-    errors: 0,
-    error_rate: 0.0,
-    p50: None,
-    p99: None,
-};
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::release::outcome::{channel, WAKE_AFTER};
+    use crate::release::outcome::{channel, OutcomeSender, WAKE_AFTER};
 
     fn config(extra: &str) -> Config {
         let text = format!(
@@ -303,19 +388,6 @@ max_error_rate_increase = 0.02
 "#
         );
         Config::parse(&text).expect("valid")
-    }
-
-    fn cfg(extra: &str) -> RollbackConfig {
-        config(extra).rollback
-    }
-
-    /// Feeds `n` requests, `errors` of them failing, each taking `latency`, 10 ms apart.
-    async fn feed(w: &mut Window, n: u64, errors: u64, latency: Duration) -> WindowStats {
-        for i in 0..n {
-            w.record(Instant::now(), i < errors, latency);
-            tokio::time::advance(Duration::from_millis(10)).await;
-        }
-        w.stats(Instant::now())
     }
 
     fn ms(n: u64) -> Duration {
@@ -342,16 +414,17 @@ max_error_rate_increase = 0.02
     #[tokio::test(start_paused = true)]
     async fn batches_wait_for_the_timer_unless_a_watched_arm_wakes_the_task() {
         let control = Control::new(config(""), crate::metrics::Metrics::new()).expect("control");
-        let windows = Arc::new(Windows::default());
+        let ledger = Arc::new(Ledger::default());
         let (tx, rx) = channel();
-        let task = spawn(control, windows.clone(), rx);
+        let task = spawn(control, ledger.clone(), rx);
         let stable: Arc<str> = Arc::from("stable");
         let canary: Arc<str> = Arc::from("canary");
         let base = |error| outcome(&stable, false, error);
         let watched = |error| outcome(&canary, true, error);
         // (requests, errors) in an arm's window
         let count = |arm: &str| {
-            windows
+            ledger
+                .windows
                 .arm_stats(arm, Instant::now(), false)
                 .map_or((0, 0), |s| (s.requests, s.errors))
         };
@@ -400,85 +473,93 @@ max_error_rate_increase = 0.02
         task.abort();
     }
 
+    /// Sends `n` outcomes of `arm` (every `every`-th an error; 0: none) and lets the task
+    /// take them.
+    async fn send(tx: &OutcomeSender, arm: &Arc<str>, watched: bool, n: usize, every: usize) {
+        for i in 1..=n {
+            let error = every > 0 && i % every == 0;
+            tx.try_send(outcome(arm, watched, error)).expect("queued");
+            settle().await;
+        }
+        tokio::time::advance(COALESCE).await;
+        settle().await;
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn absolute_rule_waits_for_min_requests() {
-        let c = cfg("");
-        let mut canary = Window::new(c.window, Instant::now());
-        let mut stable = Window::new(c.window, Instant::now());
-        let base = feed(&mut stable, 200, 0, ms(5)).await;
-        let s = feed(&mut canary, 19, 19, ms(5)).await;
-        assert_eq!(evaluate(&c, &s, &base), None, "19 < min_requests");
-        let s = feed(&mut canary, 1, 1, ms(5)).await;
-        let v = evaluate(&c, &s, &base).expect("20 errors of 20 trips");
-        assert_eq!(v.reason, "error_rate");
+    async fn a_failing_canary_trips_on_its_analysis_and_a_reset_starts_it_over() {
+        let control = Control::new(config(""), crate::metrics::Metrics::new()).expect("control");
+        let ledger = Arc::new(Ledger::default());
+        let (tx, rx) = channel();
+        let task = spawn(control.clone(), ledger.clone(), rx);
+        let stable: Arc<str> = Arc::from("stable");
+        let canary: Arc<str> = Arc::from("canary");
+        let limits = control.snapshot().config.rollback.limits();
+        let verdict = || {
+            ledger
+                .report("canary", &limits)
+                .map(|r| (r.verdict, r.arm.requests, r.baseline.requests))
+        };
+
+        send(&tx, &stable, false, 300, 0).await;
+        // The canary fails everything: tripped once it has min_requests (20 in this config).
+        send(&tx, &canary, true, 19, 1).await;
+        assert!(control.view().tripped.is_empty(), "19 < min_requests");
+        send(&tx, &canary, true, 1, 1).await;
+        let view = control.view();
+        let trip = view.tripped.get("canary").expect("tripped");
+        assert_eq!(trip.reason, "error_rate");
         assert!(
-            v.detail.contains("20 errors in 20 requests"),
+            trip.detail.contains("20 errors in 20 requests"),
             "{}",
-            v.detail
+            trip.detail
         );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn relative_rule_compares_with_the_baseline() {
-        let c = cfg("");
-        let mut stable = Window::new(c.window, Instant::now());
-        let mut canary = Window::new(c.window, Instant::now());
-        // Baseline at 5% errors, canary at 5%: as bad as the baseline, no trip.
-        let base = feed(&mut stable, 200, 10, ms(5)).await;
-        let s = feed(&mut canary, 100, 5, ms(5)).await;
-        assert_eq!(evaluate(&c, &s, &base), None);
-        // Canary at 8% (< 10% absolute) is 3 points above the baseline: trips.
-        let mut canary = Window::new(c.window, Instant::now());
-        let s = feed(&mut canary, 100, 8, ms(5)).await;
-        let v = evaluate(&c, &s, &base).expect("trips");
-        assert_eq!(v.reason, "error_rate_increase");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn relative_rule_needs_a_baseline_sample() {
-        let c = cfg("");
-        let mut stable = Window::new(c.window, Instant::now());
-        let mut canary = Window::new(c.window, Instant::now());
-        let base = feed(&mut stable, 5, 0, ms(5)).await;
-        let s = feed(&mut canary, 100, 5, ms(5)).await;
-        assert_eq!(
-            evaluate(&c, &s, &base),
-            None,
-            "baseline has 5 < 20 requests"
+        assert!(
+            trip.detail.contains("shown at 99.75% confidence"),
+            "{}",
+            trip.detail
         );
+        assert_eq!(verdict(), Some((Verdict::Fail, 20, 300)));
+        assert!(
+            ledger.report("stable", &limits).is_none(),
+            "the baseline is not judged"
+        );
+        let metrics = control.metrics().render();
+        assert!(
+            metrics
+                .contains("canaryd_analysis_verdict{upstream=\"canary\",metric=\"error_rate\"} -1"),
+            "{metrics}"
+        );
+
+        // A reset starts the comparison over, baseline included; the verdicts go back to 0.
+        control.reset();
+        send(&tx, &stable, false, 1, 0).await;
+        assert_eq!(verdict(), Some((Verdict::Inconclusive, 0, 1)));
+        let metrics = control.metrics().render();
+        assert!(
+            metrics
+                .contains("canaryd_analysis_verdict{upstream=\"canary\",metric=\"error_rate\"} 0"),
+            "{metrics}"
+        );
+        send(&tx, &canary, true, 30, 0).await;
+        assert!(control.view().tripped.is_empty());
+        task.abort();
     }
 
     #[tokio::test(start_paused = true)]
-    async fn errors_age_out_of_the_window() {
-        let c = cfg("window = \"10s\"");
-        let mut stable = Window::new(c.window, Instant::now());
-        let mut canary = Window::new(c.window, Instant::now());
-        feed(&mut canary, 20, 20, ms(5)).await;
-        tokio::time::advance(Duration::from_secs(11)).await;
-        let base = feed(&mut stable, 50, 0, ms(5)).await;
-        let s = feed(&mut canary, 30, 0, ms(5)).await;
-        assert_eq!(s.errors, 0);
-        assert_eq!(evaluate(&c, &s, &base), None);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn latency_rules() {
-        let c = cfg("max_p99_increase = \"50ms\"");
-        let mut stable = Window::new(c.window, Instant::now());
-        let base = feed(&mut stable, 100, 0, ms(20)).await;
-        let mut canary = Window::new(c.window, Instant::now());
-        let s = feed(&mut canary, 100, 0, ms(60)).await;
-        assert_eq!(evaluate(&c, &s, &base), None, "40ms slower is within 50ms");
-        let mut canary = Window::new(c.window, Instant::now());
-        let s = feed(&mut canary, 100, 0, ms(80)).await;
-        assert_eq!(evaluate(&c, &s, &base).map(|v| v.reason), Some("latency"));
-
-        let c = cfg("max_p99_ratio = 1.5");
-        let mut canary = Window::new(c.window, Instant::now());
-        let s = feed(&mut canary, 100, 0, ms(25)).await;
-        assert_eq!(evaluate(&c, &s, &base), None, "1.25x is under 1.5x");
-        let mut canary = Window::new(c.window, Instant::now());
-        let s = feed(&mut canary, 100, 0, ms(40)).await;
-        assert_eq!(evaluate(&c, &s, &base).map(|v| v.reason), Some("latency"));
+    async fn with_the_circuit_disabled_the_analysis_runs_but_nothing_trips() {
+        let control = Control::new(config("enabled = false"), crate::metrics::Metrics::new())
+            .expect("control");
+        let ledger = Arc::new(Ledger::default());
+        let (tx, rx) = channel();
+        let task = spawn(control.clone(), ledger.clone(), rx);
+        let stable: Arc<str> = Arc::from("stable");
+        let canary: Arc<str> = Arc::from("canary");
+        send(&tx, &stable, false, 100, 0).await;
+        send(&tx, &canary, true, 40, 1).await;
+        assert!(control.view().tripped.is_empty());
+        let limits = control.snapshot().config.rollback.limits();
+        let report = ledger.report("canary", &limits).expect("judged");
+        assert_eq!(report.verdict, Verdict::Fail);
+        task.abort();
     }
 }

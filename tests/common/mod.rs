@@ -171,6 +171,9 @@ struct UpstreamConfig {
     /// `(every, phase, status)`: request number `k` (1-based) answers `status` when
     /// `(k - 1) % every == phase`.
     fail_every: Option<(usize, usize, StatusCode)>,
+    /// `(share, seed, status)`: request number `k` answers `status` when
+    /// `seeded_unit(seed, k) < share` (a fixed pseudo-random schedule).
+    fail_seeded: Option<(f64, u64, StatusCode)>,
     /// `(path prefix, status, delay)`: the first matching rule sets status and delay.
     path_rules: Vec<(String, StatusCode, Duration)>,
 }
@@ -275,6 +278,17 @@ impl FakeUpstreamBuilder {
         self
     }
 
+    /// Request number `k` (1-based) answers `status` when [`seeded_unit`]`(seed, k) < share`:
+    /// a pseudo-random share of failures on a schedule fixed by the seed.
+    pub fn fail_seeded(mut self, share: f64, seed: u64, status: u16) -> Self {
+        self.cfg.fail_seeded = Some((
+            share,
+            seed,
+            StatusCode::from_u16(status).expect("valid status"),
+        ));
+        self
+    }
+
     /// Requests whose path starts with `prefix` answer `status` after `delay` (the first
     /// matching rule wins; it replaces the fixed status and delay).
     pub fn on_path(mut self, prefix: &str, status: u16, delay: Duration) -> Self {
@@ -322,6 +336,7 @@ impl FakeUpstream {
                 mode: Mode::Name,
                 http1_only: false,
                 fail_every: None,
+                fail_seeded: None,
                 path_rules: Vec::new(),
             },
         }
@@ -511,6 +526,11 @@ async fn handle(
     };
     if let Some((every, phase, fail)) = cfg.fail_every {
         if (number - 1) % every == phase {
+            status = fail;
+        }
+    }
+    if let Some((share, seed, fail)) = cfg.fail_seeded {
+        if seeded_unit(seed, number as u64) < share {
             status = fail;
         }
     }
@@ -1833,4 +1853,14 @@ pub fn data(seed: u64, len: usize) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+/// A number in [0, 1) fixed by `(seed, k)` (SplitMix64 of `seed + k * golden gamma`), so a
+/// schedule can be recomputed outside the test (e.g. in Python) from the same two numbers.
+pub fn seeded_unit(seed: u64, k: u64) -> f64 {
+    let mut z = seed.wrapping_add(k.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
 }
