@@ -212,6 +212,13 @@ impl Report {
     }
 }
 
+/// A small positive number with 3 significant digits and no trailing zeros.
+fn trim_sig(x: f64) -> String {
+    let decimals = (2.0 - x.log10().floor()).clamp(0.0, 12.0) as usize;
+    let s = format!("{x:.decimals$}");
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
 /// A number with at most 3 decimals and no trailing zeros.
 fn trim(x: f64) -> String {
     let s = format!("{x:.3}");
@@ -481,8 +488,10 @@ impl Comparison {
         evidence >= -tests.ceiling_alpha.ln()
     }
 
-    /// One line with the numbers behind `metric`'s verdict, cheap enough to write at the
-    /// moment of a trip (the intervals take milliseconds and are in [`Self::report`]).
+    /// One line with the numbers behind `metric`'s verdict: the counts, the limit, the test
+    /// statistic (ln of the evidence against the limit) and its threshold `ln(1/alpha)`. Cheap
+    /// enough to write at the moment of a trip (the intervals take milliseconds and are in
+    /// [`Self::report`]).
     pub fn explain(&self, metric: Metric, limits: &Limits) -> String {
         let tests = Tests::new(limits);
         let counts = |s: &Sample| {
@@ -498,15 +507,21 @@ impl Comparison {
             Metric::ErrorRate => (
                 format!("arm {}", counts(&self.arm)),
                 format!(
-                    "error_rate above max_error_rate {}",
-                    pct(limits.max_error_rate)
+                    "error_rate above max_error_rate {}: ln evidence {:.2}",
+                    pct(limits.max_error_rate),
+                    tests.difference.arm.ln_evidence_above(
+                        self.arm.errors,
+                        self.arm.requests,
+                        limits.max_error_rate
+                    )
                 ),
                 tests.ceiling_alpha,
             ),
             Metric::ErrorRateIncrease => (
                 format!("arm {}, baseline {}", counts(&self.arm), counts(&self.base)),
                 format!(
-                    "error_rate_difference {} above max_error_rate_increase {}",
+                    "error_rate_difference {} above max_error_rate_increase {}: ln evidence, \
+                     at every baseline rate,",
                     pct(self.arm.counts().rate() - self.base.counts().rate()),
                     pct(limits.max_error_rate_increase)
                 ),
@@ -532,14 +547,20 @@ impl Comparison {
                     .collect();
                 (
                     format!("arm {}, baseline {}", p99(&self.arm), p99(&self.base)),
-                    shown.join(" and "),
+                    format!(
+                        "{}: ln evidence, at every baseline p99,",
+                        shown.join(" and ")
+                    ),
                     tests.latency_test_alpha,
                 )
             }
         };
         format!(
-            "{}: {who}; {what}, shown at {}% confidence (anytime-valid)",
+            "{}: {who}; {what} >= threshold {:.2} = ln(1/{}); shown at {}% confidence \
+             (anytime-valid)",
             metric.as_str(),
+            -alpha.ln(),
+            trim_sig(alpha),
             trim((1.0 - alpha) * 100.0)
         )
     }
@@ -898,11 +919,14 @@ mod tests {
         assert_eq!(r.verdict, Verdict::Fail);
         let f = r.failure().expect("a failing metric");
         assert_eq!(f.metric, Metric::ErrorRate);
+        // ln of the mixture's sum over its alternatives r of w (1 + 9r)^5, worked out by hand
+        // (Python, the same weights): 7.6005.
         let line = c.explain(f.metric, &limits());
         assert_eq!(
             line,
             "error_rate: arm 5 errors in 5 requests (100.00%); error_rate above max_error_rate \
-             10%, shown at 99.75% confidence (anytime-valid)"
+             10%: ln evidence 7.60 >= threshold 5.99 = ln(1/0.0025); shown at 99.75% confidence \
+             (anytime-valid)"
         );
     }
 
@@ -994,7 +1018,8 @@ mod tests {
         assert!(
             line.contains(
                 "p99_ratio above max_p99_ratio 1.500x and p99_increase above \
-                 max_p99_increase 50.0ms, shown at 99.75% confidence"
+                 max_p99_increase 50.0ms: ln evidence, at every baseline p99, >= threshold \
+                 5.99 = ln(1/0.0025); shown at 99.75% confidence"
             ),
             "{line}"
         );
