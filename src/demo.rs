@@ -105,8 +105,8 @@ url = "http://{v2}"
 weight = 10
 
 [rollback]
-window = "30s"
-min_requests = 20
+confidence = 0.99
+max_error_rate_increase = 0.02
 "#,
         listen = opts.listen,
         admin = opts.admin,
@@ -139,7 +139,7 @@ Drive it:
   curl -s {a}/weights                                  # effective and configured weights
   curl -s -X PUT {a}/weights -d '{{"canary": 25}}'       # ramp the canary to 25%
   curl -s '{a}/route?key=alice'                        # which arm a user gets, and why
-  curl -s {a}/status                                   # per-arm window: requests, errors, p50/p99
+  curl -s {a}/status                                   # per arm: the analysis, its verdicts, recent window
   curl -s -X POST {a}/rollback                         # everyone back to stable
   curl -s -X POST {a}/reset                            # undo the rollback
   curl -s {a}/metrics | grep canaryd_requests_total    # Prometheus metrics

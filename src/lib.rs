@@ -29,7 +29,9 @@
 //! - [`metrics`]: every metric name in one place; per-arm handles resolved once.
 //! - [`tls`]: rustls for both sides: termination with hot-reloaded certificates, upstream
 //!   client configs.
-//! - `analysis/`: pure statistics over outcomes (the sliding per-arm window).
+//! - `analysis/`: pure statistics over outcomes: the anytime-valid sequential tests behind the
+//!   rollback circuit (`sequential`, `compare`), the latency histogram, the recent per-arm
+//!   window, and `simulate` (the circuit's analysis on simulated traffic).
 //! - [`body`]: request bodies as forwarded (whole, streamed by canaryd's server side, or by
 //!   hyper) and the client's faults in them, which are never an arm's failure.
 //! - [`http1`]: sans-IO HTTP/1.1, every wire rule both sides share: heads, `Content-Length`,

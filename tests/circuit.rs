@@ -235,6 +235,15 @@ async fn canary_failing_everything_trips_within_ten_requests_with_the_defaults()
         interval[0].as_f64().is_some_and(|lo| lo > 0.10),
         "the interval's low end is above the 10% ceiling: {s}"
     );
+    let ceiling = &analysis["metrics"]["error_rate"];
+    let (stat, threshold) = (
+        ceiling["checks"][0]["ln_evidence_exceeds"].as_f64(),
+        ceiling["threshold"].as_f64(),
+    );
+    assert!(
+        stat.zip(threshold).is_some_and(|(s, t)| s >= t),
+        "the test statistic has reached its threshold: {s}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

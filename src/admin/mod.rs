@@ -461,6 +461,8 @@ fn analysis_json(r: &Report) -> Value {
             "interval": [num(c.low), num(c.high)],
             "limit": c.limit,
             "limit_key": c.key,
+            "ln_evidence_exceeds": num(c.ln_evidence_exceeds),
+            "ln_evidence_within": num(c.ln_evidence_within),
         })
     };
     let metrics: serde_json::Map<String, Value> = r
@@ -471,7 +473,9 @@ fn analysis_json(r: &Report) -> Value {
                 m.metric.as_str().to_owned(),
                 json!({
                     "verdict": m.verdict.as_str(),
-                    "confidence": m.level,
+                    // Rounded: a share of the budget such as 1 - 0.01 * 3/4 prints as 0.9925.
+                    "confidence": (m.level * 1e12).round() / 1e12,
+                    "threshold": m.threshold,
                     "checks": m.checks.iter().map(check).collect::<Vec<_>>(),
                 }),
             )

@@ -156,6 +156,11 @@ pub struct Check {
     pub limit: f64,
     /// The config key the limit comes from.
     pub key: &'static str,
+    /// The test statistic against "within the limit": ln of the evidence (the metric fails
+    /// when it reaches [`MetricReport::threshold`]).
+    pub ln_evidence_exceeds: f64,
+    /// The same against "beyond the limit" (the metric passes when it reaches the threshold).
+    pub ln_evidence_within: f64,
 }
 
 /// One metric's verdict and the checks behind it.
@@ -167,6 +172,8 @@ pub struct MetricReport {
     pub verdict: Verdict,
     /// The confidence each end of its intervals holds with (at least).
     pub level: f64,
+    /// `ln(1 / (1 - level))`: the evidence a test needs.
+    pub threshold: f64,
     /// The quantities it is judged on.
     pub checks: Vec<Check>,
 }
@@ -588,6 +595,7 @@ impl Comparison {
             metric,
             verdict: verdict_of(metric),
             level,
+            threshold: -(1.0 - level).ln(),
             checks,
         };
         let (ac, bc) = (self.arm.counts(), self.base.counts());
@@ -602,6 +610,16 @@ impl Comparison {
                     high: ah,
                     limit: limits.max_error_rate,
                     key: "max_error_rate",
+                    ln_evidence_exceeds: tests.difference.arm.ln_evidence_above(
+                        ac.k,
+                        ac.n,
+                        limits.max_error_rate,
+                    ),
+                    ln_evidence_within: tests.difference.arm.ln_evidence_below(
+                        ac.k,
+                        ac.n,
+                        limits.max_error_rate,
+                    ),
                 }],
                 Metric::ErrorRate,
                 1.0 - tests.ceiling_alpha,
@@ -614,6 +632,16 @@ impl Comparison {
                     high,
                     limit: limits.max_error_rate_increase,
                     key: "max_error_rate_increase",
+                    ln_evidence_exceeds: tests.difference.ln_evidence_above(
+                        ac,
+                        bc,
+                        limits.max_error_rate_increase,
+                    ),
+                    ln_evidence_within: tests.difference.ln_evidence_below(
+                        ac,
+                        bc,
+                        limits.max_error_rate_increase,
+                    ),
                 }],
                 Metric::ErrorRateIncrease,
                 1.0 - tests.increase_alpha,
@@ -699,6 +727,8 @@ impl Comparison {
                 },
                 limit,
                 key,
+                ln_evidence_exceeds: p99_evidence_above(a, b, shift, tests, f64::NEG_INFINITY),
+                ln_evidence_within: p99_evidence_below(a, b, shift, tests, f64::NEG_INFINITY),
             });
         }
         checks
@@ -780,10 +810,16 @@ fn bucket_holding(t_us: f64) -> usize {
 /// test takes the smallest product over every `t`, bucket by bucket, counting each bucket's
 /// latencies the way that weakens the evidence (so bucketing never helps a verdict).
 fn p99_shown_above(arm: &Sample, base: &Sample, shift: Shift, tests: &Tests) -> bool {
-    if arm.latency_n == 0 {
-        return false;
-    }
     let limit = -tests.latency_test_alpha.ln();
+    p99_evidence_above(arm, base, shift, tests, limit) >= limit
+}
+
+/// The smallest ln evidence over the baseline's p99 for [`p99_shown_above`]; it stops once the
+/// evidence falls below `stop` (the test is then decided).
+fn p99_evidence_above(arm: &Sample, base: &Sample, shift: Shift, tests: &Tests, stop: f64) -> f64 {
+    if arm.latency_n == 0 {
+        return 0.0;
+    }
     let (sa, sb) = (suffix(&arm.latency), suffix(&base.latency));
     let share = 1.0 - P99;
     // t in bucket i: at least k_arm arm latencies are above shift(t) (those from the first
@@ -804,8 +840,9 @@ fn p99_shown_above(arm: &Sample, base: &Sample, shift: Shift, tests: &Tests) -> 
     };
     // Most often refuted at the baseline's own p99: try it first.
     let guess = kth_largest(&base.latency[..], (base.latency_n / 100).max(1)).unwrap_or(0);
-    if evidence(counts(guess)) < limit {
-        return false;
+    let mut least = evidence(counts(guess));
+    if least < stop {
+        return least;
     }
     let mut last = None;
     for i in 0..BUCKETS {
@@ -814,21 +851,28 @@ fn p99_shown_above(arm: &Sample, base: &Sample, shift: Shift, tests: &Tests) -> 
             continue;
         }
         last = Some(c);
-        if evidence(c) < limit {
-            return false;
+        least = least.min(evidence(c));
+        if least < stop {
+            return least;
         }
     }
-    true
+    least
 }
 
 /// Whether the arm's p99 is shown below `shift` of the baseline's p99: the same test the
 /// other way (the arm's evidence against "at least 1% above shift(t)", the baseline's against
 /// "at most 1% above t"), counting buckets the other way.
 fn p99_shown_below(arm: &Sample, base: &Sample, shift: Shift, tests: &Tests) -> bool {
-    if arm.latency_n == 0 || base.latency_n == 0 {
-        return false;
-    }
     let limit = -tests.latency_test_alpha.ln();
+    p99_evidence_below(arm, base, shift, tests, limit) >= limit
+}
+
+/// The smallest ln evidence over the baseline's p99 for [`p99_shown_below`]; it stops once the
+/// evidence falls below `stop` (the test is then decided).
+fn p99_evidence_below(arm: &Sample, base: &Sample, shift: Shift, tests: &Tests, stop: f64) -> f64 {
+    if arm.latency_n == 0 || base.latency_n == 0 {
+        return 0.0;
+    }
     let (sa, sb) = (suffix(&arm.latency), suffix(&base.latency));
     let share = 1.0 - P99;
     // t in bucket i: at most k_arm arm latencies are above shift(t) (from the bucket holding
@@ -850,8 +894,9 @@ fn p99_shown_below(arm: &Sample, base: &Sample, shift: Shift, tests: &Tests) -> 
                 .ln_evidence_above(k_base, base.latency_n, share)
     };
     let guess = kth_largest(&base.latency[..], (base.latency_n / 100).max(1)).unwrap_or(0);
-    if evidence(counts(guess)) < limit {
-        return false;
+    let mut least = evidence(counts(guess));
+    if least < stop {
+        return least;
     }
     let mut last = None;
     for i in 0..BUCKETS {
@@ -860,11 +905,12 @@ fn p99_shown_below(arm: &Sample, base: &Sample, shift: Shift, tests: &Tests) -> 
             continue;
         }
         last = Some(c);
-        if evidence(c) < limit {
-            return false;
+        least = least.min(evidence(c));
+        if least < stop {
+            return least;
         }
     }
-    true
+    least
 }
 
 #[cfg(test)]
@@ -919,6 +965,10 @@ mod tests {
         assert_eq!(r.verdict, Verdict::Fail);
         let f = r.failure().expect("a failing metric");
         assert_eq!(f.metric, Metric::ErrorRate);
+        assert!((f.threshold - 400f64.ln()).abs() < 1e-9, "ln(1/0.0025)");
+        let stat = f.checks[0].ln_evidence_exceeds;
+        assert!((stat - 7.6005).abs() < 1e-4, "{stat}");
+        assert!(f.checks[0].ln_evidence_within < 0.0);
         // ln of the mixture's sum over its alternatives r of w (1 + 9r)^5, worked out by hand
         // (Python, the same weights): 7.6005.
         let line = c.explain(f.metric, &limits());

@@ -241,20 +241,52 @@ impl Difference {
     /// [`Self::shown_above`] with at most `budget` evaluations.
     fn above(&self, arm: Counts, base: Counts, d: f64, alpha: f64, budget: usize) -> bool {
         let limit = -alpha.ln();
+        match self.factors(arm, base, d) {
+            Some((a, b, lo, hi)) => min_at_least(&a, &b, lo, hi, limit, budget),
+            None => d < -1.0,
+        }
+    }
+
+    /// The test statistic of [`Self::shown_above`]: the ln evidence, at its smallest over the
+    /// baseline's rates. Found by a search (every candidate of the first pass, then a golden
+    /// section around the least), so it may sit a little above the exact infimum: the
+    /// verdicts come from the rigorous [`Self::shown_above`], this number is for reading.
+    pub fn ln_evidence_above(&self, arm: Counts, base: Counts, d: f64) -> f64 {
+        match self.factors(arm, base, d) {
+            Some((a, b, lo, hi)) => least_found(&a, &b, lo, hi),
+            None if d < -1.0 => f64::INFINITY,
+            None => 0.0,
+        }
+    }
+
+    /// The statistic of [`Self::shown_below`].
+    pub fn ln_evidence_below(&self, arm: Counts, base: Counts, d: f64) -> f64 {
+        self.ln_evidence_above(arm.flipped(), base.flipped(), -d)
+    }
+
+    /// The two factors of the evidence against "the arm's rate is at most the baseline's
+    /// `p` plus `d`", as functions of `p`, and the range of `p` (`None` if it is empty).
+    #[allow(clippy::type_complexity)]
+    fn factors(
+        &self,
+        arm: Counts,
+        base: Counts,
+        d: f64,
+    ) -> Option<(impl Fn(f64) -> f64 + '_, impl Fn(f64) -> f64 + '_, f64, f64)> {
         // p + d must be a rate: p in [max(0, -d), min(1, 1 - d)].
         let (lo, hi) = ((-d).max(0.0), (1.0 - d).min(1.0));
         if lo > hi {
-            return d < -1.0;
+            return None;
         }
-        let a = |p: f64| {
+        let a = move |p: f64| {
             let q = (p + d).clamp(f64::MIN_POSITIVE, 1.0);
             self.arm.ln_evidence_above(arm.k, arm.n, q)
         };
-        let b = |p: f64| {
+        let b = move |p: f64| {
             let q = p.clamp(0.0, 1.0 - f64::EPSILON);
             self.base.ln_evidence_below(base.k, base.n, q)
         };
-        min_at_least(&a, &b, lo, hi, limit, budget)
+        Some((a, b, lo, hi))
     }
 
     /// Whether the arm's rate is shown to be below the baseline's plus `d` (the difference
@@ -308,6 +340,62 @@ pub(crate) fn boundary(a: f64, b: f64, tol: f64, holds: impl Fn(f64) -> bool) ->
     lo
 }
 
+/// The least `a(p) + b(p)` found on `[lo, hi]`: the candidates of [`min_at_least`]'s first
+/// pass, then a golden-section search between the neighbours of the least.
+fn least_found(a: &dyn Fn(f64) -> f64, b: &dyn Fn(f64) -> f64, lo: f64, hi: f64) -> f64 {
+    let f = |t: f64| {
+        let p = candidate(lo, hi, t);
+        a(p) + b(p)
+    };
+    let ts: Vec<f64> = (0..START).map(start_t).collect();
+    let values: Vec<f64> = ts.iter().map(|&t| f(t)).collect();
+    let (best, mut least) =
+        values
+            .iter()
+            .copied()
+            .enumerate()
+            .fold(
+                (0, f64::INFINITY),
+                |m, (i, v)| if v < m.1 { (i, v) } else { m },
+            );
+    let (mut l, mut r) = (ts[best.saturating_sub(1)], ts[(best + 1).min(START - 1)]);
+    const PHI: f64 = 0.618_033_988_749_895;
+    for _ in 0..40 {
+        let (x, y) = (r - PHI * (r - l), l + PHI * (r - l));
+        let (fx, fy) = (f(x), f(y));
+        least = least.min(fx).min(fy);
+        if fx < fy {
+            r = y;
+        } else {
+            l = x;
+        }
+    }
+    least
+}
+
+/// Candidates of the first pass, evenly spaced in the log-odds of where `p` sits in
+/// `[lo, hi]`, so rates from 1e-12 to 1 - 1e-12 of the way are all resolved; both ends are
+/// candidates too.
+const START: usize = 48;
+/// logistic(27.7) = 1 - 1e-12.
+const T: f64 = 27.7;
+
+/// The `i`th first-pass candidate, in log-odds.
+fn start_t(i: usize) -> f64 {
+    -T + 2.0 * T * i as f64 / (START - 1) as f64
+}
+
+/// The rate at log-odds `t` of the way through `[lo, hi]`.
+fn candidate(lo: f64, hi: f64, t: f64) -> f64 {
+    if t <= -T {
+        lo
+    } else if t >= T {
+        hi
+    } else {
+        lo + (hi - lo) / (1.0 + (-t).exp())
+    }
+}
+
 /// Whether `a(p) + b(p) >= c` for every `p` in `[lo, hi]`, for `a` non-increasing and `b`
 /// non-decreasing; `false` when that cannot be shown within `budget` evaluations.
 fn min_at_least(
@@ -318,28 +406,13 @@ fn min_at_least(
     c: f64,
     budget: usize,
 ) -> bool {
-    // Candidates evenly spaced in the log-odds of where p sits in [lo, hi], so rates from
-    // 1e-12 to 1 - 1e-12 of the way are all resolved; both ends are candidates too.
-    const START: usize = 48;
-    const T: f64 = 27.7; // logistic(27.7) = 1 - 1e-12
-    let width = hi - lo;
-    let at = |t: f64| {
-        if t <= -T {
-            lo
-        } else if t >= T {
-            hi
-        } else {
-            lo + width / (1.0 + (-t).exp())
-        }
-    };
     let eval = |t: f64| {
-        let p = at(t);
+        let p = candidate(lo, hi, t);
         (t, a(p), b(p))
     };
     let mut points = Vec::with_capacity(START);
     for i in 0..START {
-        let t = -T + 2.0 * T * i as f64 / (START - 1) as f64;
-        let point = eval(t);
+        let point = eval(start_t(i));
         if point.1 + point.2 < c {
             return false;
         }
@@ -423,6 +496,98 @@ fn first_true(a: u64, b: u64, pred: impl Fn(u64) -> bool) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The difference test against a brute-force minimum over 4,001 baseline rates: it never
+    /// claims more than the minimum allows (soundness), it decides the clear cases, and its
+    /// statistic is the minimum to within a little.
+    #[test]
+    fn the_difference_test_agrees_with_a_brute_force_minimum() {
+        let test = Difference {
+            arm: Mixture::around(0.02),
+            base: Mixture::with_null(),
+        };
+        let mut rng = fastrand::Rng::with_seed(23);
+        let alpha = 0.0075;
+        let c = -f64::ln(alpha);
+        let (mut shown, mut clear) = (0, 0);
+        for _ in 0..80 {
+            let n_arm = rng.u64(1..3000);
+            let n_base = rng.u64(1..30_000);
+            let arm = Counts {
+                k: rng.u64(0..=n_arm / 4),
+                n: n_arm,
+            };
+            let base = Counts {
+                k: rng.u64(0..=n_base / 20),
+                n: n_base,
+            };
+            let d = [0.0, 0.01, 0.02, 0.05][rng.usize(0..4)];
+            let Some((a, b, lo, hi)) = test.factors(arm, base, d) else {
+                panic!("d = {d} leaves rates")
+            };
+            let brute = (0..=4_000)
+                .map(|i| {
+                    let p = lo + (hi - lo) * i as f64 / 4_000.0;
+                    a(p) + b(p)
+                })
+                .fold(f64::INFINITY, f64::min);
+            let verdict = test.shown_above(arm, base, d, alpha);
+            let stat = test.ln_evidence_above(arm, base, d);
+            let case = format!("{arm:?} {base:?} d={d}: brute {brute}, statistic {stat}");
+            if verdict {
+                shown += 1;
+                assert!(
+                    brute >= c,
+                    "shown, but the minimum is below the limit: {case}"
+                );
+                assert!(stat >= c, "{case}");
+            }
+            if brute >= c + 0.05 {
+                clear += 1;
+                assert!(verdict, "clearly shown, not decided: {case}");
+            }
+            if stat < c {
+                assert!(!verdict, "{case}");
+            }
+            // The search finds the minimum or better than the grid, within a little.
+            assert!(stat <= brute + 0.05, "{case}");
+        }
+        assert!(shown >= 10 && clear >= 10, "{shown} shown, {clear} clear");
+    }
+
+    #[test]
+    fn the_difference_interval_holds_the_estimate_and_bounds_the_verdicts() {
+        let test = Difference {
+            arm: Mixture::around(0.02),
+            base: Mixture::with_null(),
+        };
+        let alpha = 0.0075;
+        for (arm, base) in [
+            (Counts { k: 18, n: 198 }, Counts { k: 0, n: 1000 }),
+            (
+                Counts { k: 100, n: 10_000 },
+                Counts {
+                    k: 1000,
+                    n: 100_000,
+                },
+            ),
+            (Counts { k: 5, n: 5 }, Counts { k: 0, n: 51 }),
+            (Counts { k: 0, n: 40 }, Counts { k: 3, n: 3 }),
+        ] {
+            let (lo, hi) = test.interval(arm, base, alpha);
+            let est = arm.rate() - base.rate();
+            assert!(
+                lo <= est && est <= hi,
+                "{arm:?} {base:?}: [{lo}, {hi}] vs {est}"
+            );
+            // Every d below the low end is shown exceeded, every d above the high end shown
+            // not reached; nothing inside is either.
+            assert!(lo <= -1.0 || test.shown_above(arm, base, lo - 1e-3, alpha));
+            assert!(hi >= 1.0 || test.shown_below(arm, base, hi + 1e-3, alpha));
+            let mid = (lo + hi) / 2.0;
+            assert!(!test.shown_above(arm, base, mid, alpha) || mid < lo);
+        }
+    }
 
     #[test]
     fn weights_sum_to_one() {
