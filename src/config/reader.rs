@@ -13,8 +13,9 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use super::schema::{
-    AdminConfig, Config, ConfigError, ConfigErrors, ListenConfig, RollbackConfig, RoutingConfig,
-    StateConfig, StatusSet, TlsFiles, UpstreamConfig, UpstreamTls,
+    AdminConfig, Config, ConfigError, ConfigErrors, HookEvent, ListenConfig, OnInconclusive,
+    RollbackConfig, RolloutConfig, RolloutStart, RoutingConfig, StateConfig, StatusSet, TlsFiles,
+    UpstreamConfig, UpstreamTls, WebhookConfig,
 };
 use crate::routing::BASIS_POINTS;
 
@@ -53,7 +54,7 @@ struct Reader<'s> {
 }
 
 const TOP_KEYS: &[&str] = &[
-    "listen", "admin", "routing", "upstream", "rollback", "state",
+    "listen", "admin", "routing", "upstream", "rollback", "state", "rollout", "webhook",
 ];
 const LISTEN_KEYS: &[&str] = &[
     "addr",
@@ -98,6 +99,23 @@ const ROLLBACK_KEYS: &[&str] = &[
     "max_p99_ratio",
 ];
 const STATE_KEYS: &[&str] = &["file"];
+const ROLLOUT_KEYS: &[&str] = &[
+    "upstream",
+    "steps",
+    "min_step_duration",
+    "min_requests",
+    "max_step_duration",
+    "on_inconclusive",
+    "start",
+];
+const WEBHOOK_KEYS: &[&str] = &[
+    "url",
+    "events",
+    "timeout",
+    "retries",
+    "secret_file",
+    "metadata",
+];
 
 /// hyper refuses a smaller read buffer, and it bounds the request head.
 const MIN_HEADER_BYTES: u64 = 8192;
@@ -125,6 +143,7 @@ impl<'s> Reader<'s> {
         let routing_t = self.section(doc, "routing").unwrap_or(&empty);
         let rollback_t = self.section(doc, "rollback").unwrap_or(&empty);
         let state_t = self.section(doc, "state").unwrap_or(&empty);
+        let rollout_t = self.section(doc, "rollout");
 
         let listen = self.listen(listen_t);
         let admin = self.admin(admin_t);
@@ -135,6 +154,16 @@ impl<'s> Reader<'s> {
         let state = StateConfig {
             file: self.opt_path(state_t, "state", "file"),
         };
+        let rollout = match (rollout_t, baseline) {
+            (Some(t), Some(b)) => {
+                let span = doc.get("rollout").map(|v| v.span());
+                self.rollout(t, span, &upstreams, b).map(Some)
+            }
+            (None, _) => Some(None),
+            // Without a baseline the arm cannot be checked; that error is reported already.
+            (Some(_), None) => None,
+        };
+        let webhooks = self.webhooks(doc);
         Some(Config {
             listen: listen?,
             admin: admin?,
@@ -143,6 +172,8 @@ impl<'s> Reader<'s> {
             baseline: baseline?,
             rollback: rollback?,
             state,
+            rollout: rollout?,
+            webhooks: webhooks?,
         })
     }
 
@@ -174,6 +205,7 @@ impl<'s> Reader<'s> {
                     "admin" => ADMIN_KEYS,
                     "routing" => ROUTING_KEYS,
                     "rollback" => ROLLBACK_KEYS,
+                    "rollout" => ROLLOUT_KEYS,
                     _ => STATE_KEYS,
                 };
                 self.check_keys(name, t, known);
@@ -550,6 +582,338 @@ impl<'s> Reader<'s> {
         })
     }
 
+    fn rollout(
+        &mut self,
+        t: &Table<'_>,
+        span: Option<Range<usize>>,
+        ups: &[UpstreamConfig],
+        baseline: usize,
+    ) -> Option<RolloutConfig> {
+        let p = "rollout";
+        let base_name = ups.get(baseline).map(|u| u.name.as_str()).unwrap_or("");
+        let canaries: Vec<&str> = ups
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != baseline)
+            .map(|(_, u)| u.name.as_str())
+            .collect();
+        let upstream = match t.get("upstream") {
+            Some(v) => {
+                let name = self.string(t, p, "upstream")?;
+                if name == base_name {
+                    self.err(
+                        join(p, "upstream"),
+                        Some(v.span()),
+                        format!("{name:?} is the baseline; a rollout releases another arm"),
+                    );
+                    None
+                } else if !canaries.contains(&name.as_str()) {
+                    self.err(
+                        join(p, "upstream"),
+                        Some(v.span()),
+                        format!(
+                            "unknown upstream {name:?}; the arms that can be released are: {}",
+                            canaries.join(", ")
+                        ),
+                    );
+                    None
+                } else {
+                    Some(name)
+                }
+            }
+            None => match canaries.as_slice() {
+                [one] => Some((*one).to_owned()),
+                [] => {
+                    self.err(
+                        p,
+                        span,
+                        "a rollout needs an arm besides the baseline to release",
+                    );
+                    None
+                }
+                _ => {
+                    self.err(
+                        join(p, "upstream"),
+                        span,
+                        format!(
+                            "several arms besides the baseline ({}); name the one to release",
+                            canaries.join(", ")
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+        let steps = self.steps(t, p);
+        let min_step_duration = self.duration(t, p, "min_step_duration", Duration::from_secs(300));
+        let min_requests = self.int(t, p, "min_requests", 500, 0..=1_000_000_000);
+        let mut max_step_duration =
+            self.duration(t, p, "max_step_duration", Duration::from_secs(1800));
+        if let (Some(min), Some(max)) = (min_step_duration, max_step_duration) {
+            if max < min {
+                max_step_duration = None;
+                self.err(
+                    join(p, "max_step_duration"),
+                    t.get("max_step_duration")
+                        .or(t.get("min_step_duration"))
+                        .map(|v| v.span()),
+                    format!(
+                        "{} is shorter than min_step_duration ({}); a step could never pass",
+                        humantime::format_duration(max),
+                        humantime::format_duration(min)
+                    ),
+                );
+            }
+        }
+        let on_inconclusive = self.choice(
+            t,
+            p,
+            "on_inconclusive",
+            &[
+                ("hold", OnInconclusive::Hold),
+                ("rollback", OnInconclusive::Rollback),
+            ],
+            OnInconclusive::Hold,
+        );
+        let start = self.choice(
+            t,
+            p,
+            "start",
+            &[
+                ("manual", RolloutStart::Manual),
+                ("on_new_url", RolloutStart::OnNewUrl),
+            ],
+            RolloutStart::Manual,
+        );
+        Some(RolloutConfig {
+            upstream: upstream?,
+            steps: steps?,
+            min_step_duration: min_step_duration?,
+            min_requests: min_requests?,
+            max_step_duration: max_step_duration?,
+            on_inconclusive: on_inconclusive?,
+            start: start?,
+        })
+    }
+
+    /// `rollout.steps`: percentages, strictly increasing, each in (0, 100].
+    fn steps(&mut self, t: &Table<'_>, p: &str) -> Option<Vec<u16>> {
+        let path = join(p, "steps");
+        let Some(v) = t.get("steps") else {
+            return Some(vec![500, 2500, 5000, 7500, 10_000]);
+        };
+        let DeValue::Array(items) = v.get_ref() else {
+            self.err(
+                path,
+                Some(v.span()),
+                "expected a list of percentages such as [5, 25, 50, 75, 100]",
+            );
+            return None;
+        };
+        if items.is_empty() {
+            self.err(path, Some(v.span()), "expected at least one step");
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let at = format!("{path}[{i}]");
+            match self.weight(&at, item) {
+                Some(0) => {
+                    self.err(at, Some(item.span()), "a step must be above 0%");
+                    ok = false;
+                }
+                Some(w) if out.last().is_some_and(|&last| w <= last) => {
+                    self.err(
+                        at,
+                        Some(item.span()),
+                        format!(
+                            "steps must increase: {}% follows {}%",
+                            crate::routing::fmt_percent(w),
+                            crate::routing::fmt_percent(out[out.len() - 1])
+                        ),
+                    );
+                    ok = false;
+                }
+                Some(w) => out.push(w),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    /// A string key that must be one of `choices`.
+    fn choice<T: Copy>(
+        &mut self,
+        t: &Table<'_>,
+        p: &str,
+        key: &str,
+        choices: &[(&str, T)],
+        default: T,
+    ) -> Option<T> {
+        let Some(v) = t.get(key) else {
+            return Some(default);
+        };
+        let s = self.string(t, p, key)?;
+        match choices.iter().find(|(name, _)| *name == s) {
+            Some(&(_, value)) => Some(value),
+            None => {
+                let names: Vec<String> = choices.iter().map(|(n, _)| format!("{n:?}")).collect();
+                self.err(
+                    join(p, key),
+                    Some(v.span()),
+                    format!("unknown value {s:?}; expected {}", names.join(" or ")),
+                );
+                None
+            }
+        }
+    }
+
+    /// `[[webhook]]` entries (none when absent).
+    fn webhooks(&mut self, doc: &Table<'_>) -> Option<Vec<WebhookConfig>> {
+        let Some(v) = doc.get("webhook") else {
+            return Some(Vec::new());
+        };
+        let DeValue::Array(items) = v.get_ref() else {
+            self.err(
+                "webhook",
+                Some(v.span()),
+                "expected an array of tables [[webhook]]",
+            );
+            return None;
+        };
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("webhook[{i}]");
+            let DeValue::Table(t) = item.get_ref() else {
+                self.err(p, Some(item.span()), "expected a table");
+                ok = false;
+                continue;
+            };
+            self.check_keys(&p, t, WEBHOOK_KEYS);
+            match self.webhook(&p, item.span(), t) {
+                Some(w) => out.push(w),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn webhook(&mut self, p: &str, span: Range<usize>, t: &Table<'_>) -> Option<WebhookConfig> {
+        let url = match t.get("url") {
+            None => {
+                self.err(join(p, "url"), Some(span), "missing required key `url`");
+                None
+            }
+            Some(v) => self.string(t, p, "url").and_then(|s| {
+                let parsed = s.parse::<Uri>().ok().filter(|u| {
+                    matches!(u.scheme_str(), Some("http" | "https"))
+                        && u.authority().is_some_and(|a| !a.host().is_empty())
+                });
+                if parsed.is_none() {
+                    self.err(
+                        join(p, "url"),
+                        Some(v.span()),
+                        format!(
+                            "invalid URL {s:?}: expected http:// or https://, a host, any path"
+                        ),
+                    );
+                }
+                parsed
+            }),
+        };
+        let events = match t.get("events") {
+            None => Some(HookEvent::ALL.to_vec()),
+            Some(v) => {
+                let path = join(p, "events");
+                match v.get_ref() {
+                    DeValue::Array(items) if !items.is_empty() => {
+                        let mut out = Vec::new();
+                        let mut ok = true;
+                        for (i, item) in items.iter().enumerate() {
+                            let name = match item.get_ref() {
+                                DeValue::String(s) => {
+                                    HookEvent::parse(s).filter(|e| !out.contains(e))
+                                }
+                                _ => None,
+                            };
+                            match name {
+                                Some(e) => out.push(e),
+                                None => {
+                                    let all: Vec<&str> =
+                                        HookEvent::ALL.iter().map(|e| e.as_str()).collect();
+                                    self.err(
+                                        format!("{path}[{i}]"),
+                                        Some(item.span()),
+                                        format!(
+                                            "expected a hook type, once each: {}",
+                                            all.join(", ")
+                                        ),
+                                    );
+                                    ok = false;
+                                }
+                            }
+                        }
+                        ok.then_some(out)
+                    }
+                    _ => {
+                        self.err(
+                            path,
+                            Some(v.span()),
+                            "expected a non-empty list of hook types such as [\"rollout\", \"rollback\"]",
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        let timeout = self.duration(t, p, "timeout", Duration::from_secs(5));
+        let retries = self.int(t, p, "retries", 3, 0..=20);
+        let secret_file = self.opt_path(t, p, "secret_file");
+        let metadata = match t.get("metadata") {
+            None => Some(Default::default()),
+            Some(v) => match v.get_ref() {
+                DeValue::Table(m) => {
+                    let mut out = std::collections::BTreeMap::new();
+                    let mut ok = true;
+                    for (k, val) in m.iter() {
+                        match val.get_ref() {
+                            DeValue::String(s) => {
+                                out.insert(k.get_ref().to_string(), s.to_string());
+                            }
+                            other => {
+                                self.err(
+                                    join(&join(p, "metadata"), k.get_ref()),
+                                    Some(val.span()),
+                                    format!("expected a string, found {}", other.type_str()),
+                                );
+                                ok = false;
+                            }
+                        }
+                    }
+                    ok.then_some(out)
+                }
+                other => {
+                    self.err(
+                        join(p, "metadata"),
+                        Some(v.span()),
+                        format!("expected a table of strings, found {}", other.type_str()),
+                    );
+                    None
+                }
+            },
+        };
+        Some(WebhookConfig {
+            url: url?,
+            events: events?,
+            timeout: timeout?,
+            retries: u32::try_from(retries?).ok()?,
+            secret_file,
+            metadata: metadata?,
+        })
+    }
+
     fn statuses(&mut self, t: &Table<'_>, p: &str, key: &str) -> Option<StatusSet> {
         let path = join(p, key);
         let mut set = StatusSet::empty();
@@ -885,7 +1249,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{Config, ConfigError};
+    use std::time::Duration;
+
+    use crate::config::{Config, ConfigError, HookEvent, OnInconclusive, RolloutStart};
 
     fn errors(text: &str) -> Vec<ConfigError> {
         match Config::parse(text) {
@@ -940,6 +1306,101 @@ url = "{canary_url}"
 weight = {canary_weight}
 "#
         )
+    }
+
+    #[test]
+    fn rollout_and_webhooks_take_their_defaults() {
+        let text = format!(
+            "{}\n[rollout]\n\n[[webhook]]\nurl = \"https://ci.example/hooks/canary\"\n",
+            two_arms("90", "http://127.0.0.1:9001", "10")
+        );
+        let c = Config::parse(&text).expect("valid");
+        let r = c.rollout.expect("a rollout");
+        assert_eq!(r.upstream, "canary");
+        assert_eq!(r.steps, vec![500, 2500, 5000, 7500, 10_000]);
+        assert_eq!(r.min_step_duration, Duration::from_secs(300));
+        assert_eq!(r.min_requests, 500);
+        assert_eq!(r.max_step_duration, Duration::from_secs(1800));
+        assert_eq!(r.on_inconclusive, OnInconclusive::Hold);
+        assert_eq!(r.start, RolloutStart::Manual);
+        let w = &c.webhooks[0];
+        assert_eq!(w.url.to_string(), "https://ci.example/hooks/canary");
+        assert_eq!(w.events, HookEvent::ALL.to_vec());
+        assert_eq!((w.timeout, w.retries), (Duration::from_secs(5), 3));
+        assert!(w.secret_file.is_none() && w.metadata.is_empty());
+        let none = Config::parse(&two_arms("90", "http://127.0.0.1:9001", "10")).expect("valid");
+        assert!(none.rollout.is_none() && none.webhooks.is_empty());
+    }
+
+    #[test]
+    fn rollout_and_webhook_mistakes_are_each_reported() {
+        let text = format!(
+            r#"{}
+[rollout]
+upstream = "stable"
+steps = [5, 0, 25, 20, 100.5]
+min_step_duration = "10m"
+max_step_duration = "5m"
+on_inconclusive = "wait"
+start = "now"
+
+[[webhook]]
+url = "ftp://ci.example"
+events = ["rollout", "deploy", "rollout"]
+retries = 99
+metadata = {{ team = 7 }}
+"#,
+            two_arms("90", "http://127.0.0.1:9001", "10")
+        );
+        assert_errors(
+            &text,
+            &[
+                ("rollout.upstream", 12, "is the baseline"),
+                ("rollout.steps[1]", 13, "above 0%"),
+                (
+                    "rollout.steps[3]",
+                    13,
+                    "steps must increase: 20% follows 25%",
+                ),
+                ("rollout.steps[4]", 13, "outside 0..=100"),
+                (
+                    "rollout.max_step_duration",
+                    15,
+                    "shorter than min_step_duration",
+                ),
+                (
+                    "rollout.on_inconclusive",
+                    16,
+                    "expected \"hold\" or \"rollback\"",
+                ),
+                ("rollout.start", 17, "expected \"manual\" or \"on_new_url\""),
+                ("webhook[0].url", 20, "expected http:// or https://"),
+                ("webhook[0].events[1]", 21, "expected a hook type"),
+                ("webhook[0].events[2]", 21, "once each"),
+                ("webhook[0].retries", 22, "expected an integer in 0..=20"),
+                ("webhook[0].metadata.team", 23, "expected a string"),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_rollout_with_several_canaries_names_its_arm() {
+        let text = r#"[[upstream]]
+name = "stable"
+url = "http://127.0.0.1:9000"
+weight = 80
+[[upstream]]
+name = "a"
+url = "http://127.0.0.1:9001"
+weight = 10
+[[upstream]]
+name = "b"
+url = "http://127.0.0.1:9002"
+weight = 10
+[rollout]
+steps = [10]
+"#;
+        assert_errors(text, &[("rollout.upstream", 13, "name the one to release")]);
     }
 
     #[test]

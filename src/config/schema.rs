@@ -26,6 +26,10 @@ pub struct Config {
     pub rollback: RollbackConfig,
     /// `[state]`: where admin overrides and tripped arms survive restarts.
     pub state: StateConfig,
+    /// `[rollout]`: the progressive rollout, when configured.
+    pub rollout: Option<RolloutConfig>,
+    /// `[[webhook]]`, in config order.
+    pub webhooks: Vec<WebhookConfig>,
 }
 
 /// `[listen]` section.
@@ -152,6 +156,125 @@ impl RollbackConfig {
             max_p99_increase: self.max_p99_increase,
         }
     }
+}
+
+/// `[rollout]` section: a progressive rollout of one arm.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutConfig {
+    /// The arm being released (never the baseline).
+    pub upstream: String,
+    /// The weights it is stepped through, in basis points, strictly increasing.
+    pub steps: Vec<u16>,
+    /// Least time at each step.
+    pub min_step_duration: Duration,
+    /// Least requests of each arm (the released one and the baseline) at each step.
+    pub min_requests: u64,
+    /// After this long at a step with the verdict still inconclusive, `on_inconclusive`.
+    pub max_step_duration: Duration,
+    /// What an inconclusive step does at `max_step_duration`.
+    pub on_inconclusive: OnInconclusive,
+    /// What starts a rollout.
+    pub start: RolloutStart,
+}
+
+/// `rollout.on_inconclusive`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnInconclusive {
+    /// Stay at the step, report it, keep analysing.
+    Hold,
+    /// Roll back.
+    Rollback,
+}
+
+/// `rollout.start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutStart {
+    /// `POST /rollout/start`.
+    Manual,
+    /// A new `url` for the released arm (a new build) starts a rollout from the first step.
+    OnNewUrl,
+}
+
+/// A webhook hook type (Flagger's names and meanings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HookEvent {
+    /// Gate before the first step.
+    ConfirmRollout,
+    /// Gate before the first step (after `confirm-rollout`).
+    PreRollout,
+    /// Notification at each step change.
+    Rollout,
+    /// Gate before each step up.
+    ConfirmTrafficIncrease,
+    /// Gate before the promotion.
+    ConfirmPromotion,
+    /// Notification at the end (`succeeded` or `failed`).
+    PostRollout,
+    /// Asked at each analysis check: a 2xx rolls back.
+    Rollback,
+    /// Notification of every phase change, trip, promotion and rollback.
+    Event,
+}
+
+impl HookEvent {
+    /// Every hook type, in the order of a rollout.
+    pub const ALL: [HookEvent; 8] = [
+        HookEvent::ConfirmRollout,
+        HookEvent::PreRollout,
+        HookEvent::Rollout,
+        HookEvent::ConfirmTrafficIncrease,
+        HookEvent::ConfirmPromotion,
+        HookEvent::PostRollout,
+        HookEvent::Rollback,
+        HookEvent::Event,
+    ];
+
+    /// The name in the config and the payload (`confirm-traffic-increase`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookEvent::ConfirmRollout => "confirm-rollout",
+            HookEvent::PreRollout => "pre-rollout",
+            HookEvent::Rollout => "rollout",
+            HookEvent::ConfirmTrafficIncrease => "confirm-traffic-increase",
+            HookEvent::ConfirmPromotion => "confirm-promotion",
+            HookEvent::PostRollout => "post-rollout",
+            HookEvent::Rollback => "rollback",
+            HookEvent::Event => "event",
+        }
+    }
+
+    /// The hook type named `s`.
+    pub fn parse(s: &str) -> Option<HookEvent> {
+        HookEvent::ALL.into_iter().find(|e| e.as_str() == s)
+    }
+
+    /// Whether a 2xx lets the rollout proceed and anything else holds it.
+    pub fn is_gate(self) -> bool {
+        matches!(
+            self,
+            HookEvent::ConfirmRollout
+                | HookEvent::PreRollout
+                | HookEvent::ConfirmTrafficIncrease
+                | HookEvent::ConfirmPromotion
+        )
+    }
+}
+
+/// One `[[webhook]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookConfig {
+    /// Where the JSON is POSTed (`http://` or `https://`, any path).
+    pub url: Uri,
+    /// The hook types sent to it.
+    pub events: Vec<HookEvent>,
+    /// Deadline of one call (connect to response headers).
+    pub timeout: Duration,
+    /// Further attempts of a notification after a failed one.
+    pub retries: u32,
+    /// File whose content (whitespace trimmed) keys the HMAC-SHA256 signature.
+    pub secret_file: Option<PathBuf>,
+    /// Sent as the payload's `metadata`.
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// `[state]` section.
