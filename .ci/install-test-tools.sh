@@ -11,6 +11,9 @@
 #   node, npm         npm              deploy/validate.sh (CRD schemas and PromQL grammar from npm)
 #   strace, openssl,  strace, openssl, deploy/validate.sh --syscalls
 #   curl, pgrep       curl, procps
+#   promtool          prometheus       deploy/validate.sh fetches the package itself (apt-get
+#                                      download) and unpacks only promtool; this script makes
+#                                      sure apt's package lists are there for it
 #
 # kubectl: the tests build Kustomizations that use `components` and `patches`, which need
 # Kustomize v4 or later (kubectl 1.21+). Debian's kubernetes-client is kubectl 1.20 (Kustomize
@@ -86,6 +89,12 @@ want() { # command package
     packages+=("$2")
   fi
 }
+# deploy/validate.sh takes promtool from Debian's prometheus package with `apt-get download`,
+# which needs the package lists (a fresh container has none).
+if ! command -v promtool >/dev/null && ! apt-cache show prometheus >/dev/null 2>&1; then
+  echo "missing: apt package lists (for promtool) -> apt-get update"
+  apt-get update
+fi
 want bash bash
 want systemd-analyze systemd
 want python3 python3

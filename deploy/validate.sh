@@ -14,7 +14,12 @@
 #      check types and required fields but allow unknown ones. No such package exists for
 #      Flagger's MetricTemplate: tests/deploy.rs checks its fields.
 #   3. @prometheus-io/lezer-promql (npm; the PromQL grammar of Prometheus' own UI): every query
-#      in the Grafana dashboard, the Flagger templates and the Argo template parses.
+#      in the Grafana dashboard, the Flagger templates and the Argo template parses. Then
+#      promtool (Debian's prometheus package; Prometheus' own query engine) evaluates the
+#      canaryd-verdict and canaryd-verdict-replicas queries of both controllers, as written in
+#      the templates, on made-up replicas: one replica failing gives -1 (and Argo's
+#      successCondition fails on it), inconclusive gives 0, all passing 1, another arm's or
+#      namespace's verdict changes nothing, and no replica reporting gives no value.
 #   4. systemd-analyze verify and `security --offline` on the unit (exposure at most 2.0).
 #   5. With --syscalls (needs strace, openssl, curl, python3 and a release build): runs canaryd
 #      with the edge config under strace (TLS, HTTP/2, admin calls, state file, file-watch
@@ -25,7 +30,9 @@
 # Tools are installed once into $CANARYD_VALIDATE_CACHE (default ~/.cache/canaryd-validate).
 # The programs they need (python3, node, npm, kubectl, systemd-analyze; with --syscalls also
 # strace, openssl, curl, pgrep) come from .ci/install-test-tools.sh: a missing one is a failure
-# that names it, never a skipped check.
+# that names it, never a skipped check. promtool is taken from PATH or, without one, from
+# Debian's prometheus package, fetched with `apt-get download` and unpacked into the cache
+# (nothing is installed on the system).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -56,6 +63,7 @@ install_hint() {
     python3) how="apt-get install python3 python3-venv" ;;
     node) how="apt-get install nodejs" ;;
     pgrep) how="apt-get install procps" ;;
+    promtool) echo "apt-get install prometheus, or apt-get update so that this script can fetch and unpack the package itself"; return ;;
     *) how="apt-get install $1" ;;
   esac
   echo "run .ci/install-test-tools.sh as root ($how)"
@@ -188,6 +196,132 @@ if (cd "$CACHE/npm" && node validate.mjs \
     "$ROOT/deploy/progressive-delivery/flagger-metric-templates.yaml" \
     "$ROOT/deploy/kubernetes/components/servicemonitor/servicemonitor.yaml" \
     "$ROOT/deploy/grafana/canaryd.json"); then :; else fail "CRD or PromQL validation"; fi
+
+step "3. What the verdict checks mean (promtool test rules: Prometheus' own engine)"
+# promtool: from PATH, else from Debian's prometheus package, unpacked into the cache.
+promtool_path() {
+  if command -v promtool >/dev/null; then command -v promtool; return; fi
+  if [[ ! -x "$CACHE/bin/promtool" ]]; then
+    command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || return 1
+    mkdir -p "$WORK/deb" "$CACHE/bin"
+    (cd "$WORK/deb" && apt-get download prometheus >/dev/null 2>&1) || return 1
+    dpkg-deb -x "$WORK"/deb/prometheus_*.deb "$WORK/deb/x" || return 1
+    install -m 0755 "$WORK/deb/x/usr/bin/promtool" "$CACHE/bin/promtool" || return 1
+  fi
+  echo "$CACHE/bin/promtool"
+}
+cat >"$CACHE/npm/verdict.mjs" <<'EOF'
+// Writes a promtool rule test of the verdict queries, as the templates have them, on made-up
+// replicas, and checks Argo's successCondition against the values they must give.
+import fs from 'node:fs';
+import * as yaml from 'js-yaml';
+
+const [flaggerFile, argoFile, out] = process.argv.slice(2);
+const NAMES = ['canaryd-verdict', 'canaryd-verdict-replicas'];
+const ARM = 'canary';
+const queries = []; // [controller, name, query with NS for the namespace, successCondition]
+for (const doc of yaml.loadAll(fs.readFileSync(flaggerFile, 'utf8'))) {
+  if (doc?.kind === 'MetricTemplate' && NAMES.includes(doc.metadata.name)) {
+    queries.push(['flagger', doc.metadata.name, doc.spec.query.replaceAll('{{ namespace }}', 'NS'), null]);
+  }
+}
+for (const doc of yaml.loadAll(fs.readFileSync(argoFile, 'utf8'))) {
+  if (doc?.kind !== 'AnalysisTemplate') continue;
+  for (const m of doc.spec.metrics) {
+    if (!NAMES.includes(m.name)) continue;
+    const q = m.provider.prometheus.query
+      .replaceAll('{{args.namespace}}', 'NS')
+      .replaceAll('{{args.canary-arm}}', ARM);
+    queries.push(['argo', m.name, q, m.successCondition]);
+  }
+}
+let failures = 0;
+for (const who of ['flagger', 'argo']) {
+  for (const name of NAMES) {
+    if (!queries.some(([w, n]) => w === who && n === name)) {
+      failures++;
+      console.log(`FAIL ${who}: no ${name}`);
+    }
+  }
+}
+
+// One namespace per case. Every replica exports canaryd_upstream_tripped for both arms; the
+// verdicts are [replica, arm, metric, value].
+const cases = {
+  'one-fails': {
+    replicas: ['r1', 'r2', 'r3'],
+    verdicts: [['r1', ARM, 'error_rate', 1], ['r1', ARM, 'error_rate_increase', 1],
+               ['r2', ARM, 'error_rate', -1], ['r2', ARM, 'error_rate_increase', 0]],
+    expect: { 'canaryd-verdict': -1, 'canaryd-verdict-replicas': 2 / 3 },
+  },
+  'inconclusive': {
+    replicas: ['r1', 'r2'],
+    verdicts: [['r1', ARM, 'error_rate', 1], ['r2', ARM, 'error_rate', 1], ['r2', ARM, 'latency', 0]],
+    expect: { 'canaryd-verdict': 0, 'canaryd-verdict-replicas': 1 },
+  },
+  'all-pass': {
+    replicas: ['r1', 'r2'],
+    verdicts: [['r1', ARM, 'error_rate', 1], ['r1', ARM, 'error_rate_increase', 1],
+               ['r2', ARM, 'error_rate', 1], ['r2', ARM, 'error_rate_increase', 1],
+               ['r2', 'other-canary', 'error_rate', -1]],
+    expect: { 'canaryd-verdict': 1, 'canaryd-verdict-replicas': 1 },
+  },
+  'none-report': {
+    replicas: ['r1', 'r2'],
+    verdicts: [],
+    expect: { 'canaryd-verdict': null, 'canaryd-verdict-replicas': null },
+  },
+};
+const ops = { '>=': (a, b) => a >= b, '<=': (a, b) => a <= b, '==': (a, b) => a === b,
+              '!=': (a, b) => a !== b, '<': (a, b) => a < b, '>': (a, b) => a > b };
+const series = [];
+const tests = [];
+for (const [ns, c] of Object.entries(cases)) {
+  for (const r of c.replicas) {
+    for (const arm of [ARM, 'stable']) {
+      series.push({ series: `canaryd_upstream_tripped{namespace="${ns}",instance="${r}",upstream="${arm}"}`, values: '0x5' });
+    }
+  }
+  for (const [r, arm, metric, v] of c.verdicts) {
+    series.push({ series: `canaryd_analysis_verdict{namespace="${ns}",instance="${r}",upstream="${arm}",metric="${metric}"}`, values: `${v}x5` });
+  }
+  for (const [who, name, q, cond] of queries) {
+    const want = c.expect[name];
+    tests.push({ expr: q.replaceAll('NS', ns), eval_time: '3m',
+                 exp_samples: want === null ? [] : [{ labels: '{}', value: want }] });
+    // Argo's verdict gate holds exactly where no replica fails (no value is an Error).
+    if (who !== 'argo' || name !== 'canaryd-verdict' || want === null) continue;
+    const m = /^\s*result\[0\]\s*(>=|<=|==|!=|<|>)\s*(-?[0-9.]+)\s*$/.exec(cond ?? '');
+    if (!m) {
+      failures++;
+      console.log(`FAIL argo ${name}: successCondition ${JSON.stringify(cond)} is not "result[0] <op> <number>"`);
+      continue;
+    }
+    const holds = ops[m[1]](want, Number(m[2]));
+    const ok = holds === (want >= 0);
+    if (!ok) failures++;
+    console.log(`${ok ? 'ok  ' : 'FAIL'} argo ${name}: "${cond}" is ${holds} at ${want} (${ns})`);
+  }
+}
+fs.writeFileSync(out, yaml.dump({
+  rule_files: [],
+  evaluation_interval: '1m',
+  tests: [{ interval: '1m', input_series: series, promql_expr_test: tests }],
+}, { lineWidth: -1 }));
+console.log(`ok   ${tests.length} evaluations of ${queries.length} queries in ${Object.keys(cases).length} cases, for promtool`);
+process.exit(failures ? 1 : 0);
+EOF
+if ! promtool=$(promtool_path); then
+  fail "$(missing promtool); the verdict queries were not evaluated"
+elif (cd "$CACHE/npm" && node verdict.mjs \
+      "$ROOT/deploy/progressive-delivery/flagger-metric-templates.yaml" \
+      "$ROOT/deploy/progressive-delivery/argo-analysis-template.yaml" "$WORK/verdict-test.yaml") \
+    && (cd "$WORK" && "$promtool" test rules verdict-test.yaml >"$WORK/promtool.out" 2>&1); then
+  echo "ok   promtool $("$promtool" --version 2>&1 | awk 'NR == 1 { print $3 }'): each verdict query gives what its comment says"
+else
+  [[ -f "$WORK/promtool.out" ]] && cat "$WORK/promtool.out"
+  fail "the verdict queries (promtool test rules)"
+fi
 
 step "4. systemd unit"
 if ! command -v systemd-analyze >/dev/null; then

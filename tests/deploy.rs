@@ -987,6 +987,7 @@ fn metric_labels() -> BTreeMap<String, BTreeSet<&'static str>> {
     add(m::ROLLBACKS, &["upstream", "reason"]);
     add(m::RELOADS, &["result"]);
     add(m::OUTCOMES_DROPPED, &[]);
+    add(m::ANALYSIS_VERDICT, &["upstream", "metric"]);
     out
 }
 
@@ -1363,6 +1364,15 @@ fn progressive_delivery_templates_query_canaryd_metrics() {
                 && q.contains("0.99")
                 && q.contains("by (le)")),
             "{who}: p99 from canaryd_request_duration_seconds_bucket"
+        );
+        // The fleet's verdict: the worst over replicas (one failing replica fails it), and no
+        // value, never a pass, when no replica reports one.
+        assert!(
+            queries.iter().any(|(q, u)| u.contains(m::ANALYSIS_VERDICT)
+                && q.trim_start().starts_with("min(")
+                && q.contains("upstream=")
+                && !q.contains("or vector(")),
+            "{who}: min over replicas of canaryd_analysis_verdict, without a fallback value"
         );
     }
 }
