@@ -136,6 +136,16 @@ pub async fn run(
     let (outcomes, outcome_rx) = crate::release::outcome::channel();
     let ledger = Arc::new(Ledger::default());
     let circuit = crate::release::circuit::spawn(control.clone(), ledger.clone(), outcome_rx);
+    let webhooks = Arc::new(crate::release::webhook::Webhooks::new(metrics.clone()));
+    let rollouts = Arc::new(crate::release::rollout::Rollouts::restore(
+        control.saved_rollout(),
+    ));
+    let rollout = crate::release::rollout::spawn(
+        control.clone(),
+        ledger.clone(),
+        rollouts.clone(),
+        webhooks.clone(),
+    );
     let upkeep = tokio::spawn({
         let control = control.clone();
         async move {
@@ -164,6 +174,8 @@ pub async fn run(
             ledger,
             token,
             ready: ready.clone(),
+            rollouts,
+            webhooks,
         });
         tokio::spawn(crate::admin::serve(listener, admin, admin_stop_rx))
     });
@@ -201,6 +213,7 @@ pub async fn run(
         let _ = a.await;
     }
     upkeep.abort();
+    rollout.abort();
     circuit.abort();
     Ok(())
 }

@@ -28,6 +28,8 @@ pub struct DemoOptions {
     pub listen: SocketAddr,
     /// Admin address.
     pub admin: SocketAddr,
+    /// Run a compressed progressive rollout with generated traffic, and stop when it ends.
+    pub rollout: bool,
 }
 
 /// Why the demo could not start.
@@ -66,26 +68,193 @@ pub async fn run(
         .as_ref()
         .and_then(|l| l.local_addr().ok())
         .unwrap_or(opts.admin);
-    print_intro(proxy, admin, v1, v2, &opts);
-    crate::app::run(
+    if !opts.rollout {
+        print_intro(proxy, admin, v1, v2, &opts);
+        crate::app::run(
+            config,
+            None,
+            Listeners {
+                proxy: listeners.proxy,
+                admin: listeners.admin,
+            },
+            shutdown,
+        )
+        .await?;
+        return Ok(());
+    }
+    println!(
+        "canaryd demo --rollout: stable = model v1, canary = model v2 (fails {:.0}% of \
+         requests); proxy http://{proxy}, admin http://{admin}\n\
+         steps 5% -> 25% -> 50% -> 75% -> 100%, at least {} s and {} requests of each arm per \
+         step; about {} requests/s of generated traffic\n",
+        opts.canary_error_rate * 100.0,
+        DEMO_STEP.as_secs(),
+        DEMO_MIN_REQUESTS,
+        DEMO_CLIENTS * 250,
+    );
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown => {}
+            _ = done_rx => {}
+        }
+    };
+    let app = tokio::spawn(crate::app::run(
         config,
         None,
         Listeners {
             proxy: listeners.proxy,
             admin: listeners.admin,
         },
-        shutdown,
-    )
-    .await?;
+        stop,
+    ));
+    let traffic: Vec<_> = (0..DEMO_CLIENTS)
+        .map(|c| tokio::spawn(generate_traffic(proxy, c)))
+        .collect();
+    follow_rollout(admin).await;
+    for t in traffic {
+        t.abort();
+    }
+    let _ = done_tx.send(());
+    match app.await {
+        Ok(r) => r?,
+        Err(e) => tracing::error!(error = %e, "the demo proxy task failed"),
+    }
     Ok(())
 }
 
+/// `min_step_duration` of the demo's rollout.
+const DEMO_STEP: std::time::Duration = std::time::Duration::from_secs(3);
+/// `min_requests` of the demo's rollout.
+const DEMO_MIN_REQUESTS: u64 = 200;
+/// Connections sending generated traffic (each paced at about 250 requests a second).
+const DEMO_CLIENTS: usize = 4;
+
+/// Sends requests with random user ids through the proxy on one keep-alive connection,
+/// reconnecting when it closes, until aborted.
+async fn generate_traffic(proxy: SocketAddr, client: usize) {
+    let mut rng = fastrand::Rng::with_seed(client as u64 + 1);
+    let mut pace = tokio::time::interval(std::time::Duration::from_millis(4));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let Ok(stream) = tokio::net::TcpStream::connect(proxy).await else {
+            pace.tick().await;
+            continue;
+        };
+        let Ok((mut send, conn)) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await
+        else {
+            continue;
+        };
+        tokio::spawn(conn);
+        loop {
+            pace.tick().await;
+            let user = format!("demo-user-{}", rng.u32(..));
+            let Ok(req) = Request::post("/predict")
+                .header(header::HOST, "demo")
+                .header("x-user-id", user)
+                .body(Full::new(Bytes::from_static(
+                    br#"{"text":"great product"}"#,
+                )))
+            else {
+                break;
+            };
+            if send.send_request(req).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Starts the rollout through the admin API, prints a line at each step and phase change,
+/// and returns when it ends.
+async fn follow_rollout(admin: SocketAddr) {
+    let call = |method: &'static str, path: &'static str| async move {
+        let stream = tokio::net::TcpStream::connect(admin).await.ok()?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+                .await
+                .ok()?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "admin")
+            .body(Full::new(Bytes::new()))
+            .ok()?;
+        let resp = send.send_request(req).await.ok()?;
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .ok()?;
+        serde_json::from_slice::<serde_json::Value>(&body.to_bytes()).ok()
+    };
+    if call("POST", "/rollout/start").await.is_none() {
+        eprintln!("canaryd demo: the admin API did not answer POST /rollout/start");
+        return;
+    }
+    let started = tokio::time::Instant::now();
+    let mut last = (String::new(), 0u64);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let Some(r) = call("GET", "/rollout").await else {
+            continue;
+        };
+        let phase = r["phase"].as_str().unwrap_or("").to_owned();
+        let step = r["step"].as_u64().unwrap_or(0);
+        if (phase.clone(), step) != last {
+            let requests = r["at_step"]["requests"].to_string();
+            println!(
+                "[{:>5.1}s] {phase:<11} step {step}/{} at {}%  {}  {}",
+                started.elapsed().as_secs_f64(),
+                r["steps"].as_array().map_or(0, Vec::len),
+                r["weight"],
+                r["reason"].as_str().unwrap_or(""),
+                if r["at_step"].is_null() {
+                    String::new()
+                } else {
+                    requests
+                },
+            );
+            last = (phase.clone(), step);
+        }
+        if phase == "succeeded" || phase == "failed" {
+            if let Some(h) = r["history"].as_array() {
+                for s in h {
+                    println!(
+                        "  step {} ({}%): {} - {}",
+                        s["step"],
+                        s["weight"],
+                        s["outcome"].as_str().unwrap_or("running"),
+                        s["detail"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            return;
+        }
+    }
+}
+
 fn demo_config(opts: &DemoOptions, v1: SocketAddr, v2: SocketAddr) -> String {
+    let (stable_weight, canary_weight, rollout) = if opts.rollout {
+        (
+            100,
+            0,
+            format!(
+                "\n[rollout]\nsteps = [5, 25, 50, 75, 100]\nmin_step_duration = \"{}s\"\n\
+                 min_requests = {DEMO_MIN_REQUESTS}\nmax_step_duration = \"60s\"\n\
+                 on_inconclusive = \"rollback\"\n",
+                DEMO_STEP.as_secs()
+            ),
+        )
+    } else {
+        (90, 10, String::new())
+    };
+    let access_log = !opts.rollout;
     format!(
         r#"
 [listen]
 addr = "{listen}"
-access_log = true
+access_log = {access_log}
 
 [admin]
 addr = "{admin}"
@@ -97,17 +266,17 @@ override_header = "x-canary"
 [[upstream]]
 name = "stable"
 url = "http://{v1}"
-weight = 90
+weight = {stable_weight}
 
 [[upstream]]
 name = "canary"
 url = "http://{v2}"
-weight = 10
+weight = {canary_weight}
 
 [rollback]
 confidence = 0.99
 max_error_rate_increase = 0.02
-"#,
+{rollout}"#,
         listen = opts.listen,
         admin = opts.admin,
     )

@@ -76,6 +76,10 @@ enum Command {
         /// Admin API address.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
+        /// Run a compressed progressive rollout (seconds per step) with generated traffic,
+        /// print a line per step, and stop when it ends (promoted or rolled back).
+        #[arg(long)]
+        rollout: bool,
     },
 }
 
@@ -132,11 +136,13 @@ fn main() -> ExitCode {
             canary_error_rate,
             listen,
             admin,
+            rollout,
         } => demo(
             canaryd::demo::DemoOptions {
                 canary_error_rate,
                 listen,
                 admin,
+                rollout,
             },
             cli.threads,
         ),

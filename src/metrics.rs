@@ -39,6 +39,21 @@ pub const GRPC: &str = "canaryd_grpc_responses_total";
 pub const CLIENT_ERRORS: &str = "canaryd_client_errors_total";
 /// `canaryd_analysis_verdict{upstream,metric}`: -1 fail, 0 inconclusive, 1 pass.
 pub const ANALYSIS_VERDICT: &str = "canaryd_analysis_verdict";
+/// `canaryd_webhook_calls_total{event,result}`.
+pub const WEBHOOK_CALLS: &str = "canaryd_webhook_calls_total";
+/// `canaryd_rollout_step`: the index of the rollout's step (from 1; 0 before the first).
+pub const ROLLOUT_STEP: &str = "canaryd_rollout_step";
+/// `canaryd_rollout_phase{phase}`: 1 for the rollout's phase, 0 for the others.
+pub const ROLLOUT_PHASE: &str = "canaryd_rollout_phase";
+/// The rollout's phases, as `canaryd_rollout_phase` labels them.
+pub const ROLLOUT_PHASES: [&str; 6] = [
+    "idle",
+    "progressing",
+    "paused",
+    "waiting",
+    "succeeded",
+    "failed",
+];
 /// `canaryd_outcomes_dropped_total`: outcomes the window task could not keep up with.
 pub const OUTCOMES_DROPPED: &str = "canaryd_outcomes_dropped_total";
 
@@ -166,6 +181,36 @@ impl Metrics {
             .set(value);
     }
 
+    /// Counts one webhook call: `event` is the hook type, `result` one of a fixed set
+    /// (`success`, `failure`, `timeout`, `dropped`).
+    pub fn webhook_call(&self, event: &'static str, result: &'static str) {
+        self.recorder
+            .register_counter(
+                &Key::from_parts(
+                    WEBHOOK_CALLS,
+                    vec![Label::new("event", event), Label::new("result", result)],
+                ),
+                &METADATA,
+            )
+            .increment(1);
+    }
+
+    /// Sets `canaryd_rollout_step` and `canaryd_rollout_phase` (1 for `phase`, 0 for the
+    /// other phases).
+    pub fn rollout(&self, step: usize, phase: &str) {
+        self.recorder
+            .register_gauge(&Key::from_name(ROLLOUT_STEP), &METADATA)
+            .set(step as f64);
+        for p in ROLLOUT_PHASES {
+            self.recorder
+                .register_gauge(
+                    &Key::from_parts(ROLLOUT_PHASE, vec![Label::new("phase", p)]),
+                    &METADATA,
+                )
+                .set(if p == phase { 1.0 } else { 0.0 });
+        }
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         self.handle.render()
@@ -186,6 +231,7 @@ fn describe(r: &PrometheusRecorder) {
         d(RELOADS, None, "Config reloads, by result."),
         d(GRPC, None, "gRPC calls by arm and grpc-status (from headers or trailers)."),
         d(CLIENT_ERRORS, None, "Requests the client broke (refused head, malformed, abandoned or too slow body), by kind; never counted against an arm."),
+        d(WEBHOOK_CALLS, None, "Webhook calls, by hook type and result (success = 2xx; dropped = not sent, the queue was full)."),
         d(OUTCOMES_DROPPED, None, "Request outcomes not counted in the analysis and the recent windows because the circuit task was behind."),
     ] {
         r.describe_counter(name.into(), unit, text.into());
@@ -210,6 +256,16 @@ fn describe(r: &PrometheusRecorder) {
         TRIPPED.into(),
         None,
         "1 while the arm is tripped (weight forced to 0).".into(),
+    );
+    r.describe_gauge(
+        ROLLOUT_STEP.into(),
+        None,
+        "The progressive rollout's step, from 1 (0 before the first step).".into(),
+    );
+    r.describe_gauge(
+        ROLLOUT_PHASE.into(),
+        None,
+        "1 for the progressive rollout's phase, 0 for the others.".into(),
     );
     r.describe_gauge(
         ANALYSIS_VERDICT.into(),

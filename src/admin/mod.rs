@@ -27,6 +27,8 @@ use crate::analysis::compare::{Check, Report, SampleReport};
 use crate::control::state::Trip;
 use crate::control::{ChangeError, Control, View};
 use crate::release::circuit::Ledger;
+use crate::release::rollout::{Context, Rollout, RolloutError, Rollouts};
+use crate::release::webhook::Webhooks;
 use crate::routing::BASIS_POINTS;
 
 /// Largest admin request body.
@@ -43,6 +45,18 @@ pub struct Admin {
     pub token: Option<String>,
     /// `/readyz` answers 200 while set.
     pub ready: Arc<AtomicBool>,
+    /// The progressive rollout.
+    pub rollouts: Arc<Rollouts>,
+    /// Webhook calls of the rollout.
+    pub webhooks: Arc<Webhooks>,
+}
+
+impl std::fmt::Debug for Webhooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhooks")
+            .field("queued", &self.queued())
+            .finish()
+    }
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -79,6 +93,15 @@ impl ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         r
+    }
+}
+
+impl From<RolloutError> for ApiError {
+    fn from(e: RolloutError) -> Self {
+        match e {
+            RolloutError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
+            RolloutError::NotConfigured(m) => ApiError::bad_request(m),
+        }
     }
 }
 
@@ -122,6 +145,11 @@ const PATHS: &[(&str, &str)] = &[
     ("/rollback", "POST"),
     ("/reset", "POST"),
     ("/status", "GET"),
+    ("/rollout", "GET"),
+    ("/rollout/start", "POST"),
+    ("/rollout/pause", "POST"),
+    ("/rollout/resume", "POST"),
+    ("/rollout/abort", "POST"),
     ("/route", "GET"),
     ("/metrics", "GET"),
     ("/healthz", "GET"),
@@ -172,6 +200,33 @@ impl Admin {
                 Ok(self.get_weights())
             }
             (&Method::GET, "/status") => Ok(self.status()),
+            (&Method::GET, "/rollout") => Ok(self.rollout_response()),
+            (
+                &Method::POST,
+                "/rollout/start" | "/rollout/pause" | "/rollout/resume" | "/rollout/abort",
+            ) => {
+                self.authorize(&req)?;
+                let ctx = Context {
+                    control: &self.control,
+                    ledger: &self.ledger,
+                    webhooks: &self.webhooks,
+                };
+                let now_ms = crate::control::state::now_ms();
+                match path {
+                    "/rollout/start" => self.rollouts.start(&ctx),
+                    "/rollout/pause" => self.rollouts.change(&ctx, Rollout::pause_by_admin),
+                    "/rollout/resume" => {
+                        let tripped =
+                            |r: &Rollout| self.control.view().tripped.contains_key(&r.upstream);
+                        self.rollouts.change(&ctx, |r| {
+                            let t = tripped(r);
+                            r.resume(t)
+                        })
+                    }
+                    _ => self.rollouts.change(&ctx, |r| r.abort(now_ms)),
+                }?;
+                Ok(self.rollout_response())
+            }
             (&Method::GET, "/route") => self.route(req.uri().query()),
             (&Method::GET, "/metrics") => {
                 let mut r = Response::new(Full::new(Bytes::from(self.control.metrics().render())));
@@ -489,6 +544,82 @@ fn analysis_json(r: &Report) -> Value {
         "baseline": sample(&r.baseline),
         "metrics": metrics,
     })
+}
+
+impl Admin {
+    fn rollout_response(&self) -> Resp {
+        json_response(StatusCode::OK, &self.rollout_json())
+    }
+
+    /// The `GET /rollout` document.
+    fn rollout_json(&self) -> Value {
+        let snap = self.control.snapshot();
+        let cfg = snap.config.rollout.as_ref();
+        let configured = cfg.map(|c| {
+            json!({
+                "upstream": c.upstream,
+                "steps": c.steps.iter().map(|&s| pct(s)).collect::<Vec<_>>(),
+                "min_step_duration_seconds": c.min_step_duration.as_secs_f64(),
+                "min_requests": c.min_requests,
+                "max_step_duration_seconds": c.max_step_duration.as_secs_f64(),
+                "on_inconclusive": match c.on_inconclusive {
+                    crate::config::OnInconclusive::Hold => "hold",
+                    crate::config::OnInconclusive::Rollback => "rollback",
+                },
+                "start": match c.start {
+                    crate::config::RolloutStart::Manual => "manual",
+                    crate::config::RolloutStart::OnNewUrl => "on_new_url",
+                },
+            })
+        });
+        let Some(r) = self.rollouts.get() else {
+            return json!({"phase": "idle", "config": configured});
+        };
+        let limits = snap.config.rollback.limits();
+        let at_step = r.step.is_some() && r.phase.running();
+        let analysis = at_step
+            .then(|| self.ledger.step_report(&r.upstream, &limits))
+            .flatten();
+        let baseline = snap.config.baseline().name.clone();
+        let history: Vec<Value> = r
+            .history
+            .iter()
+            .map(|h| {
+                json!({
+                    "step": h.step,
+                    "weight": h.weight,
+                    "started_at": rfc3339_ms(h.started_at_ms),
+                    "ended_at": h.ended_at_ms.map(rfc3339_ms),
+                    "outcome": h.outcome,
+                    "detail": h.detail,
+                })
+            })
+            .collect();
+        json!({
+            "phase": r.phase.as_str(),
+            "reason": r.reason,
+            "upstream": r.upstream,
+            "url": r.url,
+            "step": r.step_number(),
+            "steps": r.steps.iter().map(|&s| pct(s)).collect::<Vec<_>>(),
+            "weight": pct(r.weight_bp()),
+            "waiting_for": r.pending.filter(|_| r.phase == crate::release::rollout::Phase::Waiting)
+                .map(|p| p.gates().iter().map(|g| g.as_str()).collect::<Vec<_>>()),
+            "started_at": rfc3339_ms(r.started_at_ms),
+            "ended_at": r.ended_at_ms.map(rfc3339_ms),
+            "at_step": at_step.then(|| json!({
+                "seconds": r.step_elapsed_ms as f64 / 1e3,
+                "requests": {
+                    r.upstream.clone(): analysis.as_ref().map_or(0, |a| a.arm.requests),
+                    baseline: analysis.as_ref().map_or(0, |a| a.baseline.requests),
+                },
+                "holding": r.holding,
+            })),
+            "analysis": analysis.as_ref().map(analysis_json),
+            "history": history,
+            "config": configured,
+        })
+    }
 }
 
 fn trip_json(t: &Trip) -> Value {

@@ -412,6 +412,11 @@ impl Comparison {
         self.arm.requests
     }
 
+    /// Outcomes of the baseline so far.
+    pub fn baseline_requests(&self) -> u64 {
+        self.base.requests
+    }
+
     /// The first metric shown to fail, if any: the cheap question the circuit asks after
     /// every batch (microseconds). It agrees with [`Self::verdicts`].
     pub fn fails(&self, limits: &Limits) -> Option<Metric> {

@@ -91,6 +91,8 @@ pub enum WeightSource {
     File,
     /// An admin API call.
     Admin,
+    /// The progressive rollout.
+    Rollout,
 }
 
 impl WeightSource {
@@ -99,6 +101,7 @@ impl WeightSource {
         match self {
             WeightSource::File => "file",
             WeightSource::Admin => "admin",
+            WeightSource::Rollout => "rollout",
         }
     }
 }
@@ -146,6 +149,8 @@ struct Inner {
     epochs: BTreeMap<String, u64>,
     generation: u64,
     last_reload: Option<ReloadStatus>,
+    /// The rollout's persisted state (opaque here).
+    rollout: Option<serde_json::Value>,
 }
 
 impl Inner {
@@ -187,6 +192,7 @@ impl Control {
             epochs: BTreeMap::new(),
             generation: 1,
             last_reload: None,
+            rollout: restored.rollout,
         };
         // The file may have changed while canaryd was down: apply the same rules as a reload.
         reconcile(&mut inner, None);
@@ -237,6 +243,7 @@ impl Control {
             version: state::VERSION,
             admin_weights: inner.admin.clone(),
             tripped: inner.tripped.clone(),
+            rollout: inner.rollout.clone(),
         };
         if let Err(e) = state::save(path, &state) {
             tracing::error!(error = %e, "cannot write the state file; the change is in effect but will not survive a restart");
@@ -366,11 +373,59 @@ impl Control {
             }
         }
         weights[baseline] = rest;
-        Ok(self.store_weights(&mut inner, weights))
+        Ok(self.store_weights(&mut inner, weights, false))
+    }
+
+    /// Sets the weight of `arm` for the progressive rollout: the baseline gets the rest,
+    /// other arms keep theirs. `GET /weights` reports the table's source as `rollout`.
+    pub fn set_rollout_weight(&self, arm: &str, weight_bp: u16) -> Result<u64, ChangeError> {
+        let mut inner = self.lock();
+        let config = inner.config.clone();
+        let Some(i) = config.upstreams.iter().position(|u| u.name == arm) else {
+            return Err(ChangeError::Invalid(format!("unknown upstream {arm:?}")));
+        };
+        if i == config.baseline {
+            return Err(ChangeError::Invalid(format!(
+                "{arm:?} is the baseline; a rollout releases another arm"
+            )));
+        }
+        if let Some(trip) = inner.tripped.get(arm) {
+            return Err(tripped_error(arm, trip));
+        }
+        let (mut weights, _) = configured(&inner);
+        weights[i] = weight_bp.min(BASIS_POINTS);
+        let others: u32 = weights
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != config.baseline)
+            .map(|(_, &w)| u32::from(w))
+            .sum();
+        let Some(rest) = u32::from(BASIS_POINTS).checked_sub(others) else {
+            return Err(ChangeError::Invalid(format!(
+                "{arm:?} at {}% leaves the other arms more than 100%",
+                fmt_percent(weight_bp)
+            )));
+        };
+        weights[config.baseline] = rest as u16; // <= 10000
+        Ok(self.store_weights(&mut inner, weights, true))
+    }
+
+    /// Writes the rollout's state into the state file (with the rest of the state).
+    pub fn save_rollout(&self, rollout: Option<serde_json::Value>) {
+        let mut inner = self.lock();
+        if inner.rollout != rollout {
+            inner.rollout = rollout;
+            self.persist(&inner);
+        }
+    }
+
+    /// The rollout's state as last saved (restored from the state file at start).
+    pub fn saved_rollout(&self) -> Option<serde_json::Value> {
+        self.lock().rollout.clone()
     }
 
     /// Makes a complete, validated table the admin override and publishes it.
-    fn store_weights(&self, inner: &mut Inner, weights: Vec<u16>) -> u64 {
+    fn store_weights(&self, inner: &mut Inner, weights: Vec<u16>, by_rollout: bool) -> u64 {
         let config = inner.config.clone();
         let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
         let table = describe(&names, &weights);
@@ -378,9 +433,14 @@ impl Control {
             weights_bp: names.iter().map(|n| n.to_string()).zip(weights).collect(),
             file_weights_bp: by_name(&config),
             at_ms: state::now_ms(),
+            by_rollout,
         });
         let generation = self.publish(inner);
-        tracing::info!(weights = %table, generation, "weights set by the admin API");
+        if by_rollout {
+            tracing::info!(weights = %table, generation, "weights set by the rollout");
+        } else {
+            tracing::info!(weights = %table, generation, "weights set by the admin API");
+        }
         generation
     }
 
@@ -421,7 +481,7 @@ impl Control {
         }
         let mut weights = vec![0; config.upstreams.len()];
         weights[target] = BASIS_POINTS;
-        Ok(self.store_weights(&mut inner, weights))
+        Ok(self.store_weights(&mut inner, weights, false))
     }
 
     /// Trips every non-baseline arm (reason `manual`).
@@ -573,6 +633,13 @@ fn reconcile(inner: &mut Inner, old: Option<&Config>) {
 
 /// Configured weights (admin override, else file) in config order.
 fn configured(inner: &Inner) -> (Vec<u16>, WeightSource) {
+    let source = |a: &AdminWeights| {
+        if a.by_rollout {
+            WeightSource::Rollout
+        } else {
+            WeightSource::Admin
+        }
+    };
     match &inner.admin {
         Some(a) => (
             inner
@@ -581,7 +648,7 @@ fn configured(inner: &Inner) -> (Vec<u16>, WeightSource) {
                 .iter()
                 .map(|u| a.weights_bp.get(&u.name).copied().unwrap_or(0))
                 .collect(),
-            WeightSource::Admin,
+            source(a),
         ),
         None => (inner.config.weights_bp(), WeightSource::File),
     }
@@ -1585,8 +1652,10 @@ mod tests {
                 ]),
                 file_weights_bp: file,
                 at_ms: 1,
+                by_rollout: false,
             }),
             tripped: BTreeMap::new(),
+            rollout: None,
         };
         state::save(&path, &bad).expect("save");
         let started = std::panic::catch_unwind(|| {

@@ -26,6 +26,9 @@ pub struct State {
     /// Tripped arms by name.
     #[serde(default)]
     pub tripped: BTreeMap<String, Trip>,
+    /// The progressive rollout's state, as the rollout writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<serde_json::Value>,
 }
 
 /// An admin weight override and the file weights it replaced.
@@ -39,13 +42,16 @@ pub struct AdminWeights {
     pub file_weights_bp: BTreeMap<String, u16>,
     /// Unix time in milliseconds.
     pub at_ms: u64,
+    /// Set by the progressive rollout (not by an admin call).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_rollout: bool,
 }
 
 /// Why and when an arm was tripped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Trip {
-    /// `error_rate`, `error_rate_increase`, `latency`, or `manual`.
+    /// `error_rate`, `error_rate_increase`, `latency`, `analysis`, `webhook` or `manual`.
     pub reason: String,
     /// The numbers that tripped it, in words.
     pub detail: String,

@@ -136,6 +136,8 @@ struct Entry {
     exported: Vec<(Metric, Verdict)>,
     /// When they were last computed (see [`EXPORT_EVERY`]).
     exported_at: Option<Instant>,
+    /// The same comparison over the current rollout step only, while a rollout runs.
+    step: Option<Comparison>,
 }
 
 /// The exported verdicts are recomputed at most this often per arm (and at once on a trip):
@@ -150,6 +152,7 @@ impl Entry {
             comparison: Comparison::new(),
             exported: Vec::new(),
             exported_at: None,
+            step: None,
         }
     }
 
@@ -171,6 +174,9 @@ impl Entry {
     fn restart(&mut self, metrics: &Metrics) {
         self.comparison = Comparison::new();
         self.exported_at = None;
+        if self.step.is_some() {
+            self.step = Some(Comparison::new());
+        }
         for (m, v) in &mut self.exported {
             *v = Verdict::Inconclusive;
             metrics.analysis_verdict(&self.arm, m.as_str(), Verdict::Inconclusive.gauge());
@@ -206,9 +212,15 @@ impl Ledger {
             if *o.arm == *baseline {
                 for e in &mut a.arms {
                     e.comparison.record_baseline(o.error, o.latency);
+                    if let Some(step) = &mut e.step {
+                        step.record_baseline(o.error, o.latency);
+                    }
                 }
             } else if let Some(e) = a.entry(&o.arm) {
                 e.comparison.record_arm(o.error, o.latency);
+                if let Some(step) = &mut e.step {
+                    step.record_arm(o.error, o.latency);
+                }
             }
         }
     }
@@ -252,6 +264,51 @@ impl Ledger {
         Some(comparison.report(limits))
     }
 
+    /// Starts a comparison of `arm` over a rollout step (replacing the last step's), or stops
+    /// keeping one (`start = false`).
+    pub fn step(&self, arm: &str, start: bool) {
+        let mut a = Analyses::lock(&self.analyses);
+        if a.entry(arm).is_none() && start {
+            // Before the arm's first outcome: the comparison starts here (the next alignment
+            // with a snapshot keeps it if the arm is still a non-baseline arm).
+            a.arms.push(Entry::new(Arc::from(arm)));
+        }
+        if let Some(e) = a.entry(arm) {
+            e.step = start.then(Comparison::new);
+        }
+    }
+
+    /// The outcomes of `arm` and of the baseline at the current step, and the step's verdicts.
+    pub fn step_status(&self, arm: &str, limits: &Limits) -> Option<StepStatus> {
+        let step = {
+            let mut a = Analyses::lock(&self.analyses);
+            a.entry(arm)?.step.clone()?
+        };
+        Some(StepStatus {
+            arm_requests: step.arm_requests(),
+            baseline_requests: step.baseline_requests(),
+            verdicts: step.verdicts(limits),
+        })
+    }
+
+    /// The analysis of `arm` over the current step, with its intervals.
+    pub fn step_report(&self, arm: &str, limits: &Limits) -> Option<Report> {
+        let step = {
+            let mut a = Analyses::lock(&self.analyses);
+            a.entry(arm)?.step.clone()?
+        };
+        Some(step.report(limits))
+    }
+
+    /// Whether `arm`'s analysis since its build started fails, with the numbers, whatever
+    /// `[rollback] enabled` says (the rollout rolls back on it).
+    pub fn failing(&self, arm: &str, limits: &Limits) -> Option<(Metric, String)> {
+        let mut a = Analyses::lock(&self.analyses);
+        let e = a.entry(arm)?;
+        let metric = e.comparison.fails(limits)?;
+        Some((metric, e.comparison.explain(metric, limits)))
+    }
+
     /// Judges `arm`: its first failing metric and the numbers behind it, if one fails. The
     /// exported verdicts are refreshed when one fails, or when [`EXPORT_EVERY`] has passed.
     ///
@@ -280,6 +337,17 @@ impl Ledger {
         }
         failing.map(|metric| (metric, e.comparison.explain(metric, limits)))
     }
+}
+
+/// A rollout step's numbers for one arm.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepStatus {
+    /// Outcomes of the arm at the step.
+    pub arm_requests: u64,
+    /// Outcomes of the baseline at the step.
+    pub baseline_requests: u64,
+    /// The step's verdicts per metric.
+    pub verdicts: Vec<(Metric, Verdict)>,
 }
 
 /// The window epoch of each arm as last seen, to notice resets and new builds.

@@ -1,5 +1,7 @@
-//! The release's moving parts, off the data path: request outcomes and the rollback circuit
-//! that judges them.
+//! The release's moving parts, off the data path: request outcomes, the rollback circuit
+//! that judges them, the progressive rollout, and the webhooks it calls.
 
 pub mod circuit;
 pub mod outcome;
+pub mod rollout;
+pub mod webhook;
