@@ -596,3 +596,30 @@ async fn kill_9_at_step_2_and_a_restart_resume_at_step_2_with_its_time() {
     traffic.store(true, Ordering::Relaxed);
     assert_eq!(done["history"].as_array().map(Vec::len), Some(2), "{done}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_canary_url_starts_a_rollout_from_the_first_step_with_on_new_url() {
+    let stable = FakeUpstream::start("stable").await;
+    let old = FakeUpstream::start("canary").await;
+    let new = FakeUpstream::start("canary").await;
+    let config = |canary: &str| {
+        ConfigBuilder::new()
+            .upstream("stable", &stable.url(), "100")
+            .upstream("canary", canary, "0")
+            .set("rollout", "steps", "[10, 100]")
+            .set("rollout", "min_step_duration", &q("1h"))
+            .set("rollout", "max_step_duration", &q("2h"))
+            .set("rollout", "start", &q("on_new_url"))
+            .build()
+    };
+    let mut proxy = Proxy::start(&config(&old.url())).await;
+    let admin = proxy.admin_client();
+    // Serving its first url is not a new build.
+    assert_eq!(admin.get_json("/rollout").await["phase"], "idle");
+    proxy.rewrite_config(&config(&new.url()), Rewrite::Rename);
+    let r = rollout_until(&admin, "a rollout of the new build", |r| r["step"] == 1).await;
+    assert_eq!(r["phase"], "progressing", "{r}");
+    assert_eq!(r["url"], new.url().trim_end_matches('/'), "{r}");
+    assert!(r["reason"].as_str().unwrap_or("").contains("step 1"), "{r}");
+    assert_eq!(admin.get_json("/weights").await["effective"]["canary"], 10);
+}
