@@ -39,12 +39,8 @@ fn circuit_config(stable_url: &str, canary_url: &str, canary_weight: u32) -> Con
 /// The limits of [`circuit_config`], as the analysis takes them.
 fn circuit_limits() -> Limits {
     Limits {
-        confidence: 0.99,
         min_requests: MIN_REQUESTS as u64,
-        max_error_rate: 0.10,
-        max_error_rate_increase: 0.02,
-        max_p99_ratio: None,
-        max_p99_increase: None,
+        ..Limits::default()
     }
 }
 

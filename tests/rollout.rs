@@ -173,6 +173,39 @@ fn secret_file() -> tempfile::NamedTempFile {
     f
 }
 
+/// Healthy fake upstreams, a receiver, the secret, and the proxy running a rollout through
+/// `steps` with the receiver subscribed to every hook.
+/// Everything lives as long as the value (bind it whole: a destructuring `..` would drop the
+/// rest at once).
+struct Setup {
+    _stable: FakeUpstream,
+    canary: FakeUpstream,
+    receiver: Receiver,
+    _secret: tempfile::NamedTempFile,
+    proxy: Proxy,
+}
+
+async fn setup(steps: &str) -> Setup {
+    let stable = FakeUpstream::start("stable").await;
+    let canary = FakeUpstream::start("canary").await;
+    let receiver = Receiver::start().await;
+    let secret = secret_file();
+    let text = rollout_config(
+        &stable.url(),
+        &canary.url(),
+        steps,
+        Some((&receiver, secret.path())),
+    );
+    let proxy = Proxy::start(&text).await;
+    Setup {
+        _stable: stable,
+        canary,
+        receiver,
+        _secret: secret,
+        proxy,
+    }
+}
+
 async fn rollout_until(admin: &AdminClient, what: &str, f: impl Fn(&Value) -> bool) -> Value {
     poll_until(DEADLINE, what, || async {
         let r = admin.get_json("/rollout").await;
@@ -183,17 +216,8 @@ async fn rollout_until(admin: &AdminClient, what: &str, f: impl Fn(&Value) -> bo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_canary_walks_every_step_and_the_receiver_sees_every_webhook_in_order() {
-    let stable = FakeUpstream::start("stable").await;
-    let canary = FakeUpstream::start("canary").await;
-    let receiver = Receiver::start().await;
-    let secret = secret_file();
-    let text = rollout_config(
-        &stable.url(),
-        &canary.url(),
-        "[10, 50, 100]",
-        Some((&receiver, secret.path())),
-    );
-    let proxy = Proxy::start(&text).await;
+    let setup = setup("[10, 50, 100]").await;
+    let (receiver, proxy) = (&setup.receiver, &setup.proxy);
     let admin = proxy.admin_client();
     assert_eq!(admin.get_json("/rollout").await["phase"], "idle");
     let traffic = generate_traffic(proxy.addr());
@@ -303,17 +327,8 @@ async fn a_healthy_canary_walks_every_step_and_the_receiver_sees_every_webhook_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_that_turns_bad_at_step_3_is_rolled_back_on_the_analysis() {
-    let stable = FakeUpstream::start("stable").await;
-    let canary = FakeUpstream::start("canary").await;
-    let receiver = Receiver::start().await;
-    let secret = secret_file();
-    let text = rollout_config(
-        &stable.url(),
-        &canary.url(),
-        "[10, 25, 50, 100]",
-        Some((&receiver, secret.path())),
-    );
-    let proxy = Proxy::start(&text).await;
+    let setup = setup("[10, 25, 50, 100]").await;
+    let (canary, receiver, proxy) = (&setup.canary, &setup.receiver, &setup.proxy);
     let admin = proxy.admin_client();
     let traffic = generate_traffic(proxy.addr());
     assert_eq!(
@@ -373,18 +388,9 @@ async fn a_canary_that_turns_bad_at_step_3_is_rolled_back_on_the_analysis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gate_answering_500_holds_the_rollout_waiting_until_it_answers_200() {
-    let stable = FakeUpstream::start("stable").await;
-    let canary = FakeUpstream::start("canary").await;
-    let receiver = Receiver::start().await;
+    let setup = setup("[10, 50, 100]").await;
+    let (receiver, proxy) = (&setup.receiver, &setup.proxy);
     receiver.gate_status.store(500, Ordering::SeqCst);
-    let secret = secret_file();
-    let text = rollout_config(
-        &stable.url(),
-        &canary.url(),
-        "[10, 50, 100]",
-        Some((&receiver, secret.path())),
-    );
-    let proxy = Proxy::start(&text).await;
     let admin = proxy.admin_client();
     let traffic = generate_traffic(proxy.addr());
     assert_eq!(

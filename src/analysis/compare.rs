@@ -49,6 +49,21 @@ pub struct Limits {
     pub max_p99_increase: Option<Duration>,
 }
 
+impl Default for Limits {
+    /// The defaults of `[rollback]`: confidence 0.99, `min_requests` 5, `max_error_rate` 10%,
+    /// `max_error_rate_increase` 2 points, no latency limit.
+    fn default() -> Self {
+        Limits {
+            confidence: 0.99,
+            min_requests: 5,
+            max_error_rate: 0.10,
+            max_error_rate_increase: 0.02,
+            max_p99_ratio: None,
+            max_p99_increase: None,
+        }
+    }
+}
+
 impl Limits {
     fn latency(&self) -> bool {
         self.max_p99_ratio.is_some() || self.max_p99_increase.is_some()
@@ -843,25 +858,7 @@ fn p99_evidence_above(arm: &Sample, base: &Sample, shift: Shift, tests: &Tests, 
                 .latency_base
                 .ln_evidence_below(k_base, base.latency_n, share)
     };
-    // Most often refuted at the baseline's own p99: try it first.
-    let guess = kth_largest(&base.latency[..], (base.latency_n / 100).max(1)).unwrap_or(0);
-    let mut least = evidence(counts(guess));
-    if least < stop {
-        return least;
-    }
-    let mut last = None;
-    for i in 0..BUCKETS {
-        let c = counts(i);
-        if last == Some(c) {
-            continue;
-        }
-        last = Some(c);
-        least = least.min(evidence(c));
-        if least < stop {
-            return least;
-        }
-    }
-    least
+    least_over_buckets(base, counts, evidence, stop)
 }
 
 /// Whether the arm's p99 is shown below `shift` of the baseline's p99: the same test the
@@ -898,6 +895,18 @@ fn p99_evidence_below(arm: &Sample, base: &Sample, shift: Shift, tests: &Tests, 
                 .latency_base
                 .ln_evidence_above(k_base, base.latency_n, share)
     };
+    least_over_buckets(base, counts, evidence, stop)
+}
+
+/// The smallest `evidence(counts(i))` over every bucket `i` of the baseline's p99, stopping
+/// once it falls below `stop`. The bucket of the baseline's own p99 goes first: the test is
+/// most often refuted there.
+fn least_over_buckets(
+    base: &Sample,
+    counts: impl Fn(usize) -> (u64, u64),
+    evidence: impl Fn((u64, u64)) -> f64,
+    stop: f64,
+) -> f64 {
     let guess = kth_largest(&base.latency[..], (base.latency_n / 100).max(1)).unwrap_or(0);
     let mut least = evidence(counts(guess));
     if least < stop {
@@ -923,14 +932,7 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits {
-            confidence: 0.99,
-            min_requests: 5,
-            max_error_rate: 0.10,
-            max_error_rate_increase: 0.02,
-            max_p99_ratio: None,
-            max_p99_increase: None,
-        }
+        Limits::default()
     }
 
     fn ms(n: u64) -> Duration {

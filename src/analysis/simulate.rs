@@ -389,14 +389,7 @@ mod tests {
     use super::*;
 
     pub(crate) fn limits() -> Limits {
-        Limits {
-            confidence: 0.99,
-            min_requests: 5,
-            max_error_rate: 0.10,
-            max_error_rate_increase: 0.02,
-            max_p99_ratio: None,
-            max_p99_increase: None,
-        }
+        Limits::default()
     }
 
     fn arm(error_rate: f64) -> Behaviour {
