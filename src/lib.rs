@@ -18,8 +18,10 @@
 //!   (`request`), route, forward, failures mapped to statuses and the client's response
 //!   (`response`), WebSocket tunnels (`upgrade`), and what a connection learns of its
 //!   requests (`activity`).
-//! - [`release`]: off the data path: the outcome channel ([`release::outcome`]) and the
-//!   rollback circuit task ([`release::circuit`]).
+//! - [`release`]: off the data path: the outcome channel ([`release::outcome`]), the
+//!   rollback circuit task ([`release::circuit`]), the progressive rollout
+//!   ([`release::rollout`]: a pure state machine and its driver) and the webhooks it calls
+//!   ([`release::webhook`]).
 //! - [`control`]: owns the running config, admin overrides and trips, and publishes the
 //!   immutable snapshot requests read; the state file ([`control::state`]) and the config and
 //!   certificate reload tasks ([`control::reload`]).
