@@ -54,7 +54,7 @@ impl Mixture {
         Mixture { parts }
     }
 
-    /// The grid with [`GRID_SHARE`] of the weight, and the rest at half, once and twice
+    /// The grid with 40% of the weight (`GRID_SHARE`), and the rest at half, once and twice
     /// `margin` (in weights 1:2:1), where a regression at the margin is decided.
     pub fn around(margin: f64) -> Self {
         let mut parts: Vec<(f64, f64)> = grid_r()
