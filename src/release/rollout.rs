@@ -769,6 +769,14 @@ pub fn payload(r: &Rollout, event: HookEvent, message: String, verdicts: Value) 
     }
 }
 
+/// What the gates or the rollback hook answered.
+enum Answer {
+    /// `None`: every gate allowed it; otherwise the first that did not.
+    Gate(Option<HookEvent>),
+    /// Whether a receiver asked for a rollback.
+    Rollback(bool),
+}
+
 /// How often gates are asked again while they say no, and the `rollback` hook is asked:
 /// a fifth of `min_step_duration`, from 250 ms to 10 s.
 pub fn ask_interval(c: &RolloutConfig) -> Duration {
@@ -804,8 +812,28 @@ pub fn spawn(
         let mut last_saved = Instant::now();
         let mut next_ask = Instant::now();
         let mut url_seen: Option<String> = None;
+        let mut asking: Option<JoinHandle<Answer>> = None;
         loop {
             tick.tick().await;
+            if let Some(done) = asking.take_if(|h| h.is_finished()) {
+                let now_ms = crate::control::state::now_ms();
+                match done.await {
+                    Ok(Answer::Gate(refused)) => {
+                        let _ = rollouts.change(&ctx, |r| {
+                            Ok(r.gate_answered(refused.is_none(), refused, now_ms))
+                        });
+                        if refused.is_none() {
+                            // Allowed: the next gate (or the rollback hook) is asked at once.
+                            next_ask = Instant::now();
+                        }
+                    }
+                    Ok(Answer::Rollback(true)) => {
+                        let _ = rollouts.change(&ctx, |r| Ok(r.rollback_by_webhook(now_ms)));
+                    }
+                    Ok(Answer::Rollback(false)) => {}
+                    Err(e) => tracing::warn!(error = %e, "a rollout webhook query failed"),
+                }
+            }
             let now = Instant::now();
             let elapsed = now.saturating_duration_since(last);
             last = now;
@@ -863,39 +891,33 @@ pub fn spawn(
             if !r.phase.running() {
                 continue;
             }
-            if now >= next_ask {
+            // The gates and the rollback hook are asked on a task of their own, so a slow or
+            // dead receiver never holds up the ticks (and the rollbacks they make).
+            if asking.is_none() && now >= next_ask {
                 next_ask = now + ask_interval(&cfg);
                 let verdicts = observed
                     .step
                     .as_ref()
                     .map_or(Value::Null, |s| verdicts_json(&s.verdicts));
+                let hooks = snap.config.webhooks.clone();
+                let webhooks = webhooks.clone();
                 if let Some(pending) = r.pending.filter(|_| r.phase != Phase::Paused) {
-                    let mut refused = None;
-                    for &gate in pending.gates() {
-                        let p = payload(
-                            &r,
-                            gate,
-                            format!("may the rollout of {} go on?", r.upstream),
-                            verdicts.clone(),
-                        );
-                        if !webhooks.gate(&snap.config.webhooks, &p).await {
-                            refused = Some(gate);
-                            break;
+                    let r = r.clone();
+                    asking = Some(tokio::spawn(async move {
+                        for &gate in pending.gates() {
+                            let why = format!("may the rollout of {} go on?", r.upstream);
+                            let p = payload(&r, gate, why, verdicts.clone());
+                            if !webhooks.gate(&hooks, &p).await {
+                                return Answer::Gate(Some(gate));
+                            }
                         }
-                    }
-                    let now_ms = crate::control::state::now_ms();
-                    let _ = rollouts.change(&ctx, |r| {
-                        Ok(r.gate_answered(refused.is_none(), refused, now_ms))
-                    });
-                    if refused.is_none() {
-                        next_ask = Instant::now();
-                    }
+                        Answer::Gate(None)
+                    }));
                 } else if r.phase != Phase::Paused {
                     let p = payload(&r, HookEvent::Rollback, "roll back?".into(), verdicts);
-                    if webhooks.rollback_requested(&snap.config.webhooks, &p).await {
-                        let now_ms = crate::control::state::now_ms();
-                        let _ = rollouts.change(&ctx, |r| Ok(r.rollback_by_webhook(now_ms)));
-                    }
+                    asking = Some(tokio::spawn(async move {
+                        Answer::Rollback(webhooks.rollback_requested(&hooks, &p).await)
+                    }));
                 }
             }
             // Every change is saved as it is made (`Context::apply`); the time at the step,
