@@ -14,8 +14,8 @@ use toml::Spanned;
 
 use super::schema::{
     AdminConfig, Config, ConfigError, ConfigErrors, HookEvent, ListenConfig, OnInconclusive,
-    RollbackConfig, RolloutConfig, RolloutStart, RoutingConfig, StateConfig, StatusSet, TlsFiles,
-    UpstreamConfig, UpstreamTls, WebhookConfig,
+    ResponseAnalysisConfig, RollbackConfig, RolloutConfig, RolloutStart, RoutingConfig,
+    ShadowConfig, StateConfig, StatusSet, TlsFiles, UpstreamConfig, UpstreamTls, WebhookConfig,
 };
 use crate::routing::BASIS_POINTS;
 
@@ -54,7 +54,8 @@ struct Reader<'s> {
 }
 
 const TOP_KEYS: &[&str] = &[
-    "listen", "admin", "routing", "upstream", "rollback", "state", "rollout", "webhook",
+    "listen", "admin", "routing", "upstream", "rollback", "state", "rollout", "webhook", "shadow",
+    "analysis",
 ];
 const LISTEN_KEYS: &[&str] = &[
     "addr",
@@ -108,6 +109,23 @@ const ROLLOUT_KEYS: &[&str] = &[
     "on_inconclusive",
     "start",
 ];
+const SHADOW_KEYS: &[&str] = &[
+    "upstream",
+    "percent",
+    "methods",
+    "max_body_bytes",
+    "max_in_flight",
+    "compare",
+    "numeric_tolerance",
+    "ignore",
+    "noise_percent",
+];
+const ANALYSIS_KEYS: &[&str] = &[
+    "label_pointer",
+    "score_pointer",
+    "max_body_bytes",
+    "max_drift",
+];
 const WEBHOOK_KEYS: &[&str] = &[
     "url",
     "events",
@@ -144,6 +162,8 @@ impl<'s> Reader<'s> {
         let rollback_t = self.section(doc, "rollback").unwrap_or(&empty);
         let state_t = self.section(doc, "state").unwrap_or(&empty);
         let rollout_t = self.section(doc, "rollout");
+        let shadow_t = self.section(doc, "shadow");
+        let analysis_t = self.section(doc, "analysis");
 
         let listen = self.listen(listen_t);
         let admin = self.admin(admin_t);
@@ -164,6 +184,17 @@ impl<'s> Reader<'s> {
             (Some(_), None) => None,
         };
         let webhooks = self.webhooks(doc);
+        let shadow = match shadow_t {
+            Some(t) => {
+                let span = doc.get("shadow").map(|v| v.span());
+                self.shadow(t, span, &upstreams).map(Some)
+            }
+            None => Some(None),
+        };
+        let response_analysis = match analysis_t {
+            Some(t) => self.response_analysis(t).map(Some),
+            None => Some(None),
+        };
         Some(Config {
             listen: listen?,
             admin: admin?,
@@ -174,6 +205,8 @@ impl<'s> Reader<'s> {
             state,
             rollout: rollout?,
             webhooks: webhooks?,
+            shadow: shadow?,
+            response_analysis: response_analysis?,
         })
     }
 
@@ -206,6 +239,8 @@ impl<'s> Reader<'s> {
                     "routing" => ROUTING_KEYS,
                     "rollback" => ROLLBACK_KEYS,
                     "rollout" => ROLLOUT_KEYS,
+                    "shadow" => SHADOW_KEYS,
+                    "analysis" => ANALYSIS_KEYS,
                     _ => STATE_KEYS,
                 };
                 self.check_keys(name, t, known);
@@ -914,6 +949,198 @@ impl<'s> Reader<'s> {
         })
     }
 
+    fn shadow(
+        &mut self,
+        t: &Table<'_>,
+        span: Option<Range<usize>>,
+        ups: &[UpstreamConfig],
+    ) -> Option<ShadowConfig> {
+        let p = "shadow";
+        let upstream = match t.get("upstream") {
+            None => {
+                self.err(
+                    join(p, "upstream"),
+                    span,
+                    "missing required key `upstream` (the [[upstream]] the copies go to)",
+                );
+                None
+            }
+            Some(v) => self.string(t, p, "upstream").and_then(|name| {
+                if ups.iter().any(|u| u.name == name) {
+                    Some(name)
+                } else {
+                    let names: Vec<&str> = ups.iter().map(|u| u.name.as_str()).collect();
+                    self.err(
+                        join(p, "upstream"),
+                        Some(v.span()),
+                        format!(
+                            "unknown upstream {name:?}; add it as an [[upstream]] (weight 0 \
+                             keeps users off it); upstreams are: {}",
+                            names.join(", ")
+                        ),
+                    );
+                    None
+                }
+            }),
+        };
+        let percent = match t.get("percent") {
+            None => Some(10_000),
+            Some(v) => self.weight(&join(p, "percent"), v),
+        };
+        let noise = match t.get("noise_percent") {
+            None => Some(0),
+            Some(v) => self.weight(&join(p, "noise_percent"), v),
+        };
+        let methods = match t.get("methods") {
+            None => Some(vec![http::Method::GET, http::Method::HEAD]),
+            Some(v) => self.strings(t, p, "methods").and_then(|list| {
+                let mut out = Vec::new();
+                for m in list {
+                    match http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                        Ok(method) if !m.is_empty() => out.push(method),
+                        _ => {
+                            self.err(
+                                join(p, "methods"),
+                                Some(v.span()),
+                                format!("invalid method {m:?}"),
+                            );
+                            return None;
+                        }
+                    }
+                }
+                Some(out)
+            }),
+        };
+        let max_body_bytes = self.int(t, p, "max_body_bytes", 1 << 20, 0..=1 << 30);
+        let max_in_flight = self.int(t, p, "max_in_flight", 64, 1..=100_000);
+        let compare = self.pointers(t, p, "compare");
+        let ignore = self.pointers(t, p, "ignore");
+        let numeric_tolerance = match t.get("numeric_tolerance") {
+            None => Some(0.0),
+            Some(v) => match number(v.get_ref()) {
+                Some(x) if x >= 0.0 && x.is_finite() => Some(x),
+                _ => {
+                    self.err(
+                        join(p, "numeric_tolerance"),
+                        Some(v.span()),
+                        "expected a number >= 0 (the |a - b| allowed between numbers)",
+                    );
+                    None
+                }
+            },
+        };
+        Some(ShadowConfig {
+            upstream: upstream?,
+            percent_bp: percent?,
+            methods: methods?,
+            max_body_bytes: usize::try_from(max_body_bytes?).ok()?,
+            max_in_flight: usize::try_from(max_in_flight?).ok()?,
+            compare: compare?,
+            numeric_tolerance: numeric_tolerance?,
+            ignore: ignore?,
+            noise_bp: noise?,
+        })
+    }
+
+    fn response_analysis(&mut self, t: &Table<'_>) -> Option<ResponseAnalysisConfig> {
+        let p = "analysis";
+        let label_pointer = self.pointer(t, p, "label_pointer");
+        let score_pointer = self.pointer(t, p, "score_pointer");
+        let max_body_bytes = self.int(t, p, "max_body_bytes", 65_536, 1..=1 << 24);
+        let max_drift = match t.get("max_drift") {
+            None => Some(None),
+            Some(v) => match number(v.get_ref()) {
+                Some(x) if x > 0.0 && x < 1.0 => Some(Some(x)),
+                _ => {
+                    self.err(
+                        join(p, "max_drift"),
+                        Some(v.span()),
+                        "expected a distance between 0 and 1 (0.1: a Jensen-Shannon or KS \
+                         distance of 0.1 between the canary's and the baseline's answers)",
+                    );
+                    None
+                }
+            },
+        };
+        let (label_pointer, score_pointer) = (label_pointer?, score_pointer?);
+        if label_pointer.is_none() && score_pointer.is_none() {
+            self.err(
+                p,
+                None,
+                "[analysis] needs label_pointer, score_pointer or both (JSON pointers such as \
+                 \"/prediction\")",
+            );
+            return None;
+        }
+        Some(ResponseAnalysisConfig {
+            label_pointer,
+            score_pointer,
+            max_body_bytes: usize::try_from(max_body_bytes?).ok()?,
+            max_drift: max_drift?,
+        })
+    }
+
+    /// An optional JSON pointer: "" or starting with "/". Outer `None`: invalid.
+    fn pointer(&mut self, t: &Table<'_>, p: &str, key: &str) -> Option<Option<String>> {
+        let Some(v) = t.get(key) else {
+            return Some(None);
+        };
+        let s = self.string(t, p, key)?;
+        if s.is_empty() || s.starts_with('/') {
+            Some(Some(s))
+        } else {
+            self.err(
+                join(p, key),
+                Some(v.span()),
+                format!("invalid JSON pointer {s:?}: it starts with \"/\", e.g. \"/prediction\""),
+            );
+            None
+        }
+    }
+
+    /// A list of JSON pointers (empty when absent).
+    fn pointers(&mut self, t: &Table<'_>, p: &str, key: &str) -> Option<Vec<String>> {
+        let Some(v) = t.get(key) else {
+            return Some(Vec::new());
+        };
+        let list = self.strings(t, p, key)?;
+        if let Some(bad) = list.iter().find(|s| !(s.is_empty() || s.starts_with('/'))) {
+            self.err(
+                join(p, key),
+                Some(v.span()),
+                format!(
+                    "invalid JSON pointer {bad:?}: each starts with \"/\", e.g. \"/prediction\""
+                ),
+            );
+            return None;
+        }
+        Some(list)
+    }
+
+    /// A list of strings.
+    fn strings(&mut self, t: &Table<'_>, p: &str, key: &str) -> Option<Vec<String>> {
+        let v = t.get(key)?;
+        let DeValue::Array(items) = v.get_ref() else {
+            self.err(join(p, key), Some(v.span()), "expected a list of strings");
+            return None;
+        };
+        let mut out = Vec::new();
+        for item in items {
+            match item.get_ref() {
+                DeValue::String(s) => out.push(s.to_string()),
+                other => {
+                    self.err(
+                        join(p, key),
+                        Some(item.span()),
+                        format!("expected a list of strings, found {}", other.type_str()),
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    }
+
     fn statuses(&mut self, t: &Table<'_>, p: &str, key: &str) -> Option<StatusSet> {
         let path = join(p, key);
         let mut set = StatusSet::empty();
@@ -1306,6 +1533,55 @@ url = "{canary_url}"
 weight = {canary_weight}
 "#
         )
+    }
+
+    #[test]
+    fn shadow_and_response_analysis_take_their_defaults_and_report_mistakes() {
+        let arms = two_arms("90", "http://127.0.0.1:9001", "10");
+        let ok = format!(
+            "{arms}\n[shadow]\nupstream = \"canary\"\ncompare = [\"/prediction\"]\n\n[analysis]\nlabel_pointer = \"/prediction\"\n"
+        );
+        let c = Config::parse(&ok).expect("valid");
+        let sh = c.shadow.expect("shadow");
+        assert_eq!(sh.upstream, "canary");
+        assert_eq!(sh.percent_bp, 10_000);
+        assert_eq!(sh.methods, vec![http::Method::GET, http::Method::HEAD]);
+        assert_eq!((sh.max_body_bytes, sh.max_in_flight), (1 << 20, 64));
+        assert_eq!(sh.compare, vec!["/prediction".to_owned()]);
+        assert_eq!((sh.numeric_tolerance, sh.noise_bp), (0.0, 0));
+        let a = c.response_analysis.expect("analysis");
+        assert_eq!(a.label_pointer.as_deref(), Some("/prediction"));
+        assert_eq!(
+            (a.score_pointer, a.max_body_bytes, a.max_drift),
+            (None, 65_536, None)
+        );
+
+        let bad = format!(
+            r#"{arms}
+[shadow]
+upstream = "candidate"
+percent = 120
+methods = ["GET", "P O S T"]
+compare = ["prediction"]
+numeric_tolerance = -1
+
+[analysis]
+label_pointer = "label"
+max_drift = 2
+"#
+        );
+        assert_errors(
+            &bad,
+            &[
+                ("shadow.upstream", 12, "unknown upstream \"candidate\""),
+                ("shadow.percent", 13, "outside 0..=100"),
+                ("shadow.methods", 14, "invalid method"),
+                ("shadow.compare", 15, "invalid JSON pointer \"prediction\""),
+                ("shadow.numeric_tolerance", 16, "expected a number >= 0"),
+                ("analysis.label_pointer", 19, "invalid JSON pointer"),
+                ("analysis.max_drift", 20, "between 0 and 1"),
+            ],
+        );
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub struct Config {
     pub rollout: Option<RolloutConfig>,
     /// `[[webhook]]`, in config order.
     pub webhooks: Vec<WebhookConfig>,
+    /// `[shadow]`: requests copied to a shadow upstream and its answers compared.
+    pub shadow: Option<ShadowConfig>,
+    /// `[analysis]`: labels and scores read from JSON responses, and drift between arms.
+    pub response_analysis: Option<ResponseAnalysisConfig>,
 }
 
 /// `[listen]` section.
@@ -275,6 +279,43 @@ pub struct WebhookConfig {
     pub secret_file: Option<PathBuf>,
     /// Sent as the payload's `metadata`.
     pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+/// `[shadow]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowConfig {
+    /// The `[[upstream]]` the copies go to.
+    pub upstream: String,
+    /// Share of requests copied, basis points (by the sticky key when there is one).
+    pub percent_bp: u16,
+    /// Methods copied (upper case).
+    pub methods: Vec<http::Method>,
+    /// Request or response bodies larger than this are not compared (skipped, counted).
+    pub max_body_bytes: usize,
+    /// Copies in flight at once; more are dropped (counted).
+    pub max_in_flight: usize,
+    /// JSON pointers compared; empty compares the whole body.
+    pub compare: Vec<String>,
+    /// `|a - b|` allowed between numbers.
+    pub numeric_tolerance: f64,
+    /// JSON pointers never compared.
+    pub ignore: Vec<String>,
+    /// Share of copied requests also sent a second time to the primary's arm, to tell noisy
+    /// fields from regressions, basis points.
+    pub noise_bp: u16,
+}
+
+/// `[analysis]` section: response analysis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseAnalysisConfig {
+    /// JSON pointer of the categorical field (the label).
+    pub label_pointer: Option<String>,
+    /// JSON pointer of the numeric field (the score).
+    pub score_pointer: Option<String>,
+    /// Only JSON bodies up to this size are read.
+    pub max_body_bytes: usize,
+    /// Drift beyond this (shown at the rollback confidence) trips the arm, reason `drift`.
+    pub max_drift: Option<f64>,
 }
 
 /// `[state]` section.
