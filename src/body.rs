@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -116,6 +116,17 @@ pub enum RequestBody {
     Streamed(StreamedBody),
     /// Streamed by hyper.
     Hyper(Incoming),
+    /// Another body, with a copy of its first bytes taken as it streams (a shadow copy).
+    Tee(Box<Tee>),
+}
+
+/// A body and the tap copying it.
+#[derive(Debug)]
+pub struct Tee {
+    /// The body.
+    pub inner: RequestBody,
+    /// The copy.
+    pub tap: Tap,
 }
 
 impl RequestBody {
@@ -131,6 +142,7 @@ impl RequestBody {
             RequestBody::Streamed(b) => Some(BodyWatch {
                 shared: b.shared.clone(),
             }),
+            RequestBody::Tee(t) => t.inner.watch(),
             RequestBody::Full(_) | RequestBody::Hyper(_) => None,
         }
     }
@@ -175,6 +187,24 @@ impl Body for RequestBody {
                     format!("reading the request body: {e}"),
                 )) as BoxError
             }),
+            RequestBody::Tee(t) => {
+                let polled = Pin::new(&mut t.inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            t.tap.push(data);
+                        }
+                        // The last frame of a body of known length: no one asks further.
+                        if t.inner.is_end_stream() {
+                            t.tap.end();
+                        }
+                    }
+                    Poll::Ready(None) => t.tap.end(),
+                    Poll::Ready(Some(Err(_))) => t.tap.fail(),
+                    Poll::Pending => {}
+                }
+                polled
+            }
         }
     }
 
@@ -183,6 +213,7 @@ impl Body for RequestBody {
             RequestBody::Full(b) => b.is_end_stream(),
             RequestBody::Streamed(b) => b.is_end_stream(),
             RequestBody::Hyper(b) => b.is_end_stream(),
+            RequestBody::Tee(t) => t.inner.is_end_stream(),
         }
     }
 
@@ -191,7 +222,86 @@ impl Body for RequestBody {
             RequestBody::Full(b) => b.size_hint(),
             RequestBody::Streamed(b) => b.size_hint(),
             RequestBody::Hyper(b) => b.size_hint(),
+            RequestBody::Tee(t) => t.inner.size_hint(),
         }
+    }
+}
+
+type TapConsumer = Box<dyn FnOnce(Option<Bytes>) + Send>;
+
+/// A copy of a body's first bytes: each consumer gets the whole body when it ended within
+/// the consumer's limit, `None` when it was larger, failed, or was dropped unfinished.
+pub struct Tap {
+    buf: BytesMut,
+    limit: usize,
+    over: bool,
+    consumers: Vec<(usize, TapConsumer)>,
+}
+
+impl std::fmt::Debug for Tap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tap")
+            .field("copied", &self.buf.len())
+            .field("limit", &self.limit)
+            .finish()
+    }
+}
+
+impl Default for Tap {
+    fn default() -> Self {
+        Tap {
+            buf: BytesMut::new(),
+            limit: 0,
+            over: false,
+            consumers: Vec::new(),
+        }
+    }
+}
+
+impl Tap {
+    /// Adds a consumer of bodies up to `limit` bytes.
+    pub fn add(&mut self, limit: usize, f: impl FnOnce(Option<Bytes>) + Send + 'static) {
+        self.limit = self.limit.max(limit);
+        self.consumers.push((limit, Box::new(f)));
+    }
+
+    /// Whether anyone consumes the copy.
+    pub fn is_empty(&self) -> bool {
+        self.consumers.is_empty()
+    }
+
+    /// Copies a data frame (nothing past the largest limit is kept).
+    pub fn push(&mut self, data: &[u8]) {
+        if self.over || self.consumers.is_empty() {
+            return;
+        }
+        if self.buf.len() + data.len() > self.limit {
+            self.over = true;
+            self.buf = BytesMut::new();
+        } else {
+            self.buf.extend_from_slice(data);
+        }
+    }
+
+    /// The body ended: every consumer gets its copy.
+    pub fn end(&mut self) {
+        let body = (!self.over).then(|| std::mem::take(&mut self.buf).freeze());
+        for (limit, f) in self.consumers.drain(..) {
+            f(body.clone().filter(|b| b.len() <= limit));
+        }
+    }
+
+    /// The body failed: every consumer gets `None`.
+    pub fn fail(&mut self) {
+        for (_, f) in self.consumers.drain(..) {
+            f(None);
+        }
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.fail();
     }
 }
 

@@ -30,13 +30,32 @@ pub struct DemoOptions {
     pub admin: SocketAddr,
     /// Run a compressed progressive rollout with generated traffic, and stop when it ends.
     pub rollout: bool,
+    /// Copy every request to a third model, "v3", that disagrees on [`SHADOW_DISAGREES`] of
+    /// inputs.
+    pub shadow: bool,
+    /// Share (0..=1) of the canary's answers whose label flips to "negative".
+    pub canary_drift: f64,
+}
+
+/// Share of inputs (by user id) on which the demo's shadow model answers differently.
+pub const SHADOW_DISAGREES: f64 = 0.25;
+
+/// How a demo model's label departs from "positive".
+#[derive(Debug, Clone, Copy)]
+enum Flip {
+    /// Never.
+    Never,
+    /// This share of answers, at random.
+    Random(f64),
+    /// This share of inputs (by the x-user-id header), always the same ones.
+    ByInput(f64),
 }
 
 /// Why the demo could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    /// `--canary-error-rate` outside 0..=1.
-    #[error("--canary-error-rate must be between 0 and 1, got {0}")]
+    /// `--canary-error-rate` or `--canary-drift` outside 0..=1.
+    #[error("--canary-error-rate and --canary-drift must be between 0 and 1, got {0}")]
     BadErrorRate(f64),
     /// A built-in upstream could not bind.
     #[error("cannot start the built-in model server: {0}")]
@@ -55,12 +74,24 @@ pub async fn run(
     opts: DemoOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DemoError> {
-    if !(0.0..=1.0).contains(&opts.canary_error_rate) {
-        return Err(DemoError::BadErrorRate(opts.canary_error_rate));
+    for x in [opts.canary_error_rate, opts.canary_drift] {
+        if !(0.0..=1.0).contains(&x) {
+            return Err(DemoError::BadErrorRate(x));
+        }
     }
-    let v1 = start_model("v1", 0.87, 0.0).await?;
-    let v2 = start_model("v2", 0.91, opts.canary_error_rate).await?;
-    let config = Config::parse(&demo_config(&opts, v1, v2))?;
+    let v1 = start_model("v1", 0.87, 0.0, Flip::Never).await?;
+    let drift = if opts.canary_drift > 0.0 {
+        Flip::Random(opts.canary_drift)
+    } else {
+        Flip::Never
+    };
+    let v2 = start_model("v2", 0.91, opts.canary_error_rate, drift).await?;
+    let v3 = if opts.shadow {
+        Some(start_model("v3", 0.89, 0.0, Flip::ByInput(SHADOW_DISAGREES)).await?)
+    } else {
+        None
+    };
+    let config = Config::parse(&demo_config(&opts, v1, v2, v3))?;
     let listeners = crate::app::bind(&config).await?;
     let proxy = listeners.proxy.local_addr().unwrap_or(opts.listen);
     let admin = listeners
@@ -234,7 +265,20 @@ async fn follow_rollout(admin: SocketAddr) {
     }
 }
 
-fn demo_config(opts: &DemoOptions, v1: SocketAddr, v2: SocketAddr) -> String {
+fn demo_config(
+    opts: &DemoOptions,
+    v1: SocketAddr,
+    v2: SocketAddr,
+    v3: Option<SocketAddr>,
+) -> String {
+    let shadow = match v3 {
+        Some(v3) => format!(
+            "\n[[upstream]]\nname = \"candidate\"\nurl = \"http://{v3}\"\nweight = 0\n\n\
+             [shadow]\nupstream = \"candidate\"\npercent = 100\nmethods = [\"GET\", \"POST\"]\n\
+             compare = [\"/prediction\"]\n"
+        ),
+        None => String::new(),
+    };
     let (stable_weight, canary_weight, rollout) = if opts.rollout {
         (
             100,
@@ -273,9 +317,14 @@ name = "canary"
 url = "http://{v2}"
 weight = {canary_weight}
 
+{shadow}
 [rollback]
 confidence = 0.99
 max_error_rate_increase = 0.02
+
+[analysis]
+label_pointer = "/prediction"
+score_pointer = "/confidence"
 {rollout}"#,
         listen = opts.listen,
         admin = opts.admin,
@@ -324,6 +373,7 @@ async fn start_model(
     version: &'static str,
     confidence: f64,
     error_rate: f64,
+    flip: Flip,
 ) -> Result<SocketAddr, DemoError> {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
@@ -335,7 +385,7 @@ async fn start_model(
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let svc = service_fn(move |req| predict(req, version, confidence, error_rate));
+            let svc = service_fn(move |req| predict(req, version, confidence, error_rate, flip));
             tokio::spawn(async move {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
@@ -351,7 +401,28 @@ async fn predict(
     version: &'static str,
     confidence: f64,
     error_rate: f64,
+    flip: Flip,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let flipped = match flip {
+        Flip::Never => false,
+        Flip::Random(share) => fastrand::f64() < share,
+        Flip::ByInput(share) => {
+            // The same inputs every time: FNV-1a of the user id, in [0, 1).
+            let user = req
+                .headers()
+                .get("x-user-id")
+                .map_or(&b""[..], |v| v.as_bytes());
+            let h = user.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+            (h % 10_000) as f64 / 10_000.0 < share
+        }
+    };
+    let (label, confidence) = if flipped {
+        ("negative", 1.0 - confidence)
+    } else {
+        ("positive", confidence)
+    };
     let (status, body) = if error_rate > 0.0 && fastrand::f64() < error_rate {
         (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -362,7 +433,7 @@ async fn predict(
             StatusCode::OK,
             serde_json::json!({
                 "model": version,
-                "prediction": "positive",
+                "prediction": label,
                 "confidence": confidence,
                 "path": req.uri().path(),
             }),

@@ -74,6 +74,7 @@ pub mod control;
 pub mod demo;
 pub mod http1;
 pub mod metrics;
+pub mod observe;
 pub(crate) mod proxy;
 pub mod release;
 pub mod routing;

@@ -80,6 +80,12 @@ enum Command {
         /// print a line per step, and stop when it ends (promoted or rolled back).
         #[arg(long)]
         rollout: bool,
+        /// Copy every request to a third model that disagrees on 25% of inputs (GET /shadow).
+        #[arg(long)]
+        shadow: bool,
+        /// Share of the canary's answers whose label flips (0..1), to watch drift in /status.
+        #[arg(long, default_value_t = 0.0)]
+        canary_drift: f64,
     },
 }
 
@@ -137,12 +143,16 @@ fn main() -> ExitCode {
             listen,
             admin,
             rollout,
+            shadow,
+            canary_drift,
         } => demo(
             canaryd::demo::DemoOptions {
                 canary_error_rate,
                 listen,
                 admin,
                 rollout,
+                shadow,
+                canary_drift,
             },
             cli.threads,
         ),

@@ -39,6 +39,16 @@ pub const GRPC: &str = "canaryd_grpc_responses_total";
 pub const CLIENT_ERRORS: &str = "canaryd_client_errors_total";
 /// `canaryd_analysis_verdict{upstream,metric}`: -1 fail, 0 inconclusive, 1 pass.
 pub const ANALYSIS_VERDICT: &str = "canaryd_analysis_verdict";
+/// `canaryd_shadow_requests_total{result}`.
+pub const SHADOW_REQUESTS: &str = "canaryd_shadow_requests_total";
+/// `canaryd_shadow_field_mismatches_total{field}`.
+pub const SHADOW_FIELD_MISMATCHES: &str = "canaryd_shadow_field_mismatches_total";
+/// `canaryd_shadow_duration_seconds`.
+pub const SHADOW_DURATION: &str = "canaryd_shadow_duration_seconds";
+/// `canaryd_response_labels_total{upstream,label}`.
+pub const RESPONSE_LABELS: &str = "canaryd_response_labels_total";
+/// `canaryd_drift{upstream,field}`.
+pub const DRIFT: &str = "canaryd_drift";
 /// `canaryd_webhook_calls_total{event,result}`.
 pub const WEBHOOK_CALLS: &str = "canaryd_webhook_calls_total";
 /// `canaryd_rollout_step`: the index of the rollout's step (from 1; 0 before the first).
@@ -90,6 +100,9 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(DURATION.into()), DURATION_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(SHADOW_DURATION.into()), DURATION_BUCKETS)
+            })
             .map(PrometheusBuilder::build_recorder)
             // Only fails for an empty bucket list; DURATION_BUCKETS is a non-empty constant.
             .expect("non-empty histogram buckets");
@@ -211,6 +224,61 @@ impl Metrics {
         }
     }
 
+    /// Counts one shadow copy by result (`match`, `mismatch`, `error`, `skipped`, `dropped`).
+    pub fn shadow_request(&self, result: &'static str) {
+        self.counter(SHADOW_REQUESTS, vec![Label::new("result", result)])
+            .increment(1);
+    }
+
+    /// Counts a mismatch of one compared field (a pointer from `[shadow] compare`).
+    pub fn shadow_field_mismatch(&self, field: &str) {
+        self.counter(
+            SHADOW_FIELD_MISMATCHES,
+            vec![Label::new("field", field.to_owned())],
+        )
+        .increment(1);
+    }
+
+    /// Records how long a shadow call took.
+    pub fn shadow_duration(&self, d: Duration) {
+        self.recorder
+            .register_histogram(&Key::from_name(SHADOW_DURATION), &METADATA)
+            .record(d.as_secs_f64());
+    }
+
+    /// Counts one answer of `arm` with `label` (one of at most 32 labels, or `other`).
+    pub fn response_label(&self, arm: &str, label: &str) {
+        self.counter(
+            RESPONSE_LABELS,
+            vec![
+                Label::new("upstream", arm.to_owned()),
+                Label::new("label", label.to_owned()),
+            ],
+        )
+        .increment(1);
+    }
+
+    /// Sets the drift of `arm` against the baseline on `field` (a distance in [0, 1]).
+    pub fn drift(&self, arm: &str, field: &str, value: f64) {
+        self.recorder
+            .register_gauge(
+                &Key::from_parts(
+                    DRIFT,
+                    vec![
+                        Label::new("upstream", arm.to_owned()),
+                        Label::new("field", field.to_owned()),
+                    ],
+                ),
+                &METADATA,
+            )
+            .set(value);
+    }
+
+    fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &METADATA)
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         self.handle.render()
@@ -231,6 +299,9 @@ fn describe(r: &PrometheusRecorder) {
         d(RELOADS, None, "Config reloads, by result."),
         d(GRPC, None, "gRPC calls by arm and grpc-status (from headers or trailers)."),
         d(CLIENT_ERRORS, None, "Requests the client broke (refused head, malformed, abandoned or too slow body), by kind; never counted against an arm."),
+        d(SHADOW_REQUESTS, None, "Shadow copies by result: match, mismatch (the shadow answered differently), error (the shadow failed), skipped (a body over max_body_bytes, or the primary failed), dropped (max_in_flight reached)."),
+        d(SHADOW_FIELD_MISMATCHES, None, "Shadow mismatches by compared field (JSON pointer)."),
+        d(RESPONSE_LABELS, None, "Answers by arm and label (the label_pointer field of JSON responses; 32 labels, then other)."),
         d(WEBHOOK_CALLS, None, "Webhook calls, by hook type and result (success = 2xx; dropped = not sent, the queue was full)."),
         d(OUTCOMES_DROPPED, None, "Request outcomes not counted in the analysis and the recent windows because the circuit task was behind."),
     ] {
@@ -256,6 +327,18 @@ fn describe(r: &PrometheusRecorder) {
         TRIPPED.into(),
         None,
         "1 while the arm is tripped (weight forced to 0).".into(),
+    );
+    r.describe_histogram(
+        SHADOW_DURATION.into(),
+        Some(Unit::Seconds),
+        "Time of a shadow call, to the end of the shadow's body.".into(),
+    );
+    r.describe_gauge(
+        DRIFT.into(),
+        None,
+        "Drift of the arm's answers from the baseline's, by field: Jensen-Shannon distance \
+         (base 2) for the label, two-sample KS statistic for the score; 0 = identical."
+            .into(),
     );
     r.describe_gauge(
         ROLLOUT_STEP.into(),

@@ -146,6 +146,8 @@ const PATHS: &[(&str, &str)] = &[
     ("/reset", "POST"),
     ("/status", "GET"),
     ("/rollout", "GET"),
+    ("/shadow", "GET"),
+    ("/shadow/diffs", "GET"),
     ("/rollout/start", "POST"),
     ("/rollout/pause", "POST"),
     ("/rollout/resume", "POST"),
@@ -201,6 +203,28 @@ impl Admin {
             }
             (&Method::GET, "/status") => Ok(self.status()),
             (&Method::GET, "/rollout") => Ok(self.rollout_response()),
+            (&Method::GET, "/shadow") => {
+                let snap = self.control.snapshot();
+                let mut summary = self
+                    .control
+                    .shadow_stats()
+                    .summary(snap.config.shadow.as_ref());
+                if let (Some(sh), Some(obj)) = (&snap.config.shadow, summary.as_object_mut()) {
+                    let base = &snap.config.baseline().name;
+                    obj.insert(
+                        "responses".into(),
+                        self.control
+                            .responses()
+                            .status(&sh.upstream, base)
+                            .unwrap_or(Value::Null),
+                    );
+                }
+                Ok(json_response(StatusCode::OK, &summary))
+            }
+            (&Method::GET, "/shadow/diffs") => Ok(json_response(
+                StatusCode::OK,
+                &self.control.shadow_stats().diffs(),
+            )),
             (
                 &Method::POST,
                 "/rollout/start" | "/rollout/pause" | "/rollout/resume" | "/rollout/abort",
@@ -374,6 +398,9 @@ impl Admin {
                         "p99_ms": ms(w.and_then(|s| s.p99)),
                     },
                     "analysis": self.ledger.report(&u.name, &limits).map(|r| analysis_json(&r)),
+                    "responses": c.response_analysis.as_ref().and_then(|_| {
+                        self.control.responses().status(&u.name, &c.baseline().name)
+                    }),
                 })
             })
             .collect();

@@ -23,6 +23,7 @@ pub mod state;
 use self::state::{AdminWeights, State, Trip};
 use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::metrics::{ArmMetrics, Metrics};
+use crate::observe::{ResponseStats, ShadowPath, ShadowStats};
 use crate::routing::{fmt_percent, Router, WeightTable, BASIS_POINTS};
 use crate::upstream::{Upstream, UpstreamKey};
 
@@ -63,6 +64,10 @@ pub struct Snapshot {
     pub request_timeout: Duration,
     /// Whether to log every request.
     pub access_log: bool,
+    /// Shadow copies, when `[shadow]` is configured.
+    pub shadow: Option<Arc<ShadowPath>>,
+    /// Response analysis, when `[analysis]` is configured.
+    pub responses: Option<Arc<ResponseStats>>,
 }
 
 impl Snapshot {
@@ -151,6 +156,8 @@ struct Inner {
     last_reload: Option<ReloadStatus>,
     /// The rollout's persisted state (opaque here).
     rollout: Option<serde_json::Value>,
+    /// Shadowing for the running config.
+    shadow: Option<Arc<ShadowPath>>,
 }
 
 impl Inner {
@@ -161,6 +168,8 @@ impl Inner {
 
 /// Owner of the published snapshot.
 pub struct Control {
+    /// Shadow results and response distributions, kept across reloads.
+    observed: (Arc<ShadowStats>, Arc<ResponseStats>),
     current: ArcSwap<Snapshot>,
     inner: Mutex<Inner>,
     metrics: Arc<Metrics>,
@@ -182,6 +191,11 @@ impl Control {
     pub fn new(config: Config, metrics: Arc<Metrics>) -> Result<Arc<Control>, ConfigErrors> {
         let config = Arc::new(config);
         let arms = build_arms(&config, &[], &metrics)?;
+        let observed = (
+            Arc::new(ShadowStats::default()),
+            Arc::new(ResponseStats::new(metrics.clone())),
+        );
+        let shadow = build_shadow(&config, &observed, &metrics)?;
         let state_path = config.state.file.clone();
         let restored = state_path.as_deref().map(restore).unwrap_or_default();
         let mut inner = Inner {
@@ -193,12 +207,14 @@ impl Control {
             generation: 1,
             last_reload: None,
             rollout: restored.rollout,
+            shadow,
         };
         // The file may have changed while canaryd was down: apply the same rules as a reload.
         reconcile(&mut inner, None);
-        let snap = build_snapshot(1, &inner);
+        let snap = build_snapshot(1, &inner, &observed);
         publish_gauges(&snap);
         let control = Arc::new(Control {
+            observed,
             current: ArcSwap::from_pointee(snap),
             inner: Mutex::new(inner),
             metrics,
@@ -219,6 +235,16 @@ impl Control {
         &self.metrics
     }
 
+    /// Shadow results since start.
+    pub fn shadow_stats(&self) -> &Arc<ShadowStats> {
+        &self.observed.0
+    }
+
+    /// Response distributions since start (or since the pointers changed).
+    pub fn responses(&self) -> &Arc<ResponseStats> {
+        &self.observed.1
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Writers compute new values first and assign them last, so a panic while holding the
         // lock cannot leave Inner half-written.
@@ -228,7 +254,7 @@ impl Control {
     /// Rebuilds and swaps the snapshot after `inner` changed, then persists the state.
     fn publish(&self, inner: &mut Inner) -> u64 {
         inner.generation += 1;
-        let snap = build_snapshot(inner.generation, inner);
+        let snap = build_snapshot(inner.generation, inner, &self.observed);
         publish_gauges(&snap);
         self.current.store(Arc::new(snap));
         self.persist(inner);
@@ -259,6 +285,7 @@ impl Control {
     ) -> Result<(u64, Vec<&'static str>), ConfigErrors> {
         let mut inner = self.lock();
         let arms = build_arms(&config, &inner.arms, &self.metrics)?;
+        let shadow = build_shadow(&config, &self.observed, &self.metrics)?;
         let old = inner.config.clone();
         let restart_only = old.restart_only_changes(&config);
         // Listener settings keep running with the values they were bound with.
@@ -280,6 +307,7 @@ impl Control {
         }
         inner.config = Arc::new(config);
         inner.arms = arms;
+        inner.shadow = shadow;
         reconcile(&mut inner, Some(&old));
         let generation = self.publish(&mut inner);
         inner.last_reload = Some(ReloadStatus {
@@ -722,7 +750,49 @@ fn build_arms(config: &Config, old: &[Arm], metrics: &Metrics) -> Result<Vec<Arm
     }
 }
 
-fn build_snapshot(generation: u64, inner: &Inner) -> Snapshot {
+/// Shadowing for `config`, with a client of its own for the shadow upstream.
+fn build_shadow(
+    config: &Config,
+    observed: &(Arc<ShadowStats>, Arc<ResponseStats>),
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Arc<ShadowPath>>, ConfigErrors> {
+    if let Some(a) = &config.response_analysis {
+        observed.1.configure(a);
+    }
+    let Some(sh) = &config.shadow else {
+        return Ok(None);
+    };
+    let err = |message: String| {
+        ConfigErrors(vec![ConfigError {
+            path: "shadow".into(),
+            line: None,
+            message,
+        }])
+    };
+    let Some(u) = config.upstreams.iter().find(|u| u.name == sh.upstream) else {
+        return Err(err(format!("unknown upstream {:?}", sh.upstream)));
+    };
+    let tls = crate::tls::client_config(u).map_err(|e| err(e.to_string()))?;
+    let path = ShadowPath::new(
+        sh.clone(),
+        Arc::new(Upstream::new(u, tls)),
+        observed.0.clone(),
+        metrics.clone(),
+        config
+            .response_analysis
+            .as_ref()
+            .map(|_| observed.1.clone()),
+        config.listen.request_timeout,
+    )
+    .map_err(err)?;
+    Ok(Some(Arc::new(path)))
+}
+
+fn build_snapshot(
+    generation: u64,
+    inner: &Inner,
+    observed: &(Arc<ShadowStats>, Arc<ResponseStats>),
+) -> Snapshot {
     let config = &inner.config;
     let arms = inner
         .arms
@@ -744,6 +814,11 @@ fn build_snapshot(generation: u64, inner: &Inner) -> Snapshot {
         response_header: config.routing.response_header.clone(),
         request_timeout: config.listen.request_timeout,
         access_log: config.listen.access_log,
+        shadow: inner.shadow.clone(),
+        responses: config
+            .response_analysis
+            .as_ref()
+            .map(|_| observed.1.clone()),
         config: config.clone(),
     }
 }

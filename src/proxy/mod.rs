@@ -22,10 +22,11 @@ use self::response::{
 };
 pub use self::response::{grpc_error, ProxyBody};
 use self::upgrade::relay_upgrade;
-use crate::body::{ClientFault, RequestBody};
+use crate::body::{ClientFault, RequestBody, Tap, Tee};
 use crate::control::{Arm, Control, Snapshot};
 use crate::http1::fields::remove_hop_by_hop;
 use crate::metrics::{InFlight, Metrics};
+use crate::observe::{is_json, PrimarySink, ShadowRequest};
 use crate::release::outcome::{Outcome, OutcomeSender};
 use crate::routing::{Decision, Source};
 use crate::upstream::error::{FailureKind, UpstreamError};
@@ -42,6 +43,8 @@ struct Ctx {
     upgrade: Option<OnUpgrade>,
     /// Keeps the connection from counting as idle until the response body ends.
     busy: Option<Busy>,
+    /// Where the primary's response goes when the request is shadowed.
+    shadow: Option<PrimarySink>,
 }
 
 /// A bodyless upstream request, ready to be sent again to another arm.
@@ -156,9 +159,16 @@ impl Proxy {
                 }
                 a.begin()
             }),
+            shadow: None,
         };
+        // Shadowing costs nothing here unless `[shadow]` is configured.
+        let shadow = snap.shadow.as_ref().and_then(|sh| {
+            let fallback = fastrand::u16(..crate::routing::BASIS_POINTS);
+            sh.permit(req.method(), decision.bucket, fallback)
+                .map(|permit| (sh, permit))
+        });
         let in_flight = arm.metrics.start();
-        let (up, forwarded) = match self.upstream_request(req, found, arm) {
+        let (mut up, forwarded) = match self.upstream_request(req, found, arm) {
             Ok((mut up, forwarded)) => {
                 if let Some(proto) = upgrade_proto {
                     let h = up.headers_mut();
@@ -177,6 +187,24 @@ impl Proxy {
                 return self.finish(&snap, arm, &ctx, resp, Some(false));
             }
         };
+        if let Some((sh, permit)) = shadow {
+            let copy = ShadowRequest {
+                method: up.method().clone(),
+                path: up
+                    .uri()
+                    .path_and_query()
+                    .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+                headers: up.headers().clone(),
+                forwarded: forwarded.clone(),
+                primary: (arm.upstream.clone(), arm.name.clone()),
+            };
+            let empty = up.body().is_end_stream();
+            let (tap, sink) = sh.start(permit, copy, empty);
+            if let Some(tap) = tap {
+                up = up.map(|inner| RequestBody::Tee(Box::new(Tee { inner, tap })));
+            }
+            ctx.shadow = Some(sink);
+        }
         let base = &snap.arms[snap.table.baseline()];
         // Without a body the request can be replayed, so a canary that cannot even accept the
         // connection costs the user nothing: the baseline answers instead. Not when the client
@@ -316,14 +344,62 @@ impl Proxy {
             }
         }
         let deferred = grpc.is_some();
+        let mut tap = self.response_tap(snap, arm, ctx, parts.status, &parts.headers);
+        if body.is_end_stream() {
+            // No body to stream: the copy is complete (and empty) now.
+            if let Some(t) = tap.as_mut() {
+                t.end();
+            }
+            tap = None;
+        }
         let body = ProxyBody {
             inner: Either::Left(body),
             grpc,
+            tap,
             _in_flight: in_flight,
             _busy: ctx.busy.take(),
         };
         let resp = Response::from_parts(parts, body);
         self.finish(snap, arm, ctx, resp, (!deferred).then_some(error))
+    }
+
+    /// The copy of the response body the shadow comparison and the response analysis read,
+    /// when either wants it.
+    fn response_tap(
+        &self,
+        snap: &Snapshot,
+        arm: &Arm,
+        ctx: &mut Ctx,
+        status: StatusCode,
+        headers: &HeaderMap,
+    ) -> Option<Box<Tap>> {
+        let mut tap = Tap::default();
+        if let Some(sink) = ctx.shadow.take() {
+            sink.attach(&mut tap, status);
+        }
+        if let (Some(responses), Some(cfg)) = (&snap.responses, &snap.config.response_analysis) {
+            if status.is_success() && is_json(headers) {
+                let responses = responses.clone();
+                let name = arm.name.clone();
+                let base = &snap.arms[snap.table.baseline()];
+                let rollback = &snap.config.rollback;
+                // Drift trips only the arms the circuit watches, and only with max_drift set.
+                let judge = cfg
+                    .max_drift
+                    .filter(|_| rollback.enabled && snap.watched(arm) && !arm.tripped)
+                    .map(|max| (base.name.clone(), max));
+                let alpha = 1.0 - rollback.confidence;
+                let control = self.control.clone();
+                tap.add(cfg.max_body_bytes, move |body| {
+                    let Some(body) = body else { return };
+                    let judge = judge.as_ref().map(|(b, m)| (&**b, *m));
+                    if let Some(trip) = responses.record(&name, &body, judge, alpha) {
+                        control.trip(&name, "drift", trip.detail);
+                    }
+                });
+            }
+        }
+        (!tap.is_empty()).then(|| Box::new(tap))
     }
 
     /// Records the request for `arm` (metrics, window outcome unless `error` is `None` because

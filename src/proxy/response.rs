@@ -14,7 +14,7 @@ use http_body_util::Either;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::activity::Busy;
-use crate::body::BoxError;
+use crate::body::{BoxError, Tap};
 use crate::control::Arm;
 use crate::metrics::{ArmMetrics, InFlight, Metrics};
 use crate::release::outcome::{Outcome, OutcomeSender};
@@ -28,6 +28,8 @@ use crate::upstream::UpstreamResponseBody;
 pub struct ProxyBody {
     pub(super) inner: Either<UpstreamResponseBody, Option<Bytes>>,
     pub(super) grpc: Option<GrpcWatch>,
+    /// A copy of the body for the shadow comparison and the response analysis.
+    pub(super) tap: Option<Box<Tap>>,
     pub(super) _in_flight: Option<InFlight>,
     pub(super) _busy: Option<Busy>,
 }
@@ -37,6 +39,7 @@ impl ProxyBody {
         ProxyBody {
             inner: Either::Right(Some(Bytes::from(text))),
             grpc: None,
+            tap: None,
             _in_flight: None,
             _busy: None,
         }
@@ -56,6 +59,26 @@ impl Body for ProxyBody {
             Either::Left(upstream) => Pin::new(upstream).poll_frame(cx),
             Either::Right(local) => return Poll::Ready(local.take().map(|b| Ok(Frame::data(b)))),
         };
+        if let Some(tap) = &mut this.tap {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        tap.push(data);
+                    }
+                    // The last frame of a body of known length: hyper asks no further.
+                    let ended = match &this.inner {
+                        Either::Left(upstream) => upstream.is_end_stream(),
+                        Either::Right(local) => local.is_none(),
+                    };
+                    if ended {
+                        tap.end();
+                    }
+                }
+                Poll::Ready(None) => tap.end(),
+                Poll::Ready(Some(Err(_))) => tap.fail(),
+                Poll::Pending => {}
+            }
+        }
         if let Some(watch) = &mut this.grpc {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {
