@@ -18,6 +18,9 @@
 #   --cache         also simulate caches and branch prediction (valgrind --cache-sim
 #                   --branch-sim; ~2× slower): L1 instruction-cache misses, L1 data-cache
 #                   misses and mispredicted branches per request, next to the instructions
+#   --analysis      requests go to /predict (a JSON answer of about 200 bytes), and this tree
+#                   is also measured with [analysis] on (label and score read from every
+#                   answer), with the ratio to it off
 #   --smoke         300 requests, no baseline, no peers
 # Environment: CANARYD_BIN=PATH measures that binary instead of building this tree;
 # CANARYD_PGO_BIN=PATH, with --pgo, that PGO binary instead of running pgo.sh;
@@ -32,7 +35,7 @@ LOAD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib/common.sh
 source "$LOAD_DIR/lib/common.sh"
 
-REQUESTS=30000 AGAINST="" SMOKE=0 PEERS=0 PGO=0 CACHE=0
+REQUESTS=30000 AGAINST="" SMOKE=0 PEERS=0 PGO=0 CACHE=0 ANALYSIS=0
 while (($#)); do
   case $1 in
     --requests) REQUESTS=$2; shift 2 ;;
@@ -40,6 +43,7 @@ while (($#)); do
     --peers) PEERS=1; shift ;;
     --pgo) PGO=1; shift ;;
     --cache) CACHE=1; shift ;;
+    --analysis) ANALYSIS=1; shift ;;
     --smoke) SMOKE=1; shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
@@ -86,6 +90,9 @@ read -r UP_S UP_C P_CANARYD P_ADMIN P_NGINX P_HAPROXY <<<"$(free_ports 6)"
 mkdir -p "$WORK/upstream-tmp" "$WORK/canaryd-etc" "$WORK/nginx-proxy-tmp"
 render_peers 1 "$UP_S" "$UP_C" "$P_NGINX" "$P_HAPROXY"
 canaryd_toml "$WORK/canaryd-etc/canaryd.toml" "$P_CANARYD" "$P_ADMIN" "$UP_S" "$UP_C" 10
+CONFIG="$WORK/canaryd-etc/canaryd.toml"
+URL_PATH=/
+if ((ANALYSIS)); then URL_PATH=/predict; fi
 spawn upstream "$WORK/upstream.log" nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream.error.log"
 wait_http "http://127.0.0.1:$UP_S/" 10 "$SPAWN_PID" || die "the upstream nginx did not start"
 
@@ -109,18 +116,18 @@ count() {
       port=$P_HAPROXY ready="http://127.0.0.1:$P_HAPROXY/" stop=USR1 ;;
     *)
       spawn canaryd "$WORK/canaryd.log" env TOKIO_WORKER_THREADS=1 RUST_LOG=warn \
-        "${vg[@]}" "$target" run --config "$WORK/canaryd-etc/canaryd.toml"
+        "${vg[@]}" "$target" run --config "$CONFIG"
       port=$P_CANARYD ready="http://127.0.0.1:$P_ADMIN/readyz" ;;
   esac
   pid=$SPAWN_PID
   wait_http "$ready" 60 "$pid" || die "$target did not start under valgrind"
   if command -v oha >/dev/null; then
-    oha -n "$n" -c 32 --no-tui -H 'x-user-id: user7' "http://127.0.0.1:$port/" > "$WORK/oha.txt" \
+    oha -n "$n" -c 32 --no-tui -H 'x-user-id: user7' "http://127.0.0.1:$port$URL_PATH" > "$WORK/oha.txt" \
       || die "oha failed"
     grep -q '\[200\] '"$n"' responses' "$WORK/oha.txt" || die "not every request got a 200 ($WORK/oha.txt)"
   else
     for ((i = 0; i < n; i++)); do
-      printf 'url = "http://127.0.0.1:%s/"\noutput = "/dev/null"\n' "$port"
+      printf 'url = "http://127.0.0.1:%s%s"\noutput = "/dev/null"\n' "$port" "$URL_PATH"
     done > "$WORK/curl.conf"
     curl -s -H 'x-user-id: user7' -w '%{http_code}\n' -K "$WORK/curl.conf" > "$WORK/codes.txt" \
       || die "curl failed"
@@ -181,6 +188,15 @@ if [[ -n $BASE_BIN ]]; then
   echo "| $AGAINST | $PER_ROW | $(ratio "$PER") |"
 fi
 echo "| this tree | $CUR_ROW | — |"
+if ((ANALYSIS)); then
+  CONFIG="$WORK/canaryd-etc/canaryd-analysis.toml"
+  cp "$WORK/canaryd-etc/canaryd.toml" "$CONFIG"
+  printf '\n[analysis]\nlabel_pointer = "/prediction"\nscore_pointer = "/confidence"\n' >> "$CONFIG"
+  per_request "$BIN"
+  log "this tree, [analysis] on: $PER instructions per request"
+  echo "| this tree, [analysis] on | $PER_ROW | $(ratio "$PER") |"
+  CONFIG="$WORK/canaryd-etc/canaryd.toml"
+fi
 if [[ -n $PGO_BIN ]]; then
   per_request "$PGO_BIN"
   log "this tree, PGO: $PER instructions per request"
