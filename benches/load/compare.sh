@@ -23,6 +23,10 @@
 #   --against REV       also measure canaryd as of git revision REV (built in a worktree, a
 #                       few minutes more) as the target canaryd-base: a change judged against
 #                       the code before it, in the same rounds, with per-round wins counted
+#   --shadow            also measure canaryd copying every request ([shadow] percent = 100) to
+#                       a shadow that answers after 1 s (canaryd-shadow-slow) and to one that
+#                       refuses connections (canaryd-shadow-dead): the clients' latency and
+#                       canaryd's memory must not depend on the shadow
 #   --no-install        fail instead of installing missing tools
 #   --smoke             1 round, 1 s phases, oha skipped if absent; no RESULTS.md
 # Environment:
@@ -39,7 +43,7 @@ LOAD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib/common.sh
 source "$LOAD_DIR/lib/common.sh"
 
-ROUNDS=3 DURATION=10 CONNS=64 RATE=auto RATE_PCT=40 WORKERS=1 SMOKE=0 INSTALL=1 QUIET_WAIT=300 PGO=0 AGAINST="" LAT_ONLY=0
+ROUNDS=3 DURATION=10 CONNS=64 RATE=auto RATE_PCT=40 WORKERS=1 SMOKE=0 INSTALL=1 QUIET_WAIT=300 PGO=0 AGAINST="" LAT_ONLY=0 SHADOW=0
 TARGETS=(direct canaryd nginx haproxy)
 OUT="$LOAD_DIR/RESULTS.md"
 ORIG_ARGS=("$@")
@@ -55,6 +59,7 @@ while (($#)); do
     --targets) IFS=, read -r -a TARGETS <<<"$2"; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
     --pgo) PGO=1; shift ;;
+    --shadow) SHADOW=1; shift ;;
     --latency-only) LAT_ONLY=1; shift ;;
     --against) AGAINST=$2; shift 2 ;;
     --quiet-wait) QUIET_WAIT=$2; shift 2 ;;
@@ -85,6 +90,7 @@ add_after_canaryd() {
 }
 if [[ -n $AGAINST ]]; then add_after_canaryd canaryd-base; fi
 if ((PGO)); then add_after_canaryd canaryd-pgo; fi
+if ((SHADOW)); then add_after_canaryd canaryd-shadow-dead; add_after_canaryd canaryd-shadow-slow; fi
 if ((SMOKE)); then ROUNDS=1 DURATION=1; fi
 WARMUP=2
 if ((SMOKE)); then WARMUP=0; fi
@@ -137,7 +143,7 @@ if [[ -n $AGAINST ]]; then
 fi
 
 # ---------------------------------------------------------------- ports and configs
-read -r UP_S UP_C P_CANARYD P_ADMIN P_NGINX P_HAPROXY <<<"$(free_ports 6)"
+read -r UP_S UP_C P_CANARYD P_ADMIN P_NGINX P_HAPROXY P_SLOW P_DEAD <<<"$(free_ports 8)"
 mkdir -p "$WORK/upstream-tmp" "$WORK/nginx-proxy-tmp"
 render_peers "$WORKERS" "$UP_S" "$UP_C" "$P_NGINX" "$P_HAPROXY"
 # canaryd watches its config file's whole directory: keep the file alone in a directory of its
@@ -145,6 +151,29 @@ render_peers "$WORKERS" "$UP_S" "$UP_C" "$P_NGINX" "$P_HAPROXY"
 # and stalls to about double canaryd's CPU per request at the fixed rate).
 mkdir -p "$WORK/canaryd-etc"
 canaryd_toml "$WORK/canaryd-etc/canaryd.toml" "$P_CANARYD" "$P_ADMIN" "$UP_S" "$UP_C" 10
+if ((SHADOW)); then
+  # The same config, with every GET copied to a shadow: one answering after 1 s (a Python
+  # upstream with a fixed delay), one on a port nothing listens on (P_DEAD stays closed).
+  for kind in slow dead; do
+    port=$P_SLOW
+    if [[ $kind == dead ]]; then port=$P_DEAD; fi
+    mkdir -p "$WORK/canaryd-shadow-$kind-etc"
+    { cat "$WORK/canaryd-etc/canaryd.toml"
+      printf '\n[[upstream]]\nname = "shadow"\nurl = "http://127.0.0.1:%s"\nweight = 0\n' "$port"
+      printf '\n[shadow]\nupstream = "shadow"\npercent = 100\n'
+    } > "$WORK/canaryd-shadow-$kind-etc/canaryd.toml"
+    "$BIN" check --config "$WORK/canaryd-shadow-$kind-etc/canaryd.toml" >&2 \
+      || die "canaryd rejected the generated shadow config"
+  done
+  spawn shadow-slow "$WORK/shadow-slow.log" python3 "$TOOLS/upstream.py" --port "$P_SLOW" \
+    --name shadow --delay-ms 1000
+  # Its answers take 1 s, longer than wait_http's tries: wait for the port instead.
+  for ((i = 0; i < 100; i++)); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$P_SLOW") 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+  (exec 3<>"/dev/tcp/127.0.0.1/$P_SLOW") 2>/dev/null || die "the slow shadow did not start"
+fi
 "$BIN" check --config "$WORK/canaryd-etc/canaryd.toml" >&2 || die "canaryd rejected the generated config"
 nginx -t -q -p "$WORK" -c "$WORK/nginx-proxy.conf" -e "$WORK/nginx-check.log" \
   || die "nginx rejected the generated config"
@@ -162,12 +191,13 @@ start_target() {
   case $name in
     direct)
       T_PID='' T_URL="http://127.0.0.1:$UP_S/" ;;
-    canaryd|canaryd-pgo|canaryd-base)
-      local bin=$BIN
+    canaryd|canaryd-pgo|canaryd-base|canaryd-shadow-slow|canaryd-shadow-dead)
+      local bin=$BIN etc="$WORK/canaryd-etc"
       if [[ $name == canaryd-pgo ]]; then bin=$PGO_BIN; fi
       if [[ $name == canaryd-base ]]; then bin=$BASE_BIN; fi
+      if [[ $name == canaryd-shadow-* ]]; then etc="$WORK/$name-etc"; fi
       spawn "$name" "$WORK/$name.log" env TOKIO_WORKER_THREADS="$WORKERS" RUST_LOG=warn \
-        "$bin" run --config "$WORK/canaryd-etc/canaryd.toml"
+        "$bin" run --config "$etc/canaryd.toml"
       T_PID=$SPAWN_PID T_URL="http://127.0.0.1:$P_CANARYD/"
       wait_http "http://127.0.0.1:$P_ADMIN/readyz" 10 "$T_PID" || die "$name did not start ($WORK/$name.log)" ;;
     nginx)

@@ -11,10 +11,20 @@ import statistics
 import sys
 
 # canaryd-pgo (compare.sh --pgo) is the same code built with profile-guided optimisation;
-# canaryd-base (compare.sh --against REV) is an earlier revision. Each appears only when it
-# was measured.
-ALL_TARGETS = ["direct", "canaryd", "canaryd-pgo", "canaryd-base", "nginx", "haproxy"]
-OPTIONAL = {"canaryd-pgo", "canaryd-base"}
+# canaryd-base (compare.sh --against REV) is an earlier revision; canaryd-shadow-slow and
+# canaryd-shadow-dead (compare.sh --shadow) copy every request to a slow or a dead shadow.
+# Each appears only when it was measured.
+ALL_TARGETS = [
+    "direct",
+    "canaryd",
+    "canaryd-pgo",
+    "canaryd-base",
+    "canaryd-shadow-slow",
+    "canaryd-shadow-dead",
+    "nginx",
+    "haproxy",
+]
+OPTIONAL = {"canaryd-pgo", "canaryd-base", "canaryd-shadow-slow", "canaryd-shadow-dead"}
 # The builds of this tree, checked against the targets.
 CANARYDS = ["canaryd", "canaryd-pgo"]
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """A small HTTP/1.1 upstream for reliability.sh (Python stdlib, asyncio).
 
-usage: upstream.py --port PORT --name NAME
+usage: upstream.py --port PORT --name NAME [--delay-ms N]
 
 Answers every request with 200, body "NAME\\n" and header "x-arm: NAME", keeping connections
 alive. Reads and discards request bodies (Content-Length or chunked). "?sleep_ms=N" in the
-path delays the answer by N ms (to have requests in flight when the proxy is stopped).
+path delays the answer by N ms (to have requests in flight when the proxy is stopped);
+--delay-ms delays every answer (a slow shadow for compare.sh --shadow).
 Loopback only. Stops on SIGTERM/SIGINT.
 """
 import argparse
@@ -30,7 +31,7 @@ async def read_body(reader, headers):
         await reader.readexactly(n)
 
 
-async def handle(reader, writer, name):
+async def handle(reader, writer, name, delay_ms=0):
     body = (name + "\n").encode()
     head = (
         "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nx-arm: %s\r\ncontent-length: %d\r\n\r\n"
@@ -53,6 +54,8 @@ async def handle(reader, writer, name):
                     k, v = line.split(":", 1)
                     headers[k.strip().lower()] = v.strip()
             await read_body(reader, headers)
+            if delay_ms:
+                await asyncio.sleep(delay_ms / 1000)
             if "sleep_ms=" in target:
                 try:
                     ms = int(target.split("sleep_ms=", 1)[1].split("&", 1)[0])
@@ -76,9 +79,10 @@ async def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--name", required=True)
+    ap.add_argument("--delay-ms", type=int, default=0, help="delay every answer by this much")
     a = ap.parse_args()
     server = await asyncio.start_server(
-        lambda r, w: handle(r, w, a.name), "127.0.0.1", a.port, backlog=1024, reuse_address=True
+        lambda r, w: handle(r, w, a.name, a.delay_ms), "127.0.0.1", a.port, backlog=1024, reuse_address=True
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
