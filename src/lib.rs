@@ -33,7 +33,10 @@
 //!   client configs.
 //! - `analysis/`: pure statistics over outcomes: the anytime-valid sequential tests behind the
 //!   rollback circuit (`sequential`, `compare`), the latency histogram, the recent per-arm
-//!   window, and `simulate` (the circuit's analysis on simulated traffic).
+//!   window, `simulate` (the circuit's analysis on simulated traffic), `diff` (a shadow's
+//!   answer against the primary's) and `drift` (label and score distributions between arms).
+//! - [`observe`]: shadow copies and their comparison, and the response analysis, fed by the
+//!   body taps of the data path ([`body::Tap`]) and run off it.
 //! - [`body`]: request bodies as forwarded (whole, streamed by canaryd's server side, or by
 //!   hyper) and the client's faults in them, which are never an arm's failure.
 //! - [`http1`]: sans-IO HTTP/1.1, every wire rule both sides share: heads, `Content-Length`,

@@ -216,31 +216,17 @@ async fn post_bodies_are_copied_exactly_and_larger_ones_are_skipped_with_the_pri
     let proxy = Proxy::start(&text).await;
     let admin = proxy.admin_client();
     let client = HttpClient::http1();
+    let post =
+        |body: Vec<u8>| client.fetch(request("POST", proxy.addr(), "/predict", &[], full(body)));
     let small: Vec<u8> = (0..999u32).map(|i| (i * 7 % 251) as u8).collect();
-    let reply = client
-        .fetch(request(
-            "POST",
-            proxy.addr(),
-            "/predict",
-            &[],
-            full(small.clone()),
-        ))
-        .await;
+    let reply = post(small.clone()).await;
     assert_eq!(reply.status, StatusCode::OK);
     let s = shadow_until(&admin, "the copy to be compared", |s| total(s) == 1).await;
     assert_eq!(s["requests"]["match"], 1, "{s}");
     assert_eq!(shadow.bodies.lock().unwrap()[0].as_ref(), &small[..]);
 
     let large = vec![b'x'; 5000];
-    let reply = client
-        .fetch(request(
-            "POST",
-            proxy.addr(),
-            "/predict",
-            &[],
-            full(large.clone()),
-        ))
-        .await;
+    let reply = post(large.clone()).await;
     assert_eq!(
         reply.status,
         StatusCode::OK,

@@ -411,7 +411,7 @@ fn body_as_text(primary: &[u8], shadow: &[u8]) -> FieldDiff {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    use proptest::test_runner::TestRunner;
     use serde_json::json;
 
     fn spec(compare: &[&str], tol: f64, ignore: &[&str]) -> CompareSpec {
@@ -809,15 +809,7 @@ mod tests {
     }
 
     fn runner(seed: u8) -> TestRunner {
-        let config = Config {
-            cases: 512,
-            failure_persistence: None,
-            ..Config::default()
-        };
-        TestRunner::new_with_rng(
-            config,
-            TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]),
-        )
+        crate::analysis::testing::seeded_runner(seed, 512)
     }
 
     #[test]

@@ -348,7 +348,7 @@ pub fn check_level(n_before: u64, n_after: u64, alpha: f64) -> Option<f64> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    use proptest::test_runner::TestRunner;
 
     fn close(actual: f64, expected: f64, rel: f64) {
         assert!(
@@ -727,15 +727,7 @@ mod tests {
     }
 
     fn runner(seed: u8) -> TestRunner {
-        let config = Config {
-            cases: 256,
-            failure_persistence: None,
-            ..Config::default()
-        };
-        TestRunner::new_with_rng(
-            config,
-            TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]),
-        )
+        crate::analysis::testing::seeded_runner(seed, 256)
     }
 
     #[test]
