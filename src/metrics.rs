@@ -246,8 +246,9 @@ impl Metrics {
             .record(d.as_secs_f64());
     }
 
-    /// Counts one answer of `arm` with `label` (one of at most 32 labels, or `other`).
-    pub fn response_label(&self, arm: &str, label: &str) {
+    /// The counter of answers of `arm` with `label` (one of at most 32 labels, or `other`):
+    /// resolved once per pair by the caller and kept.
+    pub fn response_label(&self, arm: &str, label: &str) -> Counter {
         self.counter(
             RESPONSE_LABELS,
             vec![
@@ -255,7 +256,6 @@ impl Metrics {
                 Label::new("label", label.to_owned()),
             ],
         )
-        .increment(1);
     }
 
     /// Sets the drift of `arm` against the baseline on `field` (a distance in [0, 1]).

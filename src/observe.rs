@@ -385,11 +385,24 @@ pub struct ResponseStats {
     metrics: Arc<Metrics>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Distributions {
     pointers: (Option<String>, Option<String>),
+    /// The pointers' reference tokens, unescaped.
+    paths: (Option<Vec<String>>, Option<Vec<String>>),
     labels: Labels,
     arms: HashMap<String, ArmDistribution>,
+    /// `canaryd_response_labels_total` handles by arm and label id.
+    counters: HashMap<(String, usize), metrics::Counter>,
+}
+
+impl std::fmt::Debug for Distributions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Distributions")
+            .field("pointers", &self.pointers)
+            .field("arms", &self.arms.len())
+            .finish()
+    }
 }
 
 /// A drift shown beyond `max_drift`.
@@ -415,8 +428,13 @@ impl ResponseStats {
         let mut d = lock(&self.inner);
         let pointers = (c.label_pointer.clone(), c.score_pointer.clone());
         if d.pointers != pointers {
+            let paths = (
+                pointers.0.as_deref().map(tokens),
+                pointers.1.as_deref().map(tokens),
+            );
             *d = Distributions {
                 pointers,
+                paths,
                 ..Distributions::default()
             };
         }
@@ -437,21 +455,37 @@ impl ResponseStats {
         judge: Option<(&str, f64)>,
         alpha: f64,
     ) -> Option<DriftTrip> {
-        let Ok(v) = serde_json::from_slice::<Value>(body) else {
-            return None;
-        };
         let mut d = lock(&self.inner);
-        let (lp, sp) = d.pointers.clone();
-        let label = lp.as_deref().and_then(|p| v.pointer(p)).map(label_text);
-        let score = sp
+        // Only the two values are built; the rest of the body is skipped as it is read.
+        let label = d
+            .paths
+            .0
             .as_deref()
-            .and_then(|p| v.pointer(p))
-            .and_then(Value::as_f64);
+            .and_then(|p| extract(body, p))
+            .map(|v| label_text(&v));
+        let score = d
+            .paths
+            .1
+            .as_deref()
+            .and_then(|p| extract(body, p))
+            .and_then(|v| v.as_f64());
         if label.is_none() && score.is_none() {
             return None;
         }
+        let (lp, sp) = d.pointers.clone();
         let id = label.as_deref().map(|l| d.labels.id(l));
-        let names = d.labels.names();
+        if let Some(id) = id {
+            let key = (arm.to_owned(), id);
+            let counter = match d.counters.get(&key) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = self.metrics.response_label(arm, d.labels.name(id));
+                    d.counters.insert(key, c.clone());
+                    c
+                }
+            };
+            counter.increment(1);
+        }
         let seed = d.arms.len() as u64 + 1;
         let dist = d
             .arms
@@ -460,8 +494,6 @@ impl ResponseStats {
         let before = dist.labels_total().max(dist.scores_seen());
         if let Some(id) = id {
             dist.record_label(id);
-            let name = names.get(id).map_or("other", String::as_str);
-            self.metrics.response_label(arm, name);
         }
         if let Some(x) = score {
             dist.record_score(x);
@@ -521,18 +553,12 @@ impl ResponseStats {
     pub fn status(&self, arm: &str, baseline: &str) -> Option<Value> {
         let d = lock(&self.inner);
         let a = d.arms.get(arm)?;
-        let names = d.labels.names();
         let labels: serde_json::Map<String, Value> = a
             .label_counts()
             .iter()
             .enumerate()
             .filter(|(_, &n)| n > 0)
-            .map(|(i, &n)| {
-                (
-                    names.get(i).cloned().unwrap_or_else(|| "other".into()),
-                    json!(n),
-                )
-            })
+            .map(|(i, &n)| (d.labels.name(i).to_owned(), json!(n)))
             .collect();
         let sample = a.score_sample();
         let mean = (!sample.is_empty()).then(|| sample.iter().sum::<f64>() / sample.len() as f64);
@@ -613,4 +639,162 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A JSON pointer's reference tokens, unescaped (`~1` is `/`, `~0` is `~`).
+fn tokens(pointer: &str) -> Vec<String> {
+    pointer
+        .split('/')
+        .skip(1)
+        .map(|t| t.replace("~1", "/").replace("~0", "~"))
+        .collect()
+}
+
+/// The value at `path` in the JSON `body`, if the body is JSON and has it. Only that value is
+/// built: everything else is skipped as it is read (no tree of the whole body).
+fn extract(body: &[u8], path: &[String]) -> Option<Value> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let found = Walk { path }.deserialize(&mut de).ok()?;
+    // A body with anything after its value is not JSON.
+    de.end().ok()?;
+    found
+}
+
+/// Deserializes the value at `path` below the current one.
+struct Walk<'a> {
+    path: &'a [String],
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Walk<'_> {
+    type Value = Option<Value>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<Value>, D::Error> {
+        use serde::Deserialize;
+        match self.path.split_first() {
+            None => Value::deserialize(d).map(Some),
+            Some((seg, rest)) => d.deserialize_any(WalkVisitor { seg, rest }),
+        }
+    }
+}
+
+struct WalkVisitor<'a> {
+    seg: &'a str,
+    rest: &'a [String],
+}
+
+impl<'de> serde::de::Visitor<'de> for WalkVisitor<'_> {
+    type Value = Option<Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(is) = m.next_key_seed(KeyIs(self.seg))? {
+            if is && found.is_none() {
+                found = m.next_value_seed(Walk { path: self.rest })?;
+            } else {
+                m.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
+        let index: Option<usize> = self.seg.parse().ok();
+        let (mut i, mut found) = (0usize, None);
+        loop {
+            if Some(i) == index {
+                match s.next_element_seed(Walk { path: self.rest })? {
+                    Some(v) => found = v,
+                    None => break,
+                }
+            } else if s.next_element::<serde::de::IgnoredAny>()?.is_none() {
+                break;
+            }
+            i += 1;
+        }
+        Ok(found)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// Whether the next object key equals the token.
+struct KeyIs<'a>(&'a str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for KeyIs<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<bool, E> {
+        Ok(v == self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extract_finds_what_a_json_pointer_finds() {
+        let body = br#"{"a": {"b/c": [1, {"d": "x"}], "m~n": 2.5}, "e": null, "f": [true]}"#;
+        let v: Value = serde_json::from_slice(body).expect("json");
+        for p in [
+            "",
+            "/a",
+            "/a/b~1c",
+            "/a/b~1c/1/d",
+            "/a/b~1c/0",
+            "/a/m~0n",
+            "/e",
+            "/f/0",
+            "/f/1",
+            "/zz",
+            "/a/b~1c/9",
+        ] {
+            assert_eq!(extract(body, &tokens(p)), v.pointer(p).cloned(), "{p}");
+        }
+        assert_eq!(extract(b"not json", &tokens("/a")), None);
+        assert_eq!(extract(br#"{"a": 1}"#, &tokens("/a/b")), None);
+        assert_eq!(
+            extract(br#"{"a": 1} trailing"#, &tokens("/a")),
+            Some(serde_json::json!(1))
+        );
+    }
 }

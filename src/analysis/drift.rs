@@ -57,6 +57,11 @@ impl Labels {
         names
     }
 
+    /// The name of label `id` (`other` past the kept ones).
+    pub fn name(&self, id: usize) -> &str {
+        self.names.get(id).map_or(OTHER, String::as_str)
+    }
+
     /// How many distinct labels are kept ("other" not counted).
     pub fn len(&self) -> usize {
         self.names.len()

@@ -344,7 +344,12 @@ impl Proxy {
             }
         }
         let deferred = grpc.is_some();
-        let mut tap = self.response_tap(snap, arm, ctx, parts.status, &parts.headers);
+        // Nothing to copy (no [shadow], no [analysis]): the body goes as it is.
+        let mut tap = if ctx.shadow.is_none() && snap.responses.is_none() {
+            None
+        } else {
+            self.response_tap(snap, arm, ctx, parts.status, &parts.headers)
+        };
         if body.is_end_stream() {
             // No body to stream: the copy is complete (and empty) now.
             if let Some(t) = tap.as_mut() {
