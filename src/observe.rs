@@ -456,24 +456,31 @@ impl ResponseStats {
         alpha: f64,
     ) -> Option<DriftTrip> {
         let mut d = lock(&self.inner);
-        // Only the two values are built; the rest of the body is skipped as it is read.
-        let label = d
-            .paths
-            .0
-            .as_deref()
-            .and_then(|p| extract(body, p))
+        // Only the two values are built, in one pass over the body.
+        let paths: Vec<&[String]> = [&d.paths.0, &d.paths.1]
+            .into_iter()
+            .map(|p| p.as_deref().unwrap_or(&[]))
+            .collect();
+        let wanted = [d.paths.0.is_some(), d.paths.1.is_some()];
+        let mut found = extract_all(body, &paths).into_iter();
+        let label = found
+            .next()
+            .flatten()
+            .filter(|_| wanted[0])
             .map(|v| label_text(&v));
-        let score = d
-            .paths
-            .1
-            .as_deref()
-            .and_then(|p| extract(body, p))
+        let score = found
+            .next()
+            .flatten()
+            .filter(|_| wanted[1])
             .and_then(|v| v.as_f64());
         if label.is_none() && score.is_none() {
             return None;
         }
-        let (lp, sp) = d.pointers.clone();
         let id = label.as_deref().map(|l| d.labels.id(l));
+        if !d.arms.contains_key(arm) {
+            let seed = d.arms.len() as u64 + 1;
+            d.arms.insert(arm.to_owned(), ArmDistribution::new(seed));
+        }
         if let Some(id) = id {
             let key = (arm.to_owned(), id);
             let counter = match d.counters.get(&key) {
@@ -486,11 +493,7 @@ impl ResponseStats {
             };
             counter.increment(1);
         }
-        let seed = d.arms.len() as u64 + 1;
-        let dist = d
-            .arms
-            .entry(arm.to_owned())
-            .or_insert_with(|| ArmDistribution::new(seed));
+        let dist = d.arms.get_mut(arm)?;
         let before = dist.labels_total().max(dist.scores_seen());
         if let Some(id) = id {
             dist.record_label(id);
@@ -501,6 +504,7 @@ impl ResponseStats {
         let after = dist.labels_total().max(dist.scores_seen());
         let (baseline, max_drift) = judge?;
         let level = drift::check_level(before, after, alpha)?;
+        let (lp, sp) = d.pointers.clone();
         let base = d.arms.get(baseline)?;
         let arm_d = d.arms.get(arm)?;
         if let (Some(p), Some(c)) = (
@@ -650,120 +654,169 @@ fn tokens(pointer: &str) -> Vec<String> {
         .collect()
 }
 
-/// The value at `path` in the JSON `body`, if the body is JSON and has it. Only that value is
-/// built: everything else is skipped as it is read (no tree of the whole body).
-fn extract(body: &[u8], path: &[String]) -> Option<Value> {
+/// The values at `paths` in the JSON `body` (each `None` if the body is not JSON or lacks it),
+/// in one pass: only those values are built, everything else is skipped as it is read (no
+/// tree of the whole body).
+fn extract_all(body: &[u8], paths: &[&[String]]) -> Vec<Option<Value>> {
     use serde::de::DeserializeSeed;
+    let mut out = vec![None; paths.len()];
     let mut de = serde_json::Deserializer::from_slice(body);
-    let found = Walk { path }.deserialize(&mut de).ok()?;
+    let walk = Walk {
+        paths: paths.iter().copied().enumerate().collect(),
+        out: &mut out,
+    };
     // A body with anything after its value is not JSON.
-    de.end().ok()?;
-    found
+    if walk.deserialize(&mut de).is_err() || de.end().is_err() {
+        return vec![None; paths.len()];
+    }
+    out
 }
 
-/// Deserializes the value at `path` below the current one.
-struct Walk<'a> {
-    path: &'a [String],
+/// The value at `path` in the JSON `body` (see [`extract_all`]).
+#[cfg(test)]
+fn extract(body: &[u8], path: &[String]) -> Option<Value> {
+    extract_all(body, &[path]).pop().flatten()
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for Walk<'_> {
-    type Value = Option<Value>;
+/// Deserializes the values at `paths` (the rest of each pointer below the current value) into
+/// `out` by index.
+struct Walk<'p, 'o> {
+    paths: Vec<(usize, &'p [String])>,
+    out: &'o mut [Option<Value>],
+}
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<Value>, D::Error> {
+impl<'de> serde::de::DeserializeSeed<'de> for Walk<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         use serde::Deserialize;
-        match self.path.split_first() {
-            None => Value::deserialize(d).map(Some),
-            Some((seg, rest)) => d.deserialize_any(WalkVisitor { seg, rest }),
+        if self.paths.iter().any(|(_, p)| p.is_empty()) {
+            // A pointer ends here: the value is built, and the longer pointers read from it.
+            let v = Value::deserialize(d)?;
+            for (i, rest) in self.paths {
+                let mut cur = Some(&v);
+                for seg in rest {
+                    cur = cur.and_then(|c| match c {
+                        Value::Object(m) => m.get(seg),
+                        Value::Array(a) => seg.parse::<usize>().ok().and_then(|k| a.get(k)),
+                        _ => None,
+                    });
+                }
+                if let Some(slot) = self.out.get_mut(i) {
+                    *slot = cur.cloned();
+                }
+            }
+            return Ok(());
         }
+        d.deserialize_any(self)
     }
 }
 
-struct WalkVisitor<'a> {
-    seg: &'a str,
-    rest: &'a [String],
-}
-
-impl<'de> serde::de::Visitor<'de> for WalkVisitor<'_> {
-    type Value = Option<Value>;
+impl<'de> serde::de::Visitor<'de> for Walk<'_, '_> {
+    type Value = ();
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
-        let mut found = None;
-        while let Some(is) = m.next_key_seed(KeyIs(self.seg))? {
-            if is && found.is_none() {
-                found = m.next_value_seed(Walk { path: self.rest })?;
-            } else {
-                m.next_value::<serde::de::IgnoredAny>()?;
-            }
-        }
-        Ok(found)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
-        let index: Option<usize> = self.seg.parse().ok();
-        let (mut i, mut found) = (0usize, None);
-        loop {
-            if Some(i) == index {
-                match s.next_element_seed(Walk { path: self.rest })? {
-                    Some(v) => found = v,
-                    None => break,
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+        let Walk { paths, out } = self;
+        let mut done = vec![false; paths.len()];
+        while let Some(key) = m.next_key_seed(Key)? {
+            // A key seen again (invalid but possible) is not read twice.
+            let mut below: Vec<(usize, &[String])> = Vec::new();
+            for (k, &(i, p)) in paths.iter().enumerate() {
+                if !done[k] && p.first().is_some_and(|s| **s == *key) {
+                    done[k] = true;
+                    below.push((i, &p[1..]));
                 }
-            } else if s.next_element::<serde::de::IgnoredAny>()?.is_none() {
-                break;
             }
-            i += 1;
+            if below.is_empty() {
+                m.next_value::<serde::de::IgnoredAny>()?;
+            } else {
+                m.next_value_seed(Walk {
+                    paths: below,
+                    out: &mut *out,
+                })?;
+            }
         }
-        Ok(found)
+        Ok(())
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
+        let Walk { paths, out } = self;
+        let mut index = 0usize;
+        loop {
+            let below: Vec<(usize, &[String])> = paths
+                .iter()
+                .filter(|(_, p)| p.first().and_then(|s| s.parse::<usize>().ok()) == Some(index))
+                .map(|&(i, p)| (i, &p[1..]))
+                .collect();
+            let more = if below.is_empty() {
+                s.next_element::<serde::de::IgnoredAny>()?.is_some()
+            } else {
+                s.next_element_seed(Walk {
+                    paths: below,
+                    out: &mut *out,
+                })?
+                .is_some()
+            };
+            if !more {
+                return Ok(());
+            }
+            index += 1;
+        }
     }
 
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(None)
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
     }
 }
 
-/// Whether the next object key equals the token.
-struct KeyIs<'a>(&'a str);
+/// An object key, borrowed from the body when it has no escapes.
+struct Key;
 
-impl<'de> serde::de::DeserializeSeed<'de> for KeyIs<'_> {
-    type Value = bool;
+impl<'de> serde::de::DeserializeSeed<'de> for Key {
+    type Value = std::borrow::Cow<'de, str>;
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_str(self)
     }
 }
 
-impl serde::de::Visitor<'_> for KeyIs<'_> {
-    type Value = bool;
+impl<'de> serde::de::Visitor<'de> for Key {
+    type Value = std::borrow::Cow<'de, str>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("an object key")
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<bool, E> {
-        Ok(v == self.0)
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Borrowed(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v.to_owned()))
     }
 }
 
@@ -790,6 +843,16 @@ mod tests {
         ] {
             assert_eq!(extract(body, &tokens(p)), v.pointer(p).cloned(), "{p}");
         }
+        // Several at once, one inside another, in one pass.
+        let (t1, t2, t3) = (tokens("/a"), tokens("/a/m~0n"), tokens("/f/0"));
+        assert_eq!(
+            extract_all(body, &[&t1, &t2, &t3]),
+            vec![
+                v.pointer("/a").cloned(),
+                Some(serde_json::json!(2.5)),
+                Some(serde_json::json!(true))
+            ]
+        );
         assert_eq!(extract(b"not json", &tokens("/a")), None);
         assert_eq!(extract(br#"{"a": 1}"#, &tokens("/a/b")), None);
         assert_eq!(
