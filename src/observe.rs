@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::analysis::diff::{self, CompareSpec};
 use crate::analysis::drift::{self, ArmDistribution, Labels};
+use crate::analysis::fields::{extract_all, tokens};
 use crate::body::{RequestBody, Tap};
 use crate::config::{ResponseAnalysisConfig, ShadowConfig};
 use crate::metrics::Metrics;
@@ -392,8 +393,8 @@ struct Distributions {
     paths: (Option<Vec<String>>, Option<Vec<String>>),
     labels: Labels,
     arms: HashMap<String, ArmDistribution>,
-    /// `canaryd_response_labels_total` handles by arm and label id.
-    counters: HashMap<(String, usize), metrics::Counter>,
+    /// `canaryd_response_labels_total` handles by arm, indexed by label id.
+    counters: HashMap<String, Vec<Option<metrics::Counter>>>,
 }
 
 impl std::fmt::Debug for Distributions {
@@ -463,11 +464,7 @@ impl ResponseStats {
             .collect();
         let wanted = [d.paths.0.is_some(), d.paths.1.is_some()];
         let mut found = extract_all(body, &paths).into_iter();
-        let label = found
-            .next()
-            .flatten()
-            .filter(|_| wanted[0])
-            .map(|v| label_text(&v));
+        let label = found.next().flatten().filter(|_| wanted[0]);
         let score = found
             .next()
             .flatten()
@@ -476,22 +473,27 @@ impl ResponseStats {
         if label.is_none() && score.is_none() {
             return None;
         }
-        let id = label.as_deref().map(|l| d.labels.id(l));
+        let id = label.map(|v| match &v {
+            Value::String(l) => d.labels.id(l),
+            other => d.labels.id(&other.to_string()),
+        });
         if !d.arms.contains_key(arm) {
             let seed = d.arms.len() as u64 + 1;
             d.arms.insert(arm.to_owned(), ArmDistribution::new(seed));
+            d.counters.insert(arm.to_owned(), Vec::new());
         }
         if let Some(id) = id {
-            let key = (arm.to_owned(), id);
-            let counter = match d.counters.get(&key) {
-                Some(c) => c.clone(),
-                None => {
-                    let c = self.metrics.response_label(arm, d.labels.name(id));
-                    d.counters.insert(key, c.clone());
-                    c
+            let Distributions {
+                labels, counters, ..
+            } = &mut *d;
+            if let Some(list) = counters.get_mut(arm) {
+                if list.len() <= id {
+                    list.resize(id + 1, None);
                 }
-            };
-            counter.increment(1);
+                list[id]
+                    .get_or_insert_with(|| self.metrics.response_label(arm, labels.name(id)))
+                    .increment(1);
+            }
         }
         let dist = d.arms.get_mut(arm)?;
         let before = dist.labels_total().max(dist.scores_seen());
@@ -601,13 +603,6 @@ impl ResponseStats {
     }
 }
 
-fn label_text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
 /// Whether a response's content type is JSON.
 pub fn is_json(headers: &HeaderMap) -> bool {
     headers
@@ -643,222 +638,4 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// A JSON pointer's reference tokens, unescaped (`~1` is `/`, `~0` is `~`).
-fn tokens(pointer: &str) -> Vec<String> {
-    pointer
-        .split('/')
-        .skip(1)
-        .map(|t| t.replace("~1", "/").replace("~0", "~"))
-        .collect()
-}
-
-/// The values at `paths` in the JSON `body` (each `None` if the body is not JSON or lacks it),
-/// in one pass: only those values are built, everything else is skipped as it is read (no
-/// tree of the whole body).
-fn extract_all(body: &[u8], paths: &[&[String]]) -> Vec<Option<Value>> {
-    use serde::de::DeserializeSeed;
-    let mut out = vec![None; paths.len()];
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let walk = Walk {
-        paths: paths.iter().copied().enumerate().collect(),
-        out: &mut out,
-    };
-    // A body with anything after its value is not JSON.
-    if walk.deserialize(&mut de).is_err() || de.end().is_err() {
-        return vec![None; paths.len()];
-    }
-    out
-}
-
-/// The value at `path` in the JSON `body` (see [`extract_all`]).
-#[cfg(test)]
-fn extract(body: &[u8], path: &[String]) -> Option<Value> {
-    extract_all(body, &[path]).pop().flatten()
-}
-
-/// Deserializes the values at `paths` (the rest of each pointer below the current value) into
-/// `out` by index.
-struct Walk<'p, 'o> {
-    paths: Vec<(usize, &'p [String])>,
-    out: &'o mut [Option<Value>],
-}
-
-impl<'de> serde::de::DeserializeSeed<'de> for Walk<'_, '_> {
-    type Value = ();
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        use serde::Deserialize;
-        if self.paths.iter().any(|(_, p)| p.is_empty()) {
-            // A pointer ends here: the value is built, and the longer pointers read from it.
-            let v = Value::deserialize(d)?;
-            for (i, rest) in self.paths {
-                let mut cur = Some(&v);
-                for seg in rest {
-                    cur = cur.and_then(|c| match c {
-                        Value::Object(m) => m.get(seg),
-                        Value::Array(a) => seg.parse::<usize>().ok().and_then(|k| a.get(k)),
-                        _ => None,
-                    });
-                }
-                if let Some(slot) = self.out.get_mut(i) {
-                    *slot = cur.cloned();
-                }
-            }
-            return Ok(());
-        }
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for Walk<'_, '_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
-        let Walk { paths, out } = self;
-        let mut done = vec![false; paths.len()];
-        while let Some(key) = m.next_key_seed(Key)? {
-            // A key seen again (invalid but possible) is not read twice.
-            let mut below: Vec<(usize, &[String])> = Vec::new();
-            for (k, &(i, p)) in paths.iter().enumerate() {
-                if !done[k] && p.first().is_some_and(|s| **s == *key) {
-                    done[k] = true;
-                    below.push((i, &p[1..]));
-                }
-            }
-            if below.is_empty() {
-                m.next_value::<serde::de::IgnoredAny>()?;
-            } else {
-                m.next_value_seed(Walk {
-                    paths: below,
-                    out: &mut *out,
-                })?;
-            }
-        }
-        Ok(())
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
-        let Walk { paths, out } = self;
-        let mut index = 0usize;
-        loop {
-            let below: Vec<(usize, &[String])> = paths
-                .iter()
-                .filter(|(_, p)| p.first().and_then(|s| s.parse::<usize>().ok()) == Some(index))
-                .map(|&(i, p)| (i, &p[1..]))
-                .collect();
-            let more = if below.is_empty() {
-                s.next_element::<serde::de::IgnoredAny>()?.is_some()
-            } else {
-                s.next_element_seed(Walk {
-                    paths: below,
-                    out: &mut *out,
-                })?
-                .is_some()
-            };
-            if !more {
-                return Ok(());
-            }
-            index += 1;
-        }
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
-    }
-}
-
-/// An object key, borrowed from the body when it has no escapes.
-struct Key;
-
-impl<'de> serde::de::DeserializeSeed<'de> for Key {
-    type Value = std::borrow::Cow<'de, str>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for Key {
-    type Value = std::borrow::Cow<'de, str>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("an object key")
-    }
-
-    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(std::borrow::Cow::Borrowed(v))
-    }
-
-    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(std::borrow::Cow::Owned(v.to_owned()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn extract_finds_what_a_json_pointer_finds() {
-        let body = br#"{"a": {"b/c": [1, {"d": "x"}], "m~n": 2.5}, "e": null, "f": [true]}"#;
-        let v: Value = serde_json::from_slice(body).expect("json");
-        for p in [
-            "",
-            "/a",
-            "/a/b~1c",
-            "/a/b~1c/1/d",
-            "/a/b~1c/0",
-            "/a/m~0n",
-            "/e",
-            "/f/0",
-            "/f/1",
-            "/zz",
-            "/a/b~1c/9",
-        ] {
-            assert_eq!(extract(body, &tokens(p)), v.pointer(p).cloned(), "{p}");
-        }
-        // Several at once, one inside another, in one pass.
-        let (t1, t2, t3) = (tokens("/a"), tokens("/a/m~0n"), tokens("/f/0"));
-        assert_eq!(
-            extract_all(body, &[&t1, &t2, &t3]),
-            vec![
-                v.pointer("/a").cloned(),
-                Some(serde_json::json!(2.5)),
-                Some(serde_json::json!(true))
-            ]
-        );
-        assert_eq!(extract(b"not json", &tokens("/a")), None);
-        assert_eq!(extract(br#"{"a": 1}"#, &tokens("/a/b")), None);
-        assert_eq!(
-            extract(br#"{"a": 1} trailing"#, &tokens("/a")),
-            None,
-            "not JSON"
-        );
-    }
 }

@@ -3,6 +3,7 @@
 pub mod compare;
 pub mod diff;
 pub mod drift;
+pub mod fields;
 pub mod histogram;
 pub mod sequential;
 pub mod simulate;
