@@ -276,8 +276,10 @@ impl Tap {
             return;
         }
         if self.buf.len() + data.len() > self.limit {
+            // Over every consumer's limit: they hear it now, not when a long body ends.
             self.over = true;
             self.buf = BytesMut::new();
+            self.fail();
         } else {
             self.buf.extend_from_slice(data);
         }
