@@ -299,7 +299,7 @@ fn describe(r: &PrometheusRecorder) {
         d(RELOADS, None, "Config reloads, by result."),
         d(GRPC, None, "gRPC calls by arm and grpc-status (from headers or trailers)."),
         d(CLIENT_ERRORS, None, "Requests the client broke (refused head, malformed, abandoned or too slow body), by kind; never counted against an arm."),
-        d(SHADOW_REQUESTS, None, "Shadow copies by result: match, mismatch (the shadow answered differently), error (the shadow failed), skipped (a body over max_body_bytes, or the primary failed), dropped (max_in_flight reached)."),
+        d(SHADOW_REQUESTS, None, "Shadow copies by result: match, mismatch (the shadow answered differently), error (the shadow failed), skipped (a body over max_body_bytes, or the primary failed), dropped (not sent: max_in_flight reached, or the shadow is failing and copies wait)."),
         d(SHADOW_FIELD_MISMATCHES, None, "Shadow mismatches by compared field (JSON pointer)."),
         d(RESPONSE_LABELS, None, "Answers by arm and label (the label_pointer field of JSON responses; 32 labels, then other)."),
         d(WEBHOOK_CALLS, None, "Webhook calls, by hook type and result (success = 2xx; dropped = not sent, the queue was full)."),

@@ -135,7 +135,17 @@ pub struct ShadowPath {
     metrics: Arc<Metrics>,
     responses: Option<Arc<ResponseStats>>,
     timeout: Duration,
+    /// While the shadow fails, copies wait: no copy is sent before this many ms after `born`.
+    resume_at_ms: std::sync::atomic::AtomicU64,
+    /// Failures in a row (the wait doubles with each).
+    failures: std::sync::atomic::AtomicU32,
+    born: Instant,
 }
+
+/// The first wait after a failed shadow call; it doubles with each failure in a row.
+pub const SHADOW_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest wait.
+pub const SHADOW_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for ShadowPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -183,7 +193,32 @@ impl ShadowPath {
             metrics,
             responses,
             timeout,
+            resume_at_ms: std::sync::atomic::AtomicU64::new(0),
+            failures: std::sync::atomic::AtomicU32::new(0),
+            born: Instant::now(),
         })
+    }
+
+    fn since_born_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A shadow call failed: copies wait, longer with each failure in a row, so a dead or
+    /// failing shadow costs the proxy a connection attempt now and then, not one per request.
+    fn failed(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.failures.fetch_add(1, Relaxed).min(16);
+        let wait = SHADOW_BACKOFF
+            .saturating_mul(1 << n)
+            .min(SHADOW_BACKOFF_MAX);
+        let until = self
+            .since_born_ms()
+            .saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+        self.resume_at_ms.fetch_max(until, Relaxed);
+    }
+
+    fn succeeded(&self) {
+        self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The stats shared across reloads.
@@ -204,6 +239,12 @@ impl ShadowPath {
             return None;
         }
         if bucket.unwrap_or(fallback) >= self.config.percent_bp {
+            return None;
+        }
+        let resume = self.resume_at_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if resume > 0 && self.since_born_ms() < resume {
+            // The shadow failed just now: this copy is not sent.
+            self.stats.count(&self.metrics, "dropped");
             return None;
         }
         match self.permits.clone().try_acquire_owned() {
@@ -283,10 +324,12 @@ impl ShadowPath {
             }
             Err(e) => {
                 tracing::debug!(error = %e, "shadow call failed");
+                self.failed();
                 count("error");
                 return;
             }
         };
+        self.succeeded();
         if let Some(r) = &self.responses {
             r.record_body(&self.config.upstream, &shadow_body);
         }
