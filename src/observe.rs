@@ -8,7 +8,7 @@
 //! only after both the request body and the primary's response have been copied, under a
 //! bounded number of permits (a copy that finds none is dropped and counted, never queued).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -435,9 +435,16 @@ struct Distributions {
     /// The pointers' reference tokens, unescaped.
     paths: (Option<Vec<String>>, Option<Vec<String>>),
     labels: Labels,
-    arms: HashMap<String, ArmDistribution>,
+    /// Per arm, found by a scan (a handful of arms: cheaper than hashing the name).
+    arms: Vec<(String, ArmDistribution)>,
     /// `canaryd_response_labels_total` handles by arm, indexed by label id.
-    counters: HashMap<String, Vec<Option<metrics::Counter>>>,
+    counters: Vec<Vec<Option<metrics::Counter>>>,
+}
+
+impl Distributions {
+    fn arm(&self, name: &str) -> Option<usize> {
+        self.arms.iter().position(|(n, _)| n == name)
+    }
 }
 
 impl std::fmt::Debug for Distributions {
@@ -501,17 +508,17 @@ impl ResponseStats {
     ) -> Option<DriftTrip> {
         let mut d = lock(&self.inner);
         // Only the two values are built, in one pass over the body.
-        let paths: Vec<&[String]> = [&d.paths.0, &d.paths.1]
-            .into_iter()
-            .map(|p| p.as_deref().unwrap_or(&[]))
-            .collect();
-        let wanted = [d.paths.0.is_some(), d.paths.1.is_some()];
-        let mut found = extract_all(body, &paths).into_iter();
-        let label = found.next().flatten().filter(|_| wanted[0]);
-        let score = found
-            .next()
-            .flatten()
-            .filter(|_| wanted[1])
+        let none: &[String] = &[];
+        let [label, score] = extract_all(
+            body,
+            [
+                d.paths.0.as_deref().unwrap_or(none),
+                d.paths.1.as_deref().unwrap_or(none),
+            ],
+        );
+        let label = label.filter(|_| d.paths.0.is_some());
+        let score = score
+            .filter(|_| d.paths.1.is_some())
             .and_then(|v| v.as_f64());
         if label.is_none() && score.is_none() {
             return None;
@@ -520,16 +527,20 @@ impl ResponseStats {
             Value::String(l) => d.labels.id(l),
             other => d.labels.id(&other.to_string()),
         });
-        if !d.arms.contains_key(arm) {
-            let seed = d.arms.len() as u64 + 1;
-            d.arms.insert(arm.to_owned(), ArmDistribution::new(seed));
-            d.counters.insert(arm.to_owned(), Vec::new());
-        }
+        let at = match d.arm(arm) {
+            Some(i) => i,
+            None => {
+                let seed = d.arms.len() as u64 + 1;
+                d.arms.push((arm.to_owned(), ArmDistribution::new(seed)));
+                d.counters.push(Vec::new());
+                d.arms.len() - 1
+            }
+        };
         if let Some(id) = id {
             let Distributions {
                 labels, counters, ..
             } = &mut *d;
-            if let Some(list) = counters.get_mut(arm) {
+            if let Some(list) = counters.get_mut(at) {
                 if list.len() <= id {
                     list.resize(id + 1, None);
                 }
@@ -538,7 +549,7 @@ impl ResponseStats {
                     .increment(1);
             }
         }
-        let dist = d.arms.get_mut(arm)?;
+        let dist = &mut d.arms.get_mut(at)?.1;
         let before = dist.labels_total().max(dist.scores_seen());
         if let Some(id) = id {
             dist.record_label(id);
@@ -550,8 +561,8 @@ impl ResponseStats {
         let (baseline, max_drift) = judge?;
         let level = drift::check_level(before, after, alpha)?;
         let (lp, sp) = d.pointers.clone();
-        let base = d.arms.get(baseline)?;
-        let arm_d = d.arms.get(arm)?;
+        let base = &d.arms.get(d.arm(baseline)?)?.1;
+        let arm_d = &d.arms.get(at)?.1;
         if let (Some(p), Some(c)) = (
             &lp,
             drift::categorical(arm_d.label_counts(), base.label_counts()),
@@ -601,7 +612,7 @@ impl ResponseStats {
     /// The distributions and drift of `arm` against `baseline`, for `/status`.
     pub fn status(&self, arm: &str, baseline: &str) -> Option<Value> {
         let d = lock(&self.inner);
-        let a = d.arms.get(arm)?;
+        let a = &d.arms.get(d.arm(arm)?)?.1;
         let labels: serde_json::Map<String, Value> = a
             .label_counts()
             .iter()
@@ -613,7 +624,7 @@ impl ResponseStats {
         let mean = (!sample.is_empty()).then(|| sample.iter().sum::<f64>() / sample.len() as f64);
         let mut drift_json = serde_json::Map::new();
         if arm != baseline {
-            if let Some(b) = d.arms.get(baseline) {
+            if let Some((_, b)) = d.arm(baseline).and_then(|i| d.arms.get(i)) {
                 if let (Some(p), Some(c)) = (
                     &d.pointers.0,
                     drift::categorical(a.label_counts(), b.label_counts()),

@@ -11,8 +11,6 @@
 //! A test repeated after every answer would raise false alarms far above its level; so it is
 //! run on the doubling schedule of [`check_level`], each run at a share of the budget.
 
-use std::collections::HashMap;
-
 use statrs::distribution::{ChiSquared, ContinuousCDF};
 
 /// At most this many distinct labels are kept; later new labels count as "other".
@@ -30,24 +28,22 @@ pub const OTHER: &str = "other";
 /// A label spelled `"other"` counts in the "other" bucket, so the names stay distinct.
 #[derive(Debug, Clone, Default)]
 pub struct Labels {
+    /// At most [`MAX_LABELS`]: a scan compares fewer bytes than hashing the label would.
     names: Vec<String>,
-    ids: HashMap<String, usize>,
 }
 
 impl Labels {
     /// The id of `label`, adding it while there is room: `0..MAX_LABELS` for a kept label,
     /// `MAX_LABELS` for "other".
     pub fn id(&mut self, label: &str) -> usize {
-        if let Some(&id) = self.ids.get(label) {
+        if let Some(id) = self.names.iter().position(|n| n == label) {
             return id;
         }
         if label == OTHER || self.names.len() >= MAX_LABELS {
             return MAX_LABELS;
         }
-        let id = self.names.len();
         self.names.push(label.to_owned());
-        self.ids.insert(label.to_owned(), id);
-        id
+        self.names.len() - 1
     }
 
     /// The kept labels in id order, then "other".
