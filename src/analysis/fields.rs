@@ -2,11 +2,13 @@
 //!
 //! The body is walked structurally (objects, arrays, strings, and the bytes of numbers and
 //! literals) and only the values at the wanted pointers are parsed, by serde_json, strictly.
-//! Everything else is skipped at a few instructions a byte: the label and the score of a
-//! model's answer cost a fraction of parsing the whole answer. The walk is lenient where
-//! nothing is read (a misspelt literal in a skipped field is skipped like any other), and
-//! strict about structure: a body whose brackets, quotes or commas do not add up, or that
-//! has anything after its value, yields nothing.
+//! Everything else is skipped at a few instructions a byte, and the walk stops as soon as
+//! every wanted value has been read: the label and the score near the top of a model's answer
+//! cost a fraction of parsing the whole answer. The walk is lenient where nothing is read (a
+//! misspelt literal in a skipped field is skipped like any other, and what follows the last
+//! value read is not looked at), and strict about the structure it walks: brackets, quotes or
+//! commas that do not add up before then yield nothing, and so does anything after the body's
+//! value when the walk reaches it.
 
 use serde_json::Value;
 
@@ -27,11 +29,16 @@ pub fn tokens(pointer: &str) -> Vec<String> {
 pub fn extract_all<const N: usize>(body: &[u8], paths: [&[String]; N]) -> [Option<Value>; N] {
     let mut out = [const { None }; N];
     let wanted: [(usize, &[String]); N] = std::array::from_fn(|i| (i, paths[i]));
-    let mut w = Walker { b: body, i: 0 };
-    let ok = w.value(&wanted, &mut out, 0).is_some() && {
-        w.ws();
-        w.i == body.len()
+    let mut w = Walker {
+        b: body,
+        i: 0,
+        left: N,
     };
+    let ok = w.value(&wanted, &mut out, 0).is_some()
+        && (w.left == 0 || {
+            w.ws();
+            w.i == body.len()
+        });
     if ok {
         out
     } else {
@@ -42,6 +49,8 @@ pub fn extract_all<const N: usize>(body: &[u8], paths: [&[String]; N]) -> [Optio
 struct Walker<'b> {
     b: &'b [u8],
     i: usize,
+    /// Wanted values not read yet; at 0 the walk stops.
+    left: usize,
 }
 
 impl Walker<'_> {
@@ -104,6 +113,9 @@ impl Walker<'_> {
                             .collect()
                     };
                     self.value(&below, out, depth + 1)?;
+                    if self.left == 0 {
+                        return Some(());
+                    }
                     self.ws();
                     match self.peek()? {
                         b',' => self.i += 1,
@@ -132,6 +144,9 @@ impl Walker<'_> {
                         .map(|&(k, p)| (k, &p[1..]))
                         .collect();
                     self.value(&below, out, depth + 1)?;
+                    if self.left == 0 {
+                        return Some(());
+                    }
                     self.ws();
                     match self.peek()? {
                         b',' => self.i += 1,
@@ -190,6 +205,7 @@ impl Walker<'_> {
             serde_json::Deserializer::from_slice(&self.b[self.i..]).into_iter::<Value>();
         let v = values.next()?.ok()?;
         self.i += values.byte_offset();
+        self.left = self.left.saturating_sub(paths.len());
         for &(k, rest) in paths {
             let mut cur = Some(&v);
             for t in rest {
@@ -255,10 +271,10 @@ mod tests {
     fn broken_bodies_yield_nothing() {
         for body in [
             &b"not json"[..],
-            br#"{"a": 1} trailing"#,
-            br#"{"a": 1"#,
+            br#"{"b": 1} trailing"#,
+            br#"{"b": 1"#,
             br#"{"a" 1}"#,
-            br#"{"a": 1,}x"#,
+            br#"{"b": 1,}x"#,
             br#"[1 2]"#,
             br#"{"a": "unterminated}"#,
             b"",
@@ -269,6 +285,9 @@ mod tests {
         assert_eq!(one(deep.as_bytes(), "/0"), None);
         // A value that is wanted is parsed strictly.
         assert_eq!(one(br#"{"a": tru}"#, "/a"), None);
+        // The walk stops at the last value wanted: what follows is not looked at.
+        assert_eq!(one(br#"{"a": 1, "b": [} trailing"#, "/a"), Some(json!(1)));
+        assert_eq!(one(br#"{"a": 1"#, "/a"), Some(json!(1)));
     }
 
     fn json_value() -> impl Strategy<Value = Value> {
@@ -347,7 +366,8 @@ mod tests {
             .run(&prop::collection::vec(any::<u8>(), 0..64), |bytes| {
                 let t = tokens("/a");
                 let [got] = extract_all(&bytes, [&t]);
-                // Where the bytes are JSON, the answer is serde_json's.
+                // Where the bytes are JSON, the answer is serde_json's. (Where they are not,
+                // a value may still be read before the walk reaches the fault.)
                 if let Ok(parsed) = serde_json::from_slice::<Value>(&bytes) {
                     prop_assert_eq!(got, parsed.pointer("/a").cloned());
                 }
