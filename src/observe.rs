@@ -657,15 +657,15 @@ impl ResponseStats {
     }
 }
 
-/// Whether a response's content type is JSON.
+/// Whether a response's content type is JSON (`application/json`, or a `+json` type).
 pub fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            let v = v.to_ascii_lowercase();
-            v.starts_with("application/json") || v.contains("+json")
-        })
+    let Some(v) = headers.get(http::header::CONTENT_TYPE) else {
+        return false;
+    };
+    let v = v.as_bytes();
+    let essence = v.split(|&b| b == b';').next().unwrap_or(v).trim_ascii();
+    essence.eq_ignore_ascii_case(b"application/json")
+        || (essence.len() >= 5 && essence[essence.len() - 5..].eq_ignore_ascii_case(b"+json"))
 }
 
 /// Where the primary's response goes for a shadow comparison. Dropped unused (the primary
@@ -692,4 +692,28 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_content_types() {
+        let ct = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(v),
+            );
+            is_json(&h)
+        };
+        assert!(ct("application/json"));
+        assert!(ct("Application/JSON; charset=utf-8"));
+        assert!(ct("application/problem+json"));
+        assert!(!ct("text/plain"));
+        assert!(!ct("application/jsonx"));
+        assert!(!ct("json"));
+        assert!(!is_json(&HeaderMap::new()));
+    }
 }

@@ -206,6 +206,15 @@ impl Walker<'_> {
         let v = values.next()?.ok()?;
         self.i += values.byte_offset();
         self.left = self.left.saturating_sub(paths.len());
+        if let [(k, rest)] = paths {
+            if rest.is_empty() {
+                // The usual case: one pointer, ending here; the value moves, no copy.
+                if let Some(slot) = out.get_mut(*k) {
+                    *slot = Some(v);
+                }
+                return Some(());
+            }
+        }
         for &(k, rest) in paths {
             let mut cur = Some(&v);
             for t in rest {

@@ -394,12 +394,14 @@ impl Proxy {
                     .filter(|_| rollback.enabled && snap.watched(arm) && !arm.tripped)
                     .map(|max| (base.name.clone(), max));
                 let alpha = 1.0 - rollback.confidence;
-                let control = self.control.clone();
+                let control = judge.is_some().then(|| self.control.clone());
                 tap.add(cfg.max_body_bytes, move |body| {
                     let Some(body) = body else { return };
                     let judge = judge.as_ref().map(|(b, m)| (&**b, *m));
                     if let Some(trip) = responses.record(&name, &body, judge, alpha) {
-                        control.trip(&name, "drift", trip.detail);
+                        if let Some(control) = &control {
+                            control.trip(&name, "drift", trip.detail);
+                        }
                     }
                 });
             }
