@@ -238,7 +238,7 @@ impl ShadowPath {
         if !self.config.methods.contains(method) {
             return None;
         }
-        if bucket.unwrap_or(fallback) >= self.config.percent_bp {
+        if !sampled(bucket.unwrap_or(fallback), self.config.percent_bp) {
             return None;
         }
         let resume = self.resume_at_ms.load(std::sync::atomic::Ordering::Relaxed);
@@ -657,6 +657,17 @@ impl ResponseStats {
     }
 }
 
+/// Whether a request in routing bucket `bucket` (0..10000) is among the `percent_bp` copied.
+/// The buckets are permuted first: the canary takes a contiguous range of buckets, and a
+/// shadow sample taken from the same range would only ever copy the canary's users (or only
+/// the baseline's).
+fn sampled(bucket: u16, percent_bp: u16) -> bool {
+    // 7919 is prime and does not divide 10000: `b -> 7919 b + 4321 (mod 10000)` is a
+    // permutation of the buckets that scatters every range over all of them.
+    let permuted = (u32::from(bucket) * 7919 + 4321) % 10_000;
+    permuted < u32::from(percent_bp)
+}
+
 /// Whether a response's content type is JSON (`application/json`, or a `+json` type).
 pub fn is_json(headers: &HeaderMap) -> bool {
     let Some(v) = headers.get(http::header::CONTENT_TYPE) else {
@@ -697,6 +708,17 @@ fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shadow_sample_is_spread_over_the_canary_and_the_baseline() {
+        let chosen: Vec<u16> = (0..10_000).filter(|&b| sampled(b, 1000)).collect();
+        assert_eq!(chosen.len(), 1000, "exactly percent of the buckets");
+        // A 10% canary holds buckets 0..1000: about a tenth of the sample is its users.
+        let in_canary = chosen.iter().filter(|&&b| b < 1000).count();
+        assert!((80..=120).contains(&in_canary), "{in_canary}");
+        assert!((0..10_000).all(|b| sampled(b, 10_000)));
+        assert!(!(0..10_000).any(|b| sampled(b, 0)));
+    }
 
     #[test]
     fn json_content_types() {
