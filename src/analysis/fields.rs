@@ -113,17 +113,8 @@ impl Walker<'_> {
                             .collect()
                     };
                     self.value(&below, out, depth + 1)?;
-                    if self.left == 0 {
+                    if self.item_ends(b'}')? {
                         return Some(());
-                    }
-                    self.ws();
-                    match self.peek()? {
-                        b',' => self.i += 1,
-                        b'}' => {
-                            self.i += 1;
-                            return Some(());
-                        }
-                        _ => return None,
                     }
                 }
             }
@@ -144,17 +135,8 @@ impl Walker<'_> {
                         .map(|&(k, p)| (k, &p[1..]))
                         .collect();
                     self.value(&below, out, depth + 1)?;
-                    if self.left == 0 {
+                    if self.item_ends(b']')? {
                         return Some(());
-                    }
-                    self.ws();
-                    match self.peek()? {
-                        b',' => self.i += 1,
-                        b']' => {
-                            self.i += 1;
-                            return Some(());
-                        }
-                        _ => return None,
                     }
                     index += 1;
                 }
@@ -172,6 +154,26 @@ impl Walker<'_> {
                 }
                 (self.i > start).then_some(())
             }
+        }
+    }
+
+    /// After an item of an object or array closed by `close`: `true` when the walk is done
+    /// (every wanted value read, or the container closed), `false` after a comma.
+    fn item_ends(&mut self, close: u8) -> Option<bool> {
+        if self.left == 0 {
+            return Some(true);
+        }
+        self.ws();
+        match self.peek()? {
+            b',' => {
+                self.i += 1;
+                Some(false)
+            }
+            c if c == close => {
+                self.i += 1;
+                Some(true)
+            }
+            _ => None,
         }
     }
 
