@@ -12,7 +12,7 @@ use canaryd::config::Config;
 use canaryd::control::Control;
 use canaryd::metrics::Metrics;
 use canaryd::release::circuit;
-use canaryd::release::outcome::{self, Outcome};
+use canaryd::release::outcome::{self, Outcome, Routed};
 use canaryd::routing::WeightTable;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
@@ -88,6 +88,7 @@ fn hot_path(c: &mut Criterion) {
                         error: false,
                         latency: Duration::from_micros(850),
                         at: tokio::time::Instant::now(),
+                        routed: Routed::Forced,
                     };
                     if tx.try_send(black_box(o)).is_err() {
                         rejected += 1;

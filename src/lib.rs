@@ -78,6 +78,7 @@ pub mod demo;
 pub mod http1;
 pub mod metrics;
 pub mod observe;
+pub mod preview;
 pub(crate) mod proxy;
 pub mod release;
 pub mod routing;

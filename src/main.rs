@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use canaryd::config::Config;
-use canaryd::routing::{fmt_percent, Source};
+use canaryd::routing::{fmt_percent, WeightTable};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -61,6 +61,11 @@ enum Command {
         /// The sticky key (user id).
         #[arg(long)]
         key: String,
+        /// Another table (`canary=25[,other=5]`, percent; the baseline gets the rest, unnamed
+        /// arms keep the config's weight): also print the arm under it, and whether the user
+        /// moves.
+        #[arg(long)]
+        weights: Option<String>,
     },
     /// Estimate, before a release, how often the config rolls back a good canary and how fast
     /// it catches a bad one: the analysis run on simulated outcomes (no sockets).
@@ -135,7 +140,11 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Route { config, key } => route(&config, &key),
+        Command::Route {
+            config,
+            key,
+            weights,
+        } => route(&config, &key, weights.as_deref()),
         Command::Run { config } => run(config, cli.threads),
         Command::Simulate(args) => simulate(&args, cli.threads),
         Command::Demo {
@@ -230,30 +239,85 @@ fn check(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn route(path: &Path, key: &str) -> ExitCode {
+fn route(path: &Path, key: &str, weights: Option<&str>) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
     let table = config.weight_table();
-    let mut headers = http::HeaderMap::new();
-    let Ok(value) = http::HeaderValue::from_str(key) else {
+    let proposed = match weights.map(|w| proposed_table(&config, w)).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("--weights: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    if http::HeaderValue::from_str(key).is_err() {
         eprintln!("--key {key:?} cannot be sent as an HTTP header value");
         return ExitCode::from(EXIT_INVALID);
-    };
-    headers.insert(config.routing.sticky_header.clone(), value);
-    let d = config.router().decide(&table, &headers);
-    debug_assert_eq!(d.source, Source::Sticky);
-    let bucket = d.bucket.unwrap_or_default();
-    let (start, end) = table.range(d.arm);
+    }
+    let router = config.router();
+    let name = |i: usize| config.upstreams[i].name.as_str();
     println!("key:    {key}");
+    if let Some(arm) = router.pinned(key.as_bytes()) {
+        println!("arm:    {}", name(arm));
+        println!(
+            "why:    [routing.pins] pins this user to {}, whatever the weights",
+            name(arm)
+        );
+        if proposed.is_some() {
+            println!("moves:  no (pinned)");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let bucket = router.bucket(key.as_bytes());
+    let arm = table.pick(bucket);
+    let (start, end) = table.range(arm);
     println!("bucket: {bucket}");
-    println!("arm:    {}", config.upstreams[d.arm].name);
+    println!("arm:    {}", name(arm));
     println!(
         "why:    md5(salt ++ key) gives bucket {bucket}; {} serves buckets [{start}, {end})",
-        config.upstreams[d.arm].name
+        name(arm)
     );
+    if let Some(to) = proposed {
+        let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+        let other = to.pick(bucket);
+        let (start, end) = to.range(other);
+        println!(
+            "under:  {} ({} serves buckets [{start}, {end}))",
+            canaryd::control::describe(&names, to.weights()),
+            name(other)
+        );
+        if other == arm {
+            println!("moves:  no, stays on {}", name(arm));
+        } else {
+            println!("moves:  yes, {} -> {}", name(arm), name(other));
+        }
+    }
     ExitCode::SUCCESS
+}
+
+/// The config's table with `spec` (`canary=25,other=5`) applied as `PUT /weights` would.
+fn proposed_table(config: &Config, spec: &str) -> Result<WeightTable, String> {
+    let mut requested = std::collections::BTreeMap::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((name, value)) = part.split_once('=') else {
+            return Err(format!("{part:?} is not NAME=PERCENT (e.g. canary=25)"));
+        };
+        let bp = value
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|p| (0.0..=100.0).contains(p) && ((p * 100.0).round() - p * 100.0).abs() < 1e-6)
+            .map(|p| (p * 100.0).round() as u16)
+            .ok_or_else(|| {
+                format!("weight of {name:?} must be a number from 0 to 100 with at most 2 decimals, got {value:?}")
+            })?;
+        requested.insert(name.trim().to_owned(), bp);
+    }
+    let weights = canaryd::control::complete_weights(config, config.weights_bp(), &requested)
+        .map_err(|e| e.to_string())?;
+    WeightTable::new(weights, config.baseline).map_err(|e| e.to_string())
 }
 
 fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {

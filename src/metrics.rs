@@ -49,6 +49,8 @@ pub const SHADOW_DURATION: &str = "canaryd_shadow_duration_seconds";
 pub const RESPONSE_LABELS: &str = "canaryd_response_labels_total";
 /// `canaryd_drift{upstream,field}`.
 pub const DRIFT: &str = "canaryd_drift";
+/// `canaryd_srm_p_value{upstream,by}`: the sample-ratio guard's anytime-valid p-value.
+pub const SRM_P_VALUE: &str = "canaryd_srm_p_value";
 /// `canaryd_webhook_calls_total{event,result}`.
 pub const WEBHOOK_CALLS: &str = "canaryd_webhook_calls_total";
 /// `canaryd_rollout_step`: the index of the rollout's step (from 1; 0 before the first).
@@ -258,6 +260,19 @@ impl Metrics {
         )
     }
 
+    /// Sets the sample-ratio guard's p-value of `arm`, `by` `requests` or `users`.
+    pub fn srm_p_value(&self, arm: &str, by: &'static str, value: f64) {
+        self.recorder
+            .register_gauge(
+                &Key::from_parts(
+                    SRM_P_VALUE,
+                    vec![Label::new("upstream", arm.to_owned()), Label::new("by", by)],
+                ),
+                &METADATA,
+            )
+            .set(value);
+    }
+
     /// Sets the drift of `arm` against the baseline on `field` (a distance in [0, 1]).
     pub fn drift(&self, arm: &str, field: &str, value: f64) {
         self.recorder
@@ -338,6 +353,14 @@ fn describe(r: &PrometheusRecorder) {
         None,
         "Drift of the arm's answers from the baseline's, by field: Jensen-Shannon distance \
          (base 2) for the label, two-sample KS statistic for the score; 0 = identical."
+            .into(),
+    );
+    r.describe_gauge(
+        SRM_P_VALUE.into(),
+        None,
+        "Sample-ratio mismatch guard: anytime-valid p-value that the arm's share of random \
+         requests (by=requests) or of distinct sticky users (by=users) follows its effective \
+         weights; below 0.001 is a mismatch."
             .into(),
     );
     r.describe_gauge(

@@ -17,12 +17,19 @@ pub const BASIS_POINTS: u16 = 10_000;
 /// The bucket of a sticky key, in `[0, 10000)`: the MD5 of `salt ++ key` as a big-endian
 /// 128-bit integer `h`, then `(h mod 100) * 100 + (h div 100) mod 100`.
 pub fn bucket(salt: &[u8], key: &[u8]) -> u16 {
+    hash_key(salt, key).0
+}
+
+/// The bucket of a sticky key and a 64-bit identity of the key: the digest's high 64 bits,
+/// which are independent of the bucket (the sample-ratio guard and the preview sample users by
+/// it without hashing again).
+pub fn hash_key(salt: &[u8], key: &[u8]) -> (u16, u64) {
     let mut md5 = Md5::new();
     md5.update(salt);
     md5.update(key);
     let h = u128::from_be_bytes(md5.finalize().into());
-    // Both factors are < 100, so the result is < 10000 and fits in u16.
-    ((h % 100) * 100 + (h / 100) % 100) as u16
+    // Both factors are < 100, so the bucket is < 10000 and fits in u16.
+    (((h % 100) * 100 + (h / 100) % 100) as u16, (h >> 64) as u64)
 }
 
 /// A uniformly random bucket, for requests without the sticky header.
@@ -124,6 +131,8 @@ pub enum Source {
     Sticky,
     /// No sticky header: a random bucket.
     Random,
+    /// The sticky key is listed in `[routing.pins]`.
+    Pinned,
 }
 
 impl Source {
@@ -133,7 +142,14 @@ impl Source {
             Source::Override => "override",
             Source::Sticky => "sticky",
             Source::Random => "random",
+            Source::Pinned => "pinned",
         }
+    }
+
+    /// Whether the weights chose the arm (sticky or random bucket), rather than the client
+    /// (override header) or the operator (a pin).
+    pub fn is_split(self) -> bool {
+        matches!(self, Source::Sticky | Source::Random)
     }
 }
 
@@ -148,10 +164,12 @@ impl fmt::Display for Source {
 pub struct Decision {
     /// Index of the chosen arm.
     pub arm: usize,
-    /// The bucket, when one was computed (not for overrides).
+    /// The bucket, when one was computed (not for overrides and pins).
     pub bucket: Option<u16>,
     /// How the arm was chosen.
     pub source: Source,
+    /// The sticky key's 64-bit identity (see [`hash_key`]), for sticky decisions.
+    pub user: Option<u64>,
 }
 
 /// The header-facing half of routing: which headers to read and the arm names to match.
@@ -161,6 +179,8 @@ pub struct Router {
     salt: Box<[u8]>,
     override_header: Option<HeaderName>,
     names: Vec<Box<[u8]>>,
+    /// Sticky keys with a fixed arm (`[routing.pins]`), sorted by key for binary search.
+    pins: Vec<(Box<[u8]>, usize)>,
 }
 
 impl Router {
@@ -179,7 +199,33 @@ impl Router {
                 .into_iter()
                 .map(|n| n.as_ref().as_bytes().into())
                 .collect(),
+            pins: Vec::new(),
         }
+    }
+
+    /// Pins sticky keys to arms (arm indices in config order); a later pin of the same key
+    /// wins.
+    pub fn with_pins(mut self, pins: impl IntoIterator<Item = (impl AsRef<str>, usize)>) -> Self {
+        let mut pins: Vec<(Box<[u8]>, usize)> = pins
+            .into_iter()
+            .map(|(k, arm)| (k.as_ref().as_bytes().into(), arm))
+            .collect();
+        pins.reverse();
+        pins.sort_by(|a, b| a.0.cmp(&b.0));
+        pins.dedup_by(|a, b| a.0 == b.0);
+        self.pins = pins;
+        self
+    }
+
+    /// The arm pinned for a sticky key, if any.
+    pub fn pinned(&self, key: &[u8]) -> Option<usize> {
+        if self.pins.is_empty() {
+            return None;
+        }
+        self.pins
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| self.pins[i].1)
     }
 
     /// Routes a request by its headers (override, then sticky bucket, then random).
@@ -205,17 +251,33 @@ impl Router {
                     arm,
                     bucket: None,
                     source: Source::Override,
+                    user: None,
                 };
             }
         }
-        let (bucket, source) = match sticky {
-            Some(v) => (self.bucket(v.as_bytes()), Source::Sticky),
-            None => (random_bucket(), Source::Random),
+        let Some(key) = sticky.map(HeaderValue::as_bytes) else {
+            let bucket = random_bucket();
+            return Decision {
+                arm: table.pick(bucket),
+                bucket: Some(bucket),
+                source: Source::Random,
+                user: None,
+            };
         };
+        if let Some(arm) = self.pinned(key) {
+            return Decision {
+                arm,
+                bucket: None,
+                source: Source::Pinned,
+                user: None,
+            };
+        }
+        let (bucket, user) = hash_key(&self.salt, key);
         Decision {
             arm: table.pick(bucket),
             bucket: Some(bucket),
-            source,
+            source: Source::Sticky,
+            user: Some(user),
         }
     }
 
@@ -227,6 +289,11 @@ impl Router {
     /// The bucket of a sticky key under this router's salt.
     pub fn bucket(&self, key: &[u8]) -> u16 {
         bucket(&self.salt, key)
+    }
+
+    /// The bucket and identity of a sticky key under this router's salt (see [`hash_key`]).
+    pub fn hash_key(&self, key: &[u8]) -> (u16, u64) {
+        hash_key(&self.salt, key)
     }
 }
 

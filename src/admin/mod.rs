@@ -153,6 +153,7 @@ const PATHS: &[(&str, &str)] = &[
     ("/rollout/resume", "POST"),
     ("/rollout/abort", "POST"),
     ("/route", "GET"),
+    ("/preview", "GET, POST"),
     ("/metrics", "GET"),
     ("/healthz", "GET"),
     ("/readyz", "GET"),
@@ -252,6 +253,11 @@ impl Admin {
                 Ok(self.rollout_response())
             }
             (&Method::GET, "/route") => self.route(req.uri().query()),
+            (&Method::GET | &Method::POST, "/preview") => {
+                let query = req.uri().query().map(str::to_owned);
+                let body = read_json(req).await?;
+                self.preview(query.as_deref(), body)
+            }
             (&Method::GET, "/metrics") => {
                 let mut r = Response::new(Full::new(Bytes::from(self.control.metrics().render())));
                 r.headers_mut().insert(
@@ -319,27 +325,126 @@ impl Admin {
     }
 
     fn put_weights(&self, body: Value) -> Result<Resp, ApiError> {
-        let Value::Object(map) = body else {
-            return Err(ApiError::bad_request(
-                "expected a JSON object of upstream name to percent, e.g. {\"canary\": 25}",
-            ));
-        };
-        let mut requested = BTreeMap::new();
-        for (name, v) in &map {
-            match v.as_f64().and_then(percent_to_bp) {
-                Some(bp) => {
-                    requested.insert(name.clone(), bp);
-                }
-                None => {
-                    return Err(ApiError::bad_request(format!(
-                        "weight of {name:?} must be a number from 0 to 100 with at most 2 \
-                         decimals, got {v}"
-                    )))
-                }
-            }
-        }
+        let requested = weight_table(body)?;
         self.control.set_weights(&requested)?;
         Ok(self.get_weights())
+    }
+
+    /// Who would move under another table: the table from the query (`canary=25`) or from a
+    /// JSON body, completed as `PUT /weights` would, against the effective weights now.
+    fn preview(&self, query: Option<&str>, body: Value) -> Result<Resp, ApiError> {
+        let table =
+            match (query.filter(|q| !q.is_empty()), body) {
+                (Some(_), Value::Object(_)) => return Err(ApiError::bad_request(
+                    "give the table either as the query (/preview?canary=25) or as a JSON body, \
+                     not both",
+                )),
+                (Some(q), _) => {
+                    let mut map = Map::new();
+                    for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+                        let n: f64 = v.trim().parse().map_err(|_| {
+                            ApiError::bad_request(format!(
+                                "weight of {k:?} must be a number from 0 to 100, got {v:?}"
+                            ))
+                        })?;
+                        map.insert(k.into_owned(), json!(n));
+                    }
+                    Value::Object(map)
+                }
+                (None, Value::Null) => return Err(ApiError::bad_request(
+                    "missing table: /preview?canary=25, or a JSON body such as {\"canary\": 25}",
+                )),
+                (None, body) => body,
+            };
+        let requested = weight_table(table)?;
+        let proposed = self.control.proposed_weights(&requested)?;
+        let snap = self.control.snapshot();
+        let view = self.control.view();
+        let names: Vec<&str> = snap.arms.iter().map(|a| &*a.name).collect();
+        let to = crate::routing::WeightTable::new(proposed.clone(), snap.table.baseline())
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let from = &snap.table;
+        let table_json = |w: &[u16]| -> Value {
+            names
+                .iter()
+                .zip(w)
+                .map(|(n, &bp)| ((*n).to_owned(), pct(bp)))
+                .collect::<Map<String, Value>>()
+                .into()
+        };
+        let ranges: Vec<Value> = crate::preview::moves(from, &to)
+            .iter()
+            .map(|m| {
+                json!({
+                    "from": names[m.from],
+                    "to": names[m.to],
+                    "buckets": [m.start, m.end],
+                    "share": f64::from(m.end - m.start) / f64::from(BASIS_POINTS),
+                })
+            })
+            .collect();
+        let moving_buckets: u32 = crate::preview::moves(from, &to)
+            .iter()
+            .map(|m| u32::from(m.end - m.start))
+            .sum();
+        let buckets = self.ledger.recent_buckets();
+        let sample = buckets.len() as u64;
+        let movers = crate::preview::movers(from, &to, buckets);
+        let moving: u64 = movers.iter().map(|(_, n)| n).sum();
+        let share = |n: u64| {
+            if sample == 0 {
+                Value::Null
+            } else {
+                json!(n as f64 / sample as f64)
+            }
+        };
+        let directions: Vec<Value> = movers
+            .iter()
+            .map(|&((f, t), n)| {
+                json!({"from": names[f], "to": names[t], "users": n, "share": share(n)})
+            })
+            .collect();
+        let mut notes = Vec::new();
+        for name in requested.keys() {
+            if let Some(trip) = view.tripped.get(name) {
+                notes.push(format!(
+                    "{name} is tripped ({}): PUT /weights would be refused until POST /reset; \
+                     shown as if it were not",
+                    trip.reason
+                ));
+            }
+        }
+        if !snap.config.routing.pins.is_empty() {
+            notes.push(format!(
+                "{} pinned user id(s) keep their arm under any table and are not in the sample",
+                snap.config.routing.pins.len()
+            ));
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({
+                "current": table_json(from.weights()),
+                "proposed": table_json(&proposed),
+                "buckets": {
+                    "moving": moving_buckets,
+                    "share": f64::from(moving_buckets) / f64::from(BASIS_POINTS),
+                    "ranges": ranges,
+                },
+                "users": {
+                    "sample": sample,
+                    "moving": moving,
+                    "share": share(moving),
+                    "by_direction": directions,
+                    "about": format!(
+                        "distinct sticky users seen recently (at least the last {} while \
+                         traffic lasts), each counted once by its bucket: exact for the sample",
+                        crate::preview::RECENT_USERS
+                    ),
+                },
+                "notes": notes,
+                "generation": snap.generation,
+            }),
+        ))
     }
 
     fn promote(&self, body: Value) -> Result<Resp, ApiError> {
@@ -376,6 +481,14 @@ impl Admin {
         let stats = self.ledger.windows.stats(tokio::time::Instant::now());
         let c = &view.config;
         let limits = c.rollback.limits();
+        let srm = self.ledger.srm();
+        let mismatch: Vec<&str> = srm
+            .iter()
+            .filter(|(_, r, u)| {
+                r.p_value < crate::analysis::srm::ALPHA || u.p_value < crate::analysis::srm::ALPHA
+            })
+            .map(|(n, _, _)| &**n)
+            .collect();
         let arms: Vec<Value> = c
             .upstreams
             .iter()
@@ -398,6 +511,9 @@ impl Admin {
                         "p99_ms": ms(w.and_then(|s| s.p99)),
                     },
                     "analysis": self.ledger.report(&u.name, &limits).map(|r| analysis_json(&r)),
+                    "srm": srm.iter().find(|(n, _, _)| **n == *u.name).map(|(_, r, us)| {
+                        json!({"requests": srm_json(r), "users": srm_json(us)})
+                    }),
                     "responses": c.response_analysis.as_ref().and_then(|_| {
                         self.control.responses().status(&u.name, &c.baseline().name)
                     }),
@@ -431,6 +547,10 @@ impl Admin {
                     "error_statuses": r.error_statuses.spec(),
                     "tripped": view.tripped.keys().collect::<Vec<_>>(),
                 },
+                "srm": {
+                    "alpha": crate::analysis::srm::ALPHA,
+                    "mismatch": mismatch,
+                },
                 "last_reload": last_reload,
                 "uptime_seconds": uptime_seconds(),
             }),
@@ -450,6 +570,24 @@ impl Admin {
         };
         let snap = self.control.snapshot();
         let bucket = snap.router.bucket(key.as_bytes());
+        if let Some(arm) = snap.router.pinned(key.as_bytes()) {
+            let name = &snap.arms[arm].name;
+            return Ok(json_response(
+                StatusCode::OK,
+                &json!({
+                    "key": key,
+                    "bucket": bucket,
+                    "arm": &**name,
+                    "pinned": true,
+                    "why": format!(
+                        "[routing.pins] pins {key:?} to {name}: it serves this user whatever the \
+                         weights and trips, and these requests are not part of the analysis or \
+                         of the split"
+                    ),
+                    "generation": snap.generation,
+                }),
+            ));
+        }
         let arm = snap.table.pick(bucket);
         let (start, end) = snap.table.range(arm);
         let name = &snap.arms[arm].name;
@@ -459,6 +597,7 @@ impl Admin {
                 "key": key,
                 "bucket": bucket,
                 "arm": &**name,
+                "pinned": false,
                 "range": [start, end],
                 "why": format!(
                     "md5(salt ++ key) gives bucket {bucket}; {name} serves buckets [{start}, {end}) \
@@ -486,6 +625,50 @@ fn percent_to_bp(p: f64) -> Option<u16> {
     }
     let bp = (p * 100.0).round();
     ((p * 100.0 - bp).abs() < 1e-6 && bp <= f64::from(BASIS_POINTS)).then_some(bp as u16)
+}
+
+/// One test of the sample-ratio guard, as `/status` shows it.
+fn srm_json(f: &crate::analysis::srm::Figures) -> Value {
+    let share = |x: f64| {
+        if f.draws == 0 {
+            Value::Null
+        } else {
+            json!(x / f.draws as f64)
+        }
+    };
+    json!({
+        "draws": f.draws,
+        "observed": f.observed,
+        "expected": f.expected,
+        "observed_share": share(f.observed as f64),
+        "expected_share": share(f.expected),
+        "chi_square": if f.chi_square.is_finite() { json!(f.chi_square) } else { Value::Null },
+        "p_value": f.p_value,
+    })
+}
+
+/// A JSON object of upstream name to percent, as basis points.
+fn weight_table(body: Value) -> Result<BTreeMap<String, u16>, ApiError> {
+    let Value::Object(map) = body else {
+        return Err(ApiError::bad_request(
+            "expected a JSON object of upstream name to percent, e.g. {\"canary\": 25}",
+        ));
+    };
+    let mut requested = BTreeMap::new();
+    for (name, v) in &map {
+        match v.as_f64().and_then(percent_to_bp) {
+            Some(bp) => {
+                requested.insert(name.clone(), bp);
+            }
+            None => {
+                return Err(ApiError::bad_request(format!(
+                    "weight of {name:?} must be a number from 0 to 100 with at most 2 \
+                     decimals, got {v}"
+                )))
+            }
+        }
+    }
+    Ok(requested)
 }
 
 /// Reads a JSON body of at most [`MAX_BODY`] bytes; an empty body is `null`.

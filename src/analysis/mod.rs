@@ -7,6 +7,7 @@ pub mod fields;
 pub mod histogram;
 pub mod sequential;
 pub mod simulate;
+pub mod srm;
 pub mod window;
 
 /// Test helpers shared by the modules' property tests.

@@ -1,7 +1,7 @@
 //! Reads the spanned TOML tree into a [`Config`], recording every problem instead of stopping
 //! at the first.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -15,7 +15,8 @@ use toml::Spanned;
 use super::schema::{
     AdminConfig, Config, ConfigError, ConfigErrors, HookEvent, ListenConfig, OnInconclusive,
     ResponseAnalysisConfig, RollbackConfig, RolloutConfig, RolloutStart, RoutingConfig,
-    ShadowConfig, StateConfig, StatusSet, TlsFiles, UpstreamConfig, UpstreamTls, WebhookConfig,
+    ShadowConfig, StateConfig, StatusSet, TlsFiles, UpstreamConfig, UpstreamTls, Warmup,
+    WebhookConfig,
 };
 use crate::routing::BASIS_POINTS;
 
@@ -77,6 +78,7 @@ const ROUTING_KEYS: &[&str] = &[
     "override_header",
     "response_header",
     "baseline",
+    "pins",
 ];
 const UPSTREAM_KEYS: &[&str] = &[
     "name",
@@ -87,6 +89,9 @@ const UPSTREAM_KEYS: &[&str] = &[
     "ca_file",
     "client_cert",
     "client_key",
+    "warmup",
+    "warmup_path",
+    "warmup_requests",
 ];
 const ROLLBACK_KEYS: &[&str] = &[
     "enabled",
@@ -170,6 +175,10 @@ impl<'s> Reader<'s> {
         let routing = self.routing(routing_t);
         let upstreams = self.upstreams(doc);
         let baseline = self.baseline(routing_t, &upstreams, doc);
+        let pins = self.pins(routing_t, &upstreams, doc);
+        if let Some(b) = baseline {
+            self.warmup_arms(&upstreams, b, doc);
+        }
         let rollback = self.rollback(rollback_t);
         let state = StateConfig {
             file: self.opt_path(state_t, "state", "file"),
@@ -195,10 +204,12 @@ impl<'s> Reader<'s> {
             Some(t) => self.response_analysis(t).map(Some),
             None => Some(None),
         };
+        let mut routing = routing?;
+        routing.pins = pins?;
         Some(Config {
             listen: listen?,
             admin: admin?,
-            routing: routing?,
+            routing,
             upstreams,
             baseline: baseline?,
             rollback: rollback?,
@@ -324,7 +335,124 @@ impl<'s> Reader<'s> {
             salt,
             override_header: override_header?,
             response_header: response_header?,
+            pins: Default::default(),
         })
+    }
+
+    /// `[routing.pins]`: sticky key → the name of an upstream. Every pin names a configured
+    /// upstream.
+    fn pins(
+        &mut self,
+        routing: &Table<'_>,
+        ups: &[UpstreamConfig],
+        doc: &Table<'_>,
+    ) -> Option<BTreeMap<String, String>> {
+        let Some(v) = routing.get("pins") else {
+            return Some(BTreeMap::new());
+        };
+        let DeValue::Table(t) = v.get_ref() else {
+            self.err(
+                "routing.pins",
+                Some(v.span()),
+                format!(
+                    "expected a table of user id = upstream name, found {}",
+                    v.get_ref().type_str()
+                ),
+            );
+            return None;
+        };
+        // An entry with problems of its own is not among `ups`, but its name is a name.
+        let names: Vec<String> = doc
+            .get("upstream")
+            .and_then(|v| v.get_ref().as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.get_ref().as_table()?.get("name")?.get_ref().as_str())
+            .map(str::to_owned)
+            .chain(ups.iter().map(|u| u.name.clone()))
+            .collect();
+        let mut out = BTreeMap::new();
+        let mut ok = true;
+        for (k, value) in t.iter() {
+            let key: &str = k.get_ref();
+            let path = format!("routing.pins.{key:?}");
+            if key.is_empty() || http::HeaderValue::from_str(key).is_err() {
+                self.err(
+                    &path,
+                    Some(k.span()),
+                    "a pinned user id must be a non-empty header value (visible ASCII and spaces)",
+                );
+                ok = false;
+                continue;
+            }
+            match value.get_ref() {
+                DeValue::String(arm) if names.iter().any(|n| n == arm.as_ref()) => {
+                    out.insert(key.to_owned(), arm.to_string());
+                }
+                DeValue::String(arm) => {
+                    let list: Vec<&str> = ups.iter().map(|u| u.name.as_str()).collect();
+                    self.err(
+                        &path,
+                        Some(value.span()),
+                        format!(
+                            "unknown upstream {arm:?}; upstreams are: {}",
+                            list.join(", ")
+                        ),
+                    );
+                    ok = false;
+                }
+                other => {
+                    self.err(
+                        &path,
+                        Some(value.span()),
+                        format!(
+                            "expected an upstream name (string), found {}",
+                            other.type_str()
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(out)
+    }
+
+    /// Warmup ramps a non-baseline arm's weight: the baseline takes whatever the others leave,
+    /// so it has no weight of its own to ramp.
+    fn warmup_arms(&mut self, ups: &[UpstreamConfig], baseline: usize, doc: &Table<'_>) {
+        let Some(base) = ups.get(baseline) else {
+            return;
+        };
+        if base.warmup.is_none() {
+            return;
+        }
+        let span = doc
+            .get("upstream")
+            .and_then(|v| v.get_ref().as_array())
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .find(|(_, e)| {
+                e.get_ref()
+                    .as_table()
+                    .and_then(|t| t.get("name"))
+                    .and_then(|n| n.get_ref().as_str())
+                    == Some(base.name.as_str())
+            })
+            .and_then(|(i, e)| Some((i, e.get_ref().as_table()?.get("warmup")?.span())));
+        let (i, span) = match span {
+            Some((i, s)) => (i, Some(s)),
+            None => (baseline, None),
+        };
+        self.err(
+            format!("upstream[{i}].warmup"),
+            span,
+            format!(
+                "{:?} is the baseline: it takes the traffic the other arms leave, so it has no \
+                 weight to ramp; set warmup on the canaries",
+                base.name
+            ),
+        );
     }
 
     fn upstreams(&mut self, doc: &Table<'_>) -> Vec<UpstreamConfig> {
@@ -462,6 +590,7 @@ impl<'s> Reader<'s> {
             Some(v) => self.weight(&join(p, "weight"), v),
         };
         let connect_timeout = self.duration(t, p, "connect_timeout", Duration::from_secs(2));
+        let warmup = self.warmup(t, p);
         let http2 = self.boolean(t, p, "http2", false);
         let ca_file = self.opt_path(t, p, "ca_file");
         let client = self.file_pair(t, p, "client_cert", "client_key");
@@ -487,7 +616,75 @@ impl<'s> Reader<'s> {
                 ca_file,
                 client: client?.map(|(cert, key)| TlsFiles { cert, key }),
             },
+            warmup: warmup?,
         })
+    }
+
+    /// `warmup` (the ramp), `warmup_path` and `warmup_requests` of one upstream.
+    fn warmup(&mut self, t: &Table<'_>, p: &str) -> Option<Option<Warmup>> {
+        let duration = match t.get("warmup") {
+            None => None,
+            Some(v) => {
+                let d = self.duration(t, p, "warmup", Duration::ZERO)?;
+                if d > Duration::from_secs(24 * 3600) {
+                    self.err(join(p, "warmup"), Some(v.span()), "warmup is at most 24h");
+                    return None;
+                }
+                Some(d)
+            }
+        };
+        let path = match t.get("warmup_path") {
+            None => None,
+            Some(v) => {
+                let s = self.string(t, p, "warmup_path")?;
+                if !s.starts_with('/') || s.parse::<http::uri::PathAndQuery>().is_err() {
+                    self.err(
+                        join(p, "warmup_path"),
+                        Some(v.span()),
+                        format!("invalid path {s:?}: expected a path such as \"/healthz\""),
+                    );
+                    return None;
+                }
+                Some(s)
+            }
+        };
+        let requests = match t.get("warmup_requests") {
+            None => None,
+            Some(_) => Some(self.int(t, p, "warmup_requests", 0, 1..=10_000)? as u32),
+        };
+        let Some(duration) = duration else {
+            for key in ["warmup_path", "warmup_requests"] {
+                if let Some(v) = t.get(key) {
+                    self.err(
+                        join(p, key),
+                        Some(v.span()),
+                        "only used with `warmup` (the ramp's duration, e.g. \"60s\")",
+                    );
+                }
+            }
+            return if t.contains_key("warmup_path") || t.contains_key("warmup_requests") {
+                None
+            } else {
+                Some(None)
+            };
+        };
+        if let (None, Some(_)) = (&path, requests) {
+            self.err(
+                join(p, "warmup_requests"),
+                t.get("warmup_requests").map(|v| v.span()),
+                "warmup requests need `warmup_path` (where to send them)",
+            );
+            return None;
+        }
+        let requests = match &path {
+            Some(_) => requests.unwrap_or(10),
+            None => 0,
+        };
+        Some(Some(Warmup {
+            duration,
+            path,
+            requests,
+        }))
     }
 
     fn weight(&mut self, path: &str, v: &Value<'_>) -> Option<u16> {

@@ -70,6 +70,19 @@ pub struct AdminConfig {
     pub token_file: Option<PathBuf>,
 }
 
+/// `warmup`, `warmup_path`, `warmup_requests` of an `[[upstream]]`: when the arm's url
+/// changes, the warmup requests go to the new url first, then the arm's effective weight ramps
+/// from a tenth of its weight to all of it over `duration`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warmup {
+    /// How long the ramp takes.
+    pub duration: Duration,
+    /// Path (and query) of the warmup requests, when any are sent.
+    pub path: Option<String>,
+    /// How many warmup requests are sent (0 without a path).
+    pub requests: u32,
+}
+
 /// `[routing]` section.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutingConfig {
@@ -81,6 +94,8 @@ pub struct RoutingConfig {
     pub override_header: Option<HeaderName>,
     /// Response header naming the arm that served; `None` when turned off.
     pub response_header: Option<HeaderName>,
+    /// Sticky keys with a fixed arm (`[routing.pins]`): key → upstream name.
+    pub pins: std::collections::BTreeMap<String, String>,
 }
 
 /// One `[[upstream]]` entry.
@@ -98,6 +113,8 @@ pub struct UpstreamConfig {
     pub http2: bool,
     /// TLS settings for an https:// upstream.
     pub tls: UpstreamTls,
+    /// Slow start of a new build (its url changed), when set.
+    pub warmup: Option<Warmup>,
 }
 
 /// A PEM certificate chain and its private key.
@@ -380,6 +397,11 @@ impl Config {
             self.routing.override_header.clone(),
             self.upstreams.iter().map(|u| u.name.as_str()),
         )
+        .with_pins(self.routing.pins.iter().filter_map(|(key, arm)| {
+            // parse() only returns configs whose pins name upstreams.
+            let i = self.upstreams.iter().position(|u| u.name == *arm)?;
+            Some((key.as_str(), i))
+        }))
     }
 
     /// The configured weight table.

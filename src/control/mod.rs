@@ -166,8 +166,17 @@ impl Inner {
     }
 }
 
+/// The effective weights of one snapshot, by arm name.
+pub type Weights = Arc<[(Arc<str>, u16)]>;
+
+/// How many published tables [`Control::weights_at`] remembers: outcomes are counted within
+/// milliseconds of their routing, while tables change at most a few times a second.
+const TABLE_HISTORY: usize = 64;
+
 /// Owner of the published snapshot.
 pub struct Control {
+    /// The effective weights of the last [`TABLE_HISTORY`] snapshots, oldest first.
+    tables: Mutex<std::collections::VecDeque<(u64, Weights)>>,
     /// Shadow results and response distributions, kept across reloads.
     observed: (Arc<ShadowStats>, Arc<ResponseStats>),
     current: ArcSwap<Snapshot>,
@@ -213,7 +222,9 @@ impl Control {
         reconcile(&mut inner, None);
         let snap = build_snapshot(1, &inner, &observed);
         publish_gauges(&snap);
+        let tables = Mutex::new(std::collections::VecDeque::from([(1, weights_of(&snap))]));
         let control = Arc::new(Control {
+            tables,
             observed,
             current: ArcSwap::from_pointee(snap),
             inner: Mutex::new(inner),
@@ -228,6 +239,16 @@ impl Control {
     #[inline]
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// The effective weights of snapshot `generation`, if it is one of the last 64.
+    pub fn weights_at(&self, generation: u64) -> Option<Weights> {
+        let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        tables
+            .iter()
+            .rev()
+            .find(|(g, _)| *g == generation)
+            .map(|(_, w)| w.clone())
     }
 
     /// The metrics registry.
@@ -256,6 +277,13 @@ impl Control {
         inner.generation += 1;
         let snap = build_snapshot(inner.generation, inner, &self.observed);
         publish_gauges(&snap);
+        {
+            let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+            if tables.len() == TABLE_HISTORY {
+                tables.pop_front();
+            }
+            tables.push_back((snap.generation, weights_of(&snap)));
+        }
         self.current.store(Arc::new(snap));
         self.persist(inner);
         inner.generation
@@ -348,60 +376,29 @@ impl Control {
     /// the baseline gets the remainder (if named, it must equal the remainder).
     pub fn set_weights(&self, requested: &BTreeMap<String, u16>) -> Result<u64, ChangeError> {
         let mut inner = self.lock();
-        let config = inner.config.clone();
-        let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
-        if requested.is_empty() {
-            return Err(ChangeError::Invalid(
-                "empty weight table; send e.g. {\"canary\": 25}".into(),
-            ));
-        }
-        for name in requested.keys() {
-            if !names.contains(&name.as_str()) {
-                return Err(ChangeError::Invalid(format!(
-                    "unknown upstream {name:?}; upstreams are: {}",
-                    names.join(", ")
-                )));
+        let known = |n: &String| inner.config.upstreams.iter().any(|u| u.name == *n);
+        // Refusals in order: an empty table or an unknown name, a tripped arm, the sums.
+        if !requested.is_empty() && requested.keys().all(known) {
+            if let Some((name, trip)) = requested
+                .keys()
+                .filter_map(|n| inner.tripped.get_key_value(n))
+                .next()
+            {
+                return Err(tripped_error(name, trip));
             }
         }
-        if let Some((name, trip)) = requested
-            .keys()
-            .filter_map(|n| inner.tripped.get_key_value(n))
-            .next()
-        {
-            return Err(tripped_error(name, trip));
-        }
-        let (mut weights, _) = configured(&inner);
-        let baseline = config.baseline;
-        for (i, name) in names.iter().enumerate() {
-            if let Some(&w) = requested.get(*name) {
-                weights[i] = w;
-            }
-        }
-        let others: u32 = weights
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| i != baseline)
-            .map(|(_, &w)| u32::from(w))
-            .sum();
-        let Some(rest) = u32::from(BASIS_POINTS).checked_sub(others) else {
-            return Err(ChangeError::Invalid(format!(
-                "non-baseline weights sum to {}%, more than 100",
-                crate::routing::fmt_percent_u32(others)
-            )));
-        };
-        let rest = rest as u16; // <= 10000
-        if let Some(&b) = requested.get(names[baseline]) {
-            if b != rest {
-                return Err(ChangeError::Invalid(format!(
-                    "weights must sum to 100: baseline {:?} would need {}%, got {}%",
-                    names[baseline],
-                    fmt_percent(rest),
-                    fmt_percent(b)
-                )));
-            }
-        }
-        weights[baseline] = rest;
+        let weights = completed(&inner, requested)?;
         Ok(self.store_weights(&mut inner, weights, false))
+    }
+
+    /// The complete table `PUT /weights` would set for `requested` (unnamed non-baseline arms
+    /// keep their weight, the baseline gets the rest), without setting it; trips are not
+    /// applied.
+    pub fn proposed_weights(
+        &self,
+        requested: &BTreeMap<String, u16>,
+    ) -> Result<Vec<u16>, ChangeError> {
+        completed(&self.lock(), requested)
     }
 
     /// Sets the weight of `arm` for the progressive rollout: the baseline gets the rest,
@@ -578,6 +575,68 @@ impl Control {
     }
 }
 
+/// Completes a partial admin table: unnamed non-baseline arms keep their configured weight,
+/// the baseline gets the remainder (if named, it must equal the remainder).
+fn completed(inner: &Inner, requested: &BTreeMap<String, u16>) -> Result<Vec<u16>, ChangeError> {
+    let (weights, _) = configured(inner);
+    complete_weights(&inner.config, weights, requested)
+}
+
+/// Completes a partial table against `weights` (per arm of `config`): named arms take the
+/// requested weight, unnamed non-baseline arms keep theirs, the baseline gets the remainder
+/// (if named, it must equal it).
+pub fn complete_weights(
+    config: &Config,
+    mut weights: Vec<u16>,
+    requested: &BTreeMap<String, u16>,
+) -> Result<Vec<u16>, ChangeError> {
+    let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+    if requested.is_empty() {
+        return Err(ChangeError::Invalid(
+            "empty weight table; send e.g. {\"canary\": 25}".into(),
+        ));
+    }
+    for name in requested.keys() {
+        if !names.contains(&name.as_str()) {
+            return Err(ChangeError::Invalid(format!(
+                "unknown upstream {name:?}; upstreams are: {}",
+                names.join(", ")
+            )));
+        }
+    }
+    let baseline = config.baseline;
+    for (i, name) in names.iter().enumerate() {
+        if let Some(&w) = requested.get(*name) {
+            weights[i] = w;
+        }
+    }
+    let others: u32 = weights
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != baseline)
+        .map(|(_, &w)| u32::from(w))
+        .sum();
+    let Some(rest) = u32::from(BASIS_POINTS).checked_sub(others) else {
+        return Err(ChangeError::Invalid(format!(
+            "non-baseline weights sum to {}%, more than 100",
+            crate::routing::fmt_percent_u32(others)
+        )));
+    };
+    let rest = rest as u16; // <= 10000
+    if let Some(&b) = requested.get(names[baseline]) {
+        if b != rest {
+            return Err(ChangeError::Invalid(format!(
+                "weights must sum to 100: baseline {:?} would need {}%, got {}%",
+                names[baseline],
+                fmt_percent(rest),
+                fmt_percent(b)
+            )));
+        }
+    }
+    weights[baseline] = rest;
+    Ok(weights)
+}
+
 fn tripped_error(name: &str, trip: &Trip) -> ChangeError {
     ChangeError::Tripped(format!(
         "upstream {name:?} is tripped ({}: {}); POST /reset first",
@@ -702,6 +761,14 @@ pub fn describe(names: &[&str], weights: &[u16]) -> String {
         .map(|(n, &w)| format!("{n}={}", fmt_percent(w)))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+fn weights_of(snap: &Snapshot) -> Weights {
+    snap.arms
+        .iter()
+        .zip(snap.table.weights())
+        .map(|(a, &w)| (a.name.clone(), w))
+        .collect()
 }
 
 fn publish_gauges(snap: &Snapshot) {

@@ -27,7 +27,7 @@ use crate::control::{Arm, Control, Snapshot};
 use crate::http1::fields::remove_hop_by_hop;
 use crate::metrics::{InFlight, Metrics};
 use crate::observe::{is_json, PrimarySink, ShadowRequest};
-use crate::release::outcome::{Outcome, OutcomeSender};
+use crate::release::outcome::{Outcome, OutcomeSender, Routed};
 use crate::routing::{Decision, Source};
 use crate::upstream::error::{FailureKind, UpstreamError};
 use crate::upstream::forwarded::Forwarded;
@@ -37,6 +37,8 @@ use crate::upstream::{UpstreamBody, UpstreamResponseBody};
 struct Ctx {
     start: Instant,
     decision: Decision,
+    /// How the arm answering was chosen (a failover makes it `Forced`).
+    routed: Routed,
     /// Method and path for the access log, captured only when it is on.
     request_line: Option<(http::Method, String)>,
     /// The client side of an HTTP/1.1 Upgrade (WebSocket), if the request asked for one.
@@ -147,6 +149,7 @@ impl Proxy {
         let mut ctx = Ctx {
             start,
             decision,
+            routed: Routed::of(&decision, snap.generation),
             request_line: snap
                 .access_log
                 .then(|| (req.method().clone(), req.uri().path().to_owned())),
@@ -210,8 +213,8 @@ impl Proxy {
         // connection costs the user nothing: the baseline answers instead. Not when the client
         // forced the arm: whoever asks for the canary by name wants the canary's answer, and a
         // baseline 200 would hide that it is down.
-        let replay = if decision.arm == snap.table.baseline() || decision.source == Source::Override
-        {
+        let forced = matches!(decision.source, Source::Override | Source::Pinned);
+        let replay = if decision.arm == snap.table.baseline() || forced {
             None
         } else {
             Replay::of(&up, base)
@@ -230,7 +233,9 @@ impl Proxy {
                     error: true,
                     latency: start.elapsed(),
                     at: Instant::now(),
+                    routed: ctx.routed,
                 });
+                ctx.routed = Routed::Forced;
                 drop(in_flight);
                 let in_flight = base.metrics.start();
                 let timeout = snap.request_timeout.saturating_sub(start.elapsed());
@@ -335,6 +340,7 @@ impl Proxy {
                             error,
                             latency: ctx.start.elapsed(),
                             at: Instant::now(),
+                            routed: ctx.routed,
                         }),
                         arm: arm.metrics.clone(),
                         outcomes: self.outcomes.clone(),
@@ -428,6 +434,7 @@ impl Proxy {
                 error,
                 latency: elapsed,
                 at: ctx.start + elapsed,
+                routed: ctx.routed,
             });
         }
         if let Some(h) = &snap.response_header {

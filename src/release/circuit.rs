@@ -25,11 +25,13 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::outcome::{Outcome, OutcomeReceiver};
+use super::outcome::{Outcome, OutcomeReceiver, Routed};
 use crate::analysis::compare::{Comparison, Limits, Metric, Report, Verdict};
+use crate::analysis::srm::{self, Srm};
 use crate::analysis::window::{Window, WindowStats};
-use crate::control::{Control, Snapshot};
+use crate::control::{Control, Snapshot, Weights};
 use crate::metrics::Metrics;
+use crate::preview::RecentUsers;
 
 /// While outcomes keep coming, the task takes a batch at least this often, so baseline
 /// outcomes (which do not wake it) reach the windows within 10 ms. An idle task blocks on the
@@ -118,6 +120,64 @@ pub struct Ledger {
     /// Recent numbers per arm, over `[rollback] window`.
     pub windows: Windows,
     analyses: Mutex<Analyses>,
+    guard: Mutex<Guard>,
+}
+
+/// What the split's outcomes feed besides the analysis: the sample-ratio guard and the
+/// recently seen users of the preview.
+#[derive(Debug, Default)]
+struct Guard {
+    srm: Srm,
+    recent: RecentUsers,
+    /// The table last looked up: its generation and, per arm, its guard index and weight.
+    table: Option<(u64, Vec<(usize, u16)>)>,
+    /// Arms whose mismatch has been logged (once per episode).
+    warned: Vec<Arc<str>>,
+    exported_at: Option<Instant>,
+    /// The salt the recent users' buckets were computed with.
+    salt: Option<String>,
+}
+
+impl Guard {
+    fn lock(m: &Mutex<Guard>) -> std::sync::MutexGuard<'_, Guard> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts one outcome routed by the weights of `generation`.
+    fn record(
+        &mut self,
+        arm: &Arc<str>,
+        generation: u64,
+        bucket: u16,
+        user: Option<u64>,
+        weights_at: &dyn Fn(u64) -> Option<Weights>,
+    ) {
+        if let Some(u) = user {
+            self.recent.insert(u, bucket);
+        }
+        if self.table.as_ref().is_none_or(|(g, _)| *g != generation) {
+            // A table older than the history cannot be judged; its outcomes are not counted.
+            let Some(weights) = weights_at(generation) else {
+                self.table = None;
+                return;
+            };
+            let mapped = weights
+                .iter()
+                .map(|(name, w)| (self.srm.arm_index(name), *w))
+                .collect();
+            self.table = Some((generation, mapped));
+        }
+        let Some((_, weights)) = &self.table else {
+            return;
+        };
+        let Some(&(served, _)) = weights
+            .iter()
+            .find(|&&(i, _)| *self.srm.arms()[i].name == **arm)
+        else {
+            return;
+        };
+        self.srm.record(weights, served, user);
+    }
 }
 
 /// The comparisons, one per non-baseline arm.
@@ -201,14 +261,37 @@ impl Analyses {
 
 impl Ledger {
     /// Records a batch: every outcome into its arm's window; an arm's outcome into its
-    /// comparison, a baseline outcome into every comparison.
-    pub fn record(&self, batch: &[Outcome], window: Duration) {
+    /// comparison, a baseline outcome into every comparison (pinned users' outcomes into
+    /// neither); the split's outcomes into the sample-ratio guard, whose tables come from
+    /// `weights_at`.
+    pub fn record(
+        &self,
+        batch: &[Outcome],
+        window: Duration,
+        weights_at: &dyn Fn(u64) -> Option<Weights>,
+    ) {
         self.windows.record(batch, window);
+        {
+            let mut g = Guard::lock(&self.guard);
+            for o in batch {
+                if let Routed::Split {
+                    generation,
+                    bucket,
+                    user,
+                } = o.routed
+                {
+                    g.record(&o.arm, generation, bucket, user, weights_at);
+                }
+            }
+        }
         let mut a = Analyses::lock(&self.analyses);
         let Some(baseline) = a.baseline.clone() else {
             return;
         };
         for o in batch {
+            if o.routed == Routed::Pinned {
+                continue;
+            }
             if *o.arm == *baseline {
                 for e in &mut a.arms {
                     e.comparison.record_baseline(o.error, o.latency);
@@ -235,6 +318,27 @@ impl Ledger {
             || baseline
                 .as_ref()
                 .is_some_and(|b| restart.iter().any(|r| r == b));
+        {
+            let mut g = Guard::lock(&self.guard);
+            let arms_changed = g.srm.arms().len() > snap.arms.len()
+                || g.srm
+                    .arms()
+                    .iter()
+                    .any(|t| !snap.arms.iter().any(|a| a.name == t.name));
+            if new_baseline || !restart.is_empty() || arms_changed {
+                // The split starts over with the new build (or the new set of arms): the
+                // guard counts what serves now.
+                g.srm = Srm::new();
+                g.table = None;
+                g.warned.clear();
+                g.exported_at = None;
+            }
+            let salt = &snap.config.routing.salt;
+            if g.salt.as_ref() != Some(salt) {
+                g.recent.clear();
+                g.salt = Some(salt.clone());
+            }
+        }
         a.baseline = baseline.clone();
         a.arms.retain(|e| {
             snap.arms.iter().any(|arm| arm.name == e.arm) && Some(&e.arm) != baseline.as_ref()
@@ -252,6 +356,54 @@ impl Ledger {
                 None => a.arms.push(Entry::new(arm.name.clone())),
             }
         }
+    }
+
+    /// The sample-ratio guard's figures for every arm it has seen: by requests, by users.
+    pub fn srm(&self) -> Vec<(Arc<str>, srm::Figures, srm::Figures)> {
+        let g = Guard::lock(&self.guard);
+        g.srm
+            .arms()
+            .iter()
+            .map(|a| (a.name.clone(), a.requests.figures(), a.users.figures()))
+            .collect()
+    }
+
+    /// The sample-ratio mismatch of `arm` with its numbers, if the guard shows one.
+    pub fn srm_mismatch(&self, arm: &str) -> Option<String> {
+        let g = Guard::lock(&self.guard);
+        g.srm.arm(arm).and_then(srm::mismatch)
+    }
+
+    /// The buckets of the recently seen distinct sticky users (see [`crate::preview`]).
+    pub fn recent_buckets(&self) -> Vec<u16> {
+        Guard::lock(&self.guard).recent.buckets().collect()
+    }
+
+    /// Exports the guard's p-values and logs a mismatch once per episode, at most every
+    /// [`EXPORT_EVERY`].
+    fn export_guard(&self, metrics: &Metrics, now: Instant) {
+        let mut g = Guard::lock(&self.guard);
+        if g.exported_at
+            .is_some_and(|at| now.saturating_duration_since(at) < EXPORT_EVERY)
+        {
+            return;
+        }
+        g.exported_at = Some(now);
+        let mut flagged = Vec::new();
+        for a in g.srm.arms() {
+            let (r, u) = (a.requests.figures(), a.users.figures());
+            metrics.srm_p_value(&a.name, "requests", r.p_value);
+            metrics.srm_p_value(&a.name, "users", u.p_value);
+            if let Some(detail) = srm::mismatch(a) {
+                flagged.push((a.name.clone(), detail));
+            }
+        }
+        for (name, detail) in &flagged {
+            if !g.warned.contains(name) {
+                tracing::warn!(upstream = %name, detail = %detail, "sample-ratio mismatch: the arm's share of traffic does not follow its weights; the analysis may be biased and a rollout will not advance");
+            }
+        }
+        g.warned = flagged.into_iter().map(|(n, _)| n).collect();
     }
 
     /// The analysis of `arm` as it stands, if it is a non-baseline arm. The intervals take
@@ -391,7 +543,9 @@ pub fn spawn(control: Arc<Control>, ledger: Arc<Ledger>, rx: OutcomeReceiver) ->
         while rx.recv_many(&mut batch, BATCH).await > 0 {
             let snap = control.snapshot();
             seen.sync(&snap, &ledger, control.metrics());
-            ledger.record(&batch, snap.config.rollback.window);
+            ledger.record(&batch, snap.config.rollback.window, &|g| {
+                control.weights_at(g)
+            });
             check(&control, &snap, &ledger, &batch);
             let full = batch.len() == BATCH;
             batch.clear();
@@ -418,6 +572,7 @@ fn check(control: &Control, snap: &Snapshot, ledger: &Ledger, batch: &[Outcome])
     let cfg = &snap.config.rollback;
     let limits = cfg.limits();
     let now = Instant::now();
+    ledger.export_guard(control.metrics(), now);
     for arm in &snap.arms {
         if Arc::ptr_eq(&arm.name, &baseline.name) || !batch.iter().any(|o| o.arm == arm.name) {
             continue;
@@ -469,6 +624,7 @@ max_error_rate_increase = 0.02
             error,
             latency: ms(5),
             at: Instant::now(),
+            routed: crate::release::outcome::Routed::Forced,
         }
     }
 

@@ -29,6 +29,44 @@ pub struct Outcome {
     pub latency: Duration,
     /// When it finished.
     pub at: Instant,
+    /// How its arm was chosen.
+    pub routed: Routed,
+}
+
+/// How a request's arm was chosen, as the analysis and the sample-ratio guard see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    /// By the weights of snapshot `generation`: `user` is the sticky key's identity, `None`
+    /// for a random bucket.
+    Split {
+        /// The snapshot whose table routed it.
+        generation: u64,
+        /// The request's bucket.
+        bucket: u16,
+        /// The sticky key's identity ([`crate::routing::hash_key`]).
+        user: Option<u64>,
+    },
+    /// Forced by the override header, or answered by the baseline after a failover: part of
+    /// the analysis, not of the split.
+    Forced,
+    /// A pinned user (`[routing.pins]`): neither part of the analysis nor of the split.
+    Pinned,
+}
+
+impl Routed {
+    /// How `decision`, taken on the table of snapshot `generation`, routed.
+    pub fn of(decision: &crate::routing::Decision, generation: u64) -> Self {
+        use crate::routing::Source;
+        match (decision.source, decision.bucket) {
+            (Source::Sticky | Source::Random, Some(bucket)) => Routed::Split {
+                generation,
+                bucket,
+                user: decision.user,
+            },
+            (Source::Pinned, _) => Routed::Pinned,
+            _ => Routed::Forced,
+        }
+    }
 }
 
 /// Sending half, held by the proxy.

@@ -149,6 +149,9 @@ pub struct Rollout {
     pub pending: Option<Pending>,
     /// Whether `max_step_duration` passed with the step inconclusive and it holds.
     pub holding: bool,
+    /// Whether the sample-ratio guard holds the step (a mismatch was shown).
+    #[serde(default)]
+    pub srm_hold: bool,
     /// Every step so far.
     pub history: Vec<StepRecord>,
 }
@@ -174,6 +177,8 @@ pub struct Observed<'a> {
     pub step: Option<StepStatus>,
     /// The analysis since the build started fails: (metric, the numbers).
     pub failing: Option<(Metric, String)>,
+    /// The sample-ratio guard shows a mismatch of the arm or the baseline: the numbers.
+    pub srm: Option<String>,
 }
 
 /// What the driver does for the rollout.
@@ -226,6 +231,7 @@ impl Rollout {
             reason: format!("started ({why})"),
             pending: Some(Pending::FirstStep),
             holding: false,
+            srm_hold: false,
             history: Vec::new(),
         };
         let message = format!(
@@ -326,7 +332,23 @@ impl Rollout {
         let minimums =
             at_step >= c.min_step_duration && arm_n >= c.min_requests && base_n >= c.min_requests;
         let passes = !verdicts.is_empty() && verdicts.iter().all(|(_, v)| *v == Verdict::Pass);
-        if minimums && passes {
+        match (&o.srm, self.srm_hold) {
+            (Some(detail), false) => {
+                self.srm_hold = true;
+                self.reason = format!(
+                    "step {} holds: sample-ratio mismatch ({detail}); the analysis may be \
+                     biased, so the rollout does not advance while it shows",
+                    i + 1
+                );
+                out.push(Action::Notify(HookEvent::Event, self.reason.clone()));
+            }
+            (None, true) => {
+                self.srm_hold = false;
+                self.reason = format!("step {}: the sample-ratio mismatch is gone", i + 1);
+            }
+            _ => {}
+        }
+        if minimums && passes && !self.srm_hold {
             let detail = format!(
                 "passed after {} with {arm_n} requests of {} and {base_n} of the baseline; {}",
                 humantime::format_duration(Duration::from_secs(at_step.as_secs())),
@@ -343,6 +365,11 @@ impl Rollout {
             });
             self.reason = format!("step {} passed", i + 1);
             out.push(Action::Notify(HookEvent::Event, self.reason.clone()));
+            return out;
+        }
+        if self.srm_hold {
+            // Held by the guard, not by an inconclusive analysis: `on_inconclusive` does not
+            // apply.
             return out;
         }
         if at_step >= c.max_step_duration && !self.holding {
@@ -885,6 +912,9 @@ pub fn spawn(
                 url: url.clone(),
                 step: ledger.step_status(&r.upstream, &limits),
                 failing: ledger.failing(&r.upstream, &limits),
+                srm: ledger
+                    .srm_mismatch(&r.upstream)
+                    .or_else(|| ledger.srm_mismatch(&snap.config.baseline().name)),
             };
             let _ = rollouts.change(&ctx, |r| Ok(r.tick(&observed)));
             let Some(r) = rollouts.get() else { continue };
@@ -969,7 +999,29 @@ mod tests {
                 verdicts: vec![(Metric::ErrorRate, v), (Metric::ErrorRateIncrease, v)],
             }),
             failing: None,
+            srm: None,
         }
+    }
+
+    #[test]
+    fn a_sample_ratio_mismatch_holds_the_step_until_it_is_gone() {
+        let c = config(OnInconclusive::Hold);
+        let mut r = started(&c);
+        let mut o = seen(&c, &r, 60, 1000, Verdict::Pass);
+        o.srm = Some("by users: 12 of 1000".into());
+        let actions = r.tick(&o);
+        assert!(r.srm_hold && r.pending.is_none(), "{actions:?}");
+        assert!(r.reason.contains("sample-ratio mismatch"), "{}", r.reason);
+        assert_eq!(actions.len(), 1, "{actions:?}");
+        // Still shown: still held, and not notified again.
+        o.elapsed = Duration::from_secs(600);
+        assert!(r.tick(&o).is_empty());
+        assert_eq!((r.step_number(), r.pending), (1, None));
+        // Gone: the step passes at the next look.
+        o.srm = None;
+        r.tick(&o);
+        assert!(!r.srm_hold);
+        assert_eq!(r.pending, Some(Pending::StepUp));
     }
 
     fn started(c: &RolloutConfig) -> Rollout {

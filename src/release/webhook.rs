@@ -214,6 +214,7 @@ impl Transport {
             connect_timeout: CONNECT_TIMEOUT,
             http2: false,
             tls: UpstreamTls::default(),
+            warmup: None,
         };
         let tls = match crate::tls::client_config(&probe) {
             Ok(Some(tls)) => tls,
