@@ -146,6 +146,7 @@ pub async fn run(
         rollouts.clone(),
         webhooks.clone(),
     );
+    let warmup = crate::release::warmup::spawn(control.clone());
     let upkeep = tokio::spawn({
         let control = control.clone();
         async move {
@@ -213,6 +214,7 @@ pub async fn run(
         let _ = a.await;
     }
     upkeep.abort();
+    warmup.abort();
     rollout.abort();
     circuit.abort();
     Ok(())

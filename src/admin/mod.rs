@@ -481,7 +481,7 @@ impl Admin {
         let stats = self.ledger.windows.stats(tokio::time::Instant::now());
         let c = &view.config;
         let limits = c.rollback.limits();
-        let srm = self.ledger.srm();
+        let srm = self.ledger.srm(c.listen.request_timeout);
         let mismatch: Vec<&str> = srm
             .iter()
             .filter(|(_, r, u)| {
@@ -503,6 +503,7 @@ impl Admin {
                     "effective_weight": pct(view.effective[i]),
                     "configured_weight": pct(view.configured[i]),
                     "tripped": view.tripped.get(&u.name).map(trip_json),
+                    "warmup": view.warming.get(&u.name).map(|w| warmup_json(&view, &u.name, w)),
                     "window": {
                         "requests": w.map_or(0, |s| s.requests),
                         "errors": w.map_or(0, |s| s.errors),
@@ -860,6 +861,36 @@ pub fn weights_json(view: &View) -> Value {
             .iter()
             .map(|(n, t)| (n.clone(), trip_json(t)))
             .collect::<Map<String, Value>>(),
+        "warmup": view
+            .warming
+            .iter()
+            .map(|(n, w)| (n.clone(), warmup_json(view, n, w)))
+            .collect::<Map<String, Value>>(),
+    })
+}
+
+/// A warming arm: the phase, the share of its weight in force, and the numbers.
+fn warmup_json(view: &View, name: &str, w: &crate::control::Warming) -> Value {
+    let now = tokio::time::Instant::now();
+    let i = view.config.upstreams.iter().position(|u| u.name == name);
+    let weight = |v: &[u16]| i.and_then(|i| v.get(i)).map(|&bp| pct(bp));
+    let ends_in = w.ramp_from.map(|from| {
+        let end = from + w.duration;
+        (end.saturating_duration_since(now).as_secs_f64() * 10.0).round() / 10.0
+    });
+    json!({
+        "phase": if w.ramp_from.is_some() { "ramp" } else { "requests" },
+        "url": w.url,
+        "factor": (w.factor(now) * 1000.0).round() / 1000.0,
+        "weight": weight(&view.configured),
+        "effective": weight(&view.effective),
+        "duration_seconds": w.duration.as_secs_f64(),
+        "ends_in_seconds": ends_in,
+        "requests": {
+            "to_send": w.requests.as_ref().map_or(0, |(_, n)| *n),
+            "sent": w.sent.0,
+            "failed": w.sent.1,
+        },
     })
 }
 

@@ -88,20 +88,25 @@ impl Test {
     /// One draw made with the arm at `weight_bp`; `hit` if it landed in the arm.
     #[inline]
     pub fn record(&mut self, weight_bp: u16, hit: bool) {
-        self.observed += u64::from(hit);
+        self.record_n(weight_bp, hit, 1);
+    }
+
+    /// `n` draws made with the arm at `weight_bp`, all in the arm (`hit`) or none.
+    pub fn record_n(&mut self, weight_bp: u16, hit: bool, n: u64) {
+        self.observed += if hit { n } else { 0 };
         if let Some(e) = self.by_weight.get_mut(self.last) {
             if e.0 == weight_bp {
-                e.1 += 1;
+                e.1 += n;
                 return;
             }
         }
         match self.by_weight.iter().position(|e| e.0 == weight_bp) {
             Some(i) => {
-                self.by_weight[i].1 += 1;
+                self.by_weight[i].1 += n;
                 self.last = i;
             }
             None => {
-                self.by_weight.push((weight_bp, 1));
+                self.by_weight.push((weight_bp, n));
                 self.last = self.by_weight.len() - 1;
             }
         }
@@ -237,6 +242,18 @@ impl Hasher for IdentityHasher {
 pub struct Srm {
     arms: Vec<ArmTests>,
     users: Users,
+    /// Draws waiting for their second to close (see [`Srm::defer`]), by the second they were
+    /// routed in.
+    pending: std::collections::BTreeMap<u64, Vec<Deferred>>,
+}
+
+/// Draws of one second with the same table, arm and kind.
+#[derive(Debug)]
+struct Deferred {
+    weights: Arc<[(usize, u16)]>,
+    arm: usize,
+    user: bool,
+    count: u64,
 }
 
 impl Srm {
@@ -281,6 +298,61 @@ impl Srm {
                 }
             }
         }
+    }
+
+    /// [`Srm::record`], held until [`Srm::commit`] takes `second` (the second the request
+    /// was routed in). Draws are counted when they finish, and a slow arm's finish later: a
+    /// draw counted at once would make an arm that is merely slower look short of traffic
+    /// while its requests are in flight. Held until every request of its second has finished
+    /// (been answered or timed out), the draws are exactly those routed.
+    pub fn defer(
+        &mut self,
+        second: u64,
+        weights: &Arc<[(usize, u16)]>,
+        arm: usize,
+        user: Option<u64>,
+    ) {
+        let user = match user {
+            Some(u) if !self.users.first_sight(u) => return,
+            Some(_) => true,
+            None => false,
+        };
+        let slot = self.pending.entry(second).or_default();
+        match slot
+            .iter_mut()
+            .find(|d| d.arm == arm && d.user == user && Arc::ptr_eq(&d.weights, weights))
+        {
+            Some(d) => d.count += 1,
+            None => slot.push(Deferred {
+                weights: weights.clone(),
+                arm,
+                user,
+                count: 1,
+            }),
+        }
+    }
+
+    /// Counts the deferred draws routed before `second`.
+    pub fn commit(&mut self, second: u64) {
+        let later = self.pending.split_off(&second);
+        let due = std::mem::replace(&mut self.pending, later);
+        for d in due.into_values().flatten() {
+            for &(i, w) in d.weights.iter() {
+                if let Some(a) = self.arms.get_mut(i) {
+                    let test = if d.user {
+                        &mut a.users
+                    } else {
+                        &mut a.requests
+                    };
+                    test.record_n(w, i == d.arm, d.count);
+                }
+            }
+        }
+    }
+
+    /// Draws deferred and not yet counted.
+    pub fn deferred(&self) -> u64 {
+        self.pending.values().flatten().map(|d| d.count).sum()
     }
 
     /// Every arm's tests.
@@ -444,6 +516,43 @@ mod tests {
         // responses is not a loss of users, and the users test rightly stays quiet.
         let (_, returning) = found(50, 0.0, 0.95, 20_000);
         assert!(returning <= 1, "flagged in {returning} of 50");
+    }
+
+    #[test]
+    fn deferred_draws_count_only_once_their_second_is_committed() {
+        let mut srm = Srm::new();
+        let (a, b) = (
+            srm.arm_index(&Arc::from("stable")),
+            srm.arm_index(&Arc::from("canary")),
+        );
+        let table: Arc<[(usize, u16)]> = Arc::from(vec![(a, 9000), (b, 1000)]);
+        // A slow canary: its draws of second 0 finish during second 5, the stable's at once.
+        for _ in 0..900 {
+            srm.defer(0, &table, a, None);
+        }
+        srm.commit(0);
+        assert_eq!(srm.arms()[b].requests.draws(), 0);
+        for _ in 0..100 {
+            srm.defer(0, &table, b, None);
+        }
+        srm.defer(6, &table, a, Some(42));
+        srm.defer(6, &table, a, Some(42));
+        assert_eq!(
+            srm.deferred(),
+            1001,
+            "a user is counted at first sight only"
+        );
+        srm.commit(1);
+        let f = srm.arms()[b].requests.figures();
+        assert_eq!((f.draws, f.observed), (1000, 100));
+        assert!((f.expected - 100.0).abs() < 1e-9);
+        assert_eq!(
+            f.p_value,
+            (-srm.arms()[b].requests.ln_evidence()).exp().min(1.0)
+        );
+        assert_eq!(srm.arms()[a].users.draws(), 0);
+        srm.commit(7);
+        assert_eq!((srm.arms()[a].users.draws(), srm.deferred()), (1, 0));
     }
 
     #[test]

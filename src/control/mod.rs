@@ -130,6 +130,8 @@ pub struct View {
     pub tripped: BTreeMap<String, Trip>,
     /// Last reload attempt.
     pub last_reload: Option<ReloadStatus>,
+    /// Arms warming up.
+    pub warming: BTreeMap<String, Warming>,
 }
 
 /// A refused admin change; nothing was modified.
@@ -158,6 +160,72 @@ struct Inner {
     rollout: Option<serde_json::Value>,
     /// Shadowing for the running config.
     shadow: Option<Arc<ShadowPath>>,
+    /// Arms warming up after their url changed (`[[upstream]] warmup`), by name.
+    warming: BTreeMap<String, Warming>,
+}
+
+/// A new build's slow start: the warmup requests, then the ramp of its effective weight from
+/// a tenth of its weight to all of it.
+#[derive(Debug, Clone)]
+pub struct Warming {
+    /// The url being warmed.
+    pub url: String,
+    /// The ramp's length.
+    pub duration: Duration,
+    /// Warmup requests to send first (path, count), until they are sent.
+    pub requests: Option<(String, u32)>,
+    /// Whether a task is sending them.
+    pub sending: bool,
+    /// Of the warmup requests: sent, and failed (no answer or a 5xx).
+    pub sent: (u32, u32),
+    /// When the ramp started (after the warmup requests).
+    pub ramp_from: Option<tokio::time::Instant>,
+}
+
+impl Warming {
+    /// The share of the arm's weight in force at `now`: 0 while the warmup requests go,
+    /// then from 0.1 to 1 over the ramp.
+    pub fn factor(&self, now: tokio::time::Instant) -> f64 {
+        match self.ramp_from {
+            None => 0.0,
+            Some(from) => {
+                let t = now.saturating_duration_since(from).as_secs_f64();
+                (0.1 + 0.9 * t / self.duration.as_secs_f64().max(1e-9)).min(1.0)
+            }
+        }
+    }
+
+    /// Whether the ramp is over at `now`.
+    pub fn done(&self, now: tokio::time::Instant) -> bool {
+        self.ramp_from
+            .is_some_and(|from| now.saturating_duration_since(from) >= self.duration)
+    }
+
+    /// `weight` ramped at `now`, rounded down (the ramp never overshoots and never goes
+    /// back).
+    fn ramp(&self, weight: u16, now: tokio::time::Instant) -> u16 {
+        if self.done(now) {
+            return weight;
+        }
+        (f64::from(weight) * self.factor(now)).floor() as u16
+    }
+}
+
+/// A warmup to send: the arm, its pool, the request path and count.
+#[derive(Debug, Clone)]
+pub struct WarmupJob {
+    /// The arm's name.
+    pub name: String,
+    /// Its url (the job stops if it changes).
+    pub url: String,
+    /// Where the requests go.
+    pub upstream: Arc<Upstream>,
+    /// Path and query.
+    pub path: String,
+    /// How many.
+    pub count: u32,
+    /// Deadline of each.
+    pub timeout: Duration,
 }
 
 impl Inner {
@@ -175,6 +243,8 @@ const TABLE_HISTORY: usize = 64;
 
 /// Owner of the published snapshot.
 pub struct Control {
+    /// Wakes the warmup driver when an arm starts warming.
+    warmup_wake: tokio::sync::Notify,
     /// The effective weights of the last [`TABLE_HISTORY`] snapshots, oldest first.
     tables: Mutex<std::collections::VecDeque<(u64, Weights)>>,
     /// Shadow results and response distributions, kept across reloads.
@@ -217,6 +287,7 @@ impl Control {
             last_reload: None,
             rollout: restored.rollout,
             shadow,
+            warming: BTreeMap::new(),
         };
         // The file may have changed while canaryd was down: apply the same rules as a reload.
         reconcile(&mut inner, None);
@@ -224,6 +295,7 @@ impl Control {
         publish_gauges(&snap);
         let tables = Mutex::new(std::collections::VecDeque::from([(1, weights_of(&snap))]));
         let control = Arc::new(Control {
+            warmup_wake: tokio::sync::Notify::new(),
             tables,
             observed,
             current: ArcSwap::from_pointee(snap),
@@ -233,6 +305,90 @@ impl Control {
         });
         control.persist(&control.lock());
         Ok(control)
+    }
+
+    /// Waits until an arm starts warming (for the warmup driver).
+    pub async fn warmup_started(&self) {
+        self.warmup_wake.notified().await;
+    }
+
+    /// The warmups whose requests are to be sent now; each is handed out once.
+    pub fn warmup_jobs(&self) -> Vec<WarmupJob> {
+        let mut inner = self.lock();
+        let timeout = inner.config.listen.request_timeout;
+        let arms = inner.arms.clone();
+        let mut jobs = Vec::new();
+        for (name, w) in inner.warming.iter_mut() {
+            let (Some((path, count)), false) = (&w.requests, w.sending) else {
+                continue;
+            };
+            let Some(arm) = arms.iter().find(|a| *a.name == **name) else {
+                continue;
+            };
+            jobs.push(WarmupJob {
+                name: name.clone(),
+                url: w.url.clone(),
+                upstream: arm.upstream.clone(),
+                path: path.clone(),
+                count: *count,
+                timeout,
+            });
+            w.sending = true;
+        }
+        jobs
+    }
+
+    /// The warmup requests of `name` at `url` were sent (`failed` of `sent` got no answer or
+    /// a 5xx): its ramp starts now.
+    pub fn warmup_sent(&self, name: &str, url: &str, sent: u32, failed: u32) {
+        let mut inner = self.lock();
+        let Some(w) = inner.warming.get_mut(name).filter(|w| w.url == url) else {
+            return;
+        };
+        w.requests = None;
+        w.sending = false;
+        w.sent = (sent, failed);
+        w.ramp_from = Some(tokio::time::Instant::now());
+        let ramp = humantime::format_duration(w.duration).to_string();
+        if failed > 0 {
+            tracing::warn!(upstream = %name, sent, failed, %ramp, "warmup requests failed; the ramp starts anyway and the analysis judges the build");
+        } else {
+            tracing::info!(upstream = %name, sent, %ramp, "warmup requests answered; ramping the weight");
+        }
+        self.publish_only(&mut inner);
+    }
+
+    /// Moves the warmup ramps on: publishes a snapshot when an effective weight changed, ends
+    /// the ramps that are over. Returns when to look again, `None` when nothing warms.
+    pub fn warmup_tick(&self) -> Option<Duration> {
+        let mut inner = self.lock();
+        if inner.warming.is_empty() {
+            return None;
+        }
+        let now = tokio::time::Instant::now();
+        let done: Vec<String> = inner
+            .warming
+            .iter()
+            .filter(|(_, w)| w.done(now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in &done {
+            inner.warming.remove(name);
+            tracing::info!(upstream = %name, "warmup done: the arm has its whole weight");
+        }
+        if effective(&inner) != self.current.load().table.weights() {
+            self.publish_only(&mut inner);
+        }
+        inner
+            .warming
+            .values()
+            .map(|w| (w.duration / 100).clamp(Duration::from_millis(100), Duration::from_secs(5)))
+            .min()
+    }
+
+    /// The arms warming up now, by name.
+    pub fn warming(&self) -> BTreeMap<String, Warming> {
+        self.lock().warming.clone()
     }
 
     /// The current snapshot; hold it for the whole request.
@@ -274,6 +430,14 @@ impl Control {
 
     /// Rebuilds and swaps the snapshot after `inner` changed, then persists the state.
     fn publish(&self, inner: &mut Inner) -> u64 {
+        let generation = self.publish_only(inner);
+        self.persist(inner);
+        generation
+    }
+
+    /// Rebuilds and swaps the snapshot: for changes the state file does not keep (a warmup
+    /// ramp's steps).
+    fn publish_only(&self, inner: &mut Inner) -> u64 {
         inner.generation += 1;
         let snap = build_snapshot(inner.generation, inner, &self.observed);
         publish_gauges(&snap);
@@ -285,7 +449,6 @@ impl Control {
             tables.push_back((snap.generation, weights_of(&snap)));
         }
         self.current.store(Arc::new(snap));
-        self.persist(inner);
         inner.generation
     }
 
@@ -324,20 +487,51 @@ impl Control {
         config.admin.addr = old.admin.addr;
         config.listen.tls = old.listen.tls.clone();
         config.listen.tls_handshake_timeout = old.listen.tls_handshake_timeout;
-        for u in &config.upstreams {
+        let now = tokio::time::Instant::now();
+        let mut warm = false;
+        for (i, u) in config.upstreams.iter().enumerate() {
             let moved = old
                 .upstreams
                 .iter()
                 .any(|o| o.name == u.name && o.url != u.url);
             if moved {
                 inner.bump_epoch(&u.name);
+                inner.warming.remove(&u.name);
+                if let (Some(w), false) = (&u.warmup, i == config.baseline) {
+                    tracing::info!(upstream = %u.name, url = %u.url_text(), ramp = %humantime::format_duration(w.duration), requests = w.requests, "new build: warming up before it takes its weight");
+                    let requests = w.path.clone().filter(|_| w.requests > 0);
+                    inner.warming.insert(
+                        u.name.clone(),
+                        Warming {
+                            url: u.url_text(),
+                            duration: w.duration,
+                            ramp_from: requests.is_none().then_some(now),
+                            requests: requests.map(|p| (p, w.requests)),
+                            sending: false,
+                            sent: (0, 0),
+                        },
+                    );
+                    warm = true;
+                }
             }
         }
+        // An arm whose warmup was taken out of the config, that is gone or became the
+        // baseline takes its whole weight now.
+        inner.warming.retain(|name, _| {
+            config
+                .upstreams
+                .iter()
+                .enumerate()
+                .any(|(i, u)| u.name == *name && u.warmup.is_some() && i != config.baseline)
+        });
         inner.config = Arc::new(config);
         inner.arms = arms;
         inner.shadow = shadow;
         reconcile(&mut inner, Some(&old));
         let generation = self.publish(&mut inner);
+        if warm {
+            self.warmup_wake.notify_one();
+        }
         inner.last_reload = Some(ReloadStatus {
             at: SystemTime::now(),
             result: Ok(generation),
@@ -369,6 +563,7 @@ impl Control {
             effective: snap.table.weights().to_vec(),
             tripped: inner.tripped.clone(),
             last_reload: inner.last_reload.clone(),
+            warming: inner.warming.clone(),
         }
     }
 
@@ -744,7 +939,13 @@ fn configured(inner: &Inner) -> (Vec<u16>, WeightSource) {
 fn effective(inner: &Inner) -> Vec<u16> {
     let (mut w, _) = configured(inner);
     let baseline = inner.config.baseline;
+    let now = tokio::time::Instant::now();
     for (i, u) in inner.config.upstreams.iter().enumerate() {
+        if let Some(warming) = inner.warming.get(&u.name).filter(|_| i != baseline) {
+            let ramped = warming.ramp(w[i], now);
+            w[baseline] += w[i] - ramped;
+            w[i] = ramped;
+        }
         if i != baseline && inner.tripped.contains_key(&u.name) {
             w[baseline] += w[i];
             w[i] = 0;

@@ -130,7 +130,9 @@ struct Guard {
     srm: Srm,
     recent: RecentUsers,
     /// The table last looked up: its generation and, per arm, its guard index and weight.
-    table: Option<(u64, Vec<(usize, u16)>)>,
+    table: Option<(u64, Arc<[(usize, u16)]>)>,
+    /// Seconds of routing are counted from here.
+    origin: Option<Instant>,
     /// Arms whose mismatch has been logged (once per episode).
     warned: Vec<Arc<str>>,
     exported_at: Option<Instant>,
@@ -143,13 +145,12 @@ impl Guard {
         m.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts one outcome routed by the weights of `generation`.
+    /// Counts one outcome routed at `routed` by the weights of `generation`.
     fn record(
         &mut self,
         arm: &Arc<str>,
-        generation: u64,
-        bucket: u16,
-        user: Option<u64>,
+        (generation, bucket, user): (u64, u16, Option<u64>),
+        routed: Instant,
         weights_at: &dyn Fn(u64) -> Option<Weights>,
     ) {
         if let Some(u) = user {
@@ -161,7 +162,7 @@ impl Guard {
                 self.table = None;
                 return;
             };
-            let mapped = weights
+            let mapped: Arc<[(usize, u16)]> = weights
                 .iter()
                 .map(|(name, w)| (self.srm.arm_index(name), *w))
                 .collect();
@@ -176,8 +177,28 @@ impl Guard {
         else {
             return;
         };
-        self.srm.record(weights, served, user);
+        let weights = weights.clone();
+        let origin = *self.origin.get_or_insert(routed);
+        let second = routed.saturating_duration_since(origin).as_secs();
+        self.srm.defer(second, &weights, served, user);
     }
+
+    /// Counts the draws routed more than `horizon` ago: by then every request of theirs has
+    /// been answered or has timed out.
+    fn commit(&mut self, now: Instant, horizon: Duration) {
+        if let Some(origin) = self.origin {
+            let closed = now
+                .saturating_duration_since(origin)
+                .saturating_sub(horizon);
+            self.srm.commit(closed.as_secs());
+        }
+    }
+}
+
+/// How long after its routing a draw waits to be counted: the request timeout (by which
+/// every request has response headers or a 504) and a second for the outcome to arrive.
+pub fn srm_horizon(request_timeout: Duration) -> Duration {
+    request_timeout + Duration::from_secs(1)
 }
 
 /// The comparisons, one per non-baseline arm.
@@ -280,7 +301,8 @@ impl Ledger {
                     user,
                 } = o.routed
                 {
-                    g.record(&o.arm, generation, bucket, user, weights_at);
+                    let routed = o.at.checked_sub(o.latency).unwrap_or(o.at);
+                    g.record(&o.arm, (generation, bucket, user), routed, weights_at);
                 }
             }
         }
@@ -330,6 +352,7 @@ impl Ledger {
                 // guard counts what serves now.
                 g.srm = Srm::new();
                 g.table = None;
+                g.origin = None;
                 g.warned.clear();
                 g.exported_at = None;
             }
@@ -358,9 +381,11 @@ impl Ledger {
         }
     }
 
-    /// The sample-ratio guard's figures for every arm it has seen: by requests, by users.
-    pub fn srm(&self) -> Vec<(Arc<str>, srm::Figures, srm::Figures)> {
-        let g = Guard::lock(&self.guard);
+    /// The sample-ratio guard's figures for every arm it has seen: by requests, by users;
+    /// over the requests routed more than [`srm_horizon`] of `request_timeout` ago.
+    pub fn srm(&self, request_timeout: Duration) -> Vec<(Arc<str>, srm::Figures, srm::Figures)> {
+        let mut g = Guard::lock(&self.guard);
+        g.commit(Instant::now(), srm_horizon(request_timeout));
         g.srm
             .arms()
             .iter()
@@ -369,8 +394,9 @@ impl Ledger {
     }
 
     /// The sample-ratio mismatch of `arm` with its numbers, if the guard shows one.
-    pub fn srm_mismatch(&self, arm: &str) -> Option<String> {
-        let g = Guard::lock(&self.guard);
+    pub fn srm_mismatch(&self, arm: &str, request_timeout: Duration) -> Option<String> {
+        let mut g = Guard::lock(&self.guard);
+        g.commit(Instant::now(), srm_horizon(request_timeout));
         g.srm.arm(arm).and_then(srm::mismatch)
     }
 
@@ -381,7 +407,7 @@ impl Ledger {
 
     /// Exports the guard's p-values and logs a mismatch once per episode, at most every
     /// [`EXPORT_EVERY`].
-    fn export_guard(&self, metrics: &Metrics, now: Instant) {
+    fn export_guard(&self, metrics: &Metrics, now: Instant, horizon: Duration) {
         let mut g = Guard::lock(&self.guard);
         if g.exported_at
             .is_some_and(|at| now.saturating_duration_since(at) < EXPORT_EVERY)
@@ -389,6 +415,7 @@ impl Ledger {
             return;
         }
         g.exported_at = Some(now);
+        g.commit(now, horizon);
         let mut flagged = Vec::new();
         for a in g.srm.arms() {
             let (r, u) = (a.requests.figures(), a.users.figures());
@@ -572,7 +599,11 @@ fn check(control: &Control, snap: &Snapshot, ledger: &Ledger, batch: &[Outcome])
     let cfg = &snap.config.rollback;
     let limits = cfg.limits();
     let now = Instant::now();
-    ledger.export_guard(control.metrics(), now);
+    ledger.export_guard(
+        control.metrics(),
+        now,
+        srm_horizon(snap.config.listen.request_timeout),
+    );
     for arm in &snap.arms {
         if Arc::ptr_eq(&arm.name, &baseline.name) || !batch.iter().any(|o| o.arm == arm.name) {
             continue;

@@ -4,4 +4,5 @@
 pub mod circuit;
 pub mod outcome;
 pub mod rollout;
+pub mod warmup;
 pub mod webhook;

@@ -912,9 +912,12 @@ pub fn spawn(
                 url: url.clone(),
                 step: ledger.step_status(&r.upstream, &limits),
                 failing: ledger.failing(&r.upstream, &limits),
-                srm: ledger
-                    .srm_mismatch(&r.upstream)
-                    .or_else(|| ledger.srm_mismatch(&snap.config.baseline().name)),
+                srm: {
+                    let timeout = snap.config.listen.request_timeout;
+                    ledger
+                        .srm_mismatch(&r.upstream, timeout)
+                        .or_else(|| ledger.srm_mismatch(&snap.config.baseline().name, timeout))
+                },
             };
             let _ = rollouts.change(&ctx, |r| Ok(r.tick(&observed)));
             let Some(r) = rollouts.get() else { continue };

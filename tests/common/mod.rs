@@ -189,7 +189,12 @@ struct UpstreamState {
     tasks: Mutex<Vec<AbortHandle>>,
     /// Status set at run time by [`FakeUpstream::set_status`]; 0 = the configured status.
     status_override: AtomicU16,
+    /// The first [`PATH_LOG`] requests' paths, in arrival order.
+    paths: Mutex<Vec<String>>,
 }
+
+/// How many request paths a [`FakeUpstream`] remembers.
+pub const PATH_LOG: usize = 4096;
 
 impl UpstreamState {
     fn new() -> Self {
@@ -203,6 +208,7 @@ impl UpstreamState {
             panics: Mutex::new(Vec::new()),
             tasks: Mutex::new(Vec::new()),
             status_override: AtomicU16::new(0),
+            paths: Mutex::new(Vec::new()),
         }
     }
 }
@@ -364,6 +370,11 @@ impl FakeUpstream {
         self.state.requests.load(Ordering::SeqCst)
     }
 
+    /// The paths of the first [`PATH_LOG`] requests, in arrival order.
+    pub fn paths(&self) -> Vec<String> {
+        self.state.paths.lock().unwrap().clone()
+    }
+
     pub fn last_headers(&self) -> Option<HeaderMap> {
         self.state.last_headers.lock().unwrap().clone()
     }
@@ -517,6 +528,12 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     *state.last_headers.lock().unwrap() = Some(req.headers().clone());
+    {
+        let mut paths = state.paths.lock().unwrap();
+        if paths.len() < PATH_LOG {
+            paths.push(req.uri().path().to_owned());
+        }
+    }
     *state.last_version.lock().unwrap() = Some(req.version());
     let number = state.requests.fetch_add(1, Ordering::SeqCst) + 1;
 
