@@ -29,6 +29,7 @@
 
   const POLL_MS = 2000;
   const HISTORY = 90;
+  const MIN_SPAN = 30;
   const DASH = '\u2013';
   const COLORS = 6;
   /* The SVG namespace, taken from the HTML parser rather than spelled out. */
@@ -437,8 +438,9 @@
   function drawSpark(path, values, floor) {
     let max = floor;
     for (const v of values) if (isNum(v) && v > max) max = v;
-    const step = 100 / (HISTORY - 1);
     const n = values.length;
+    /* Newest at the right; a poll is 1/(MIN_SPAN - 1) of the width until more polls are kept. */
+    const step = 100 / (Math.max(n, MIN_SPAN) - 1);
     let d = '';
     let pen = false;
     values.forEach(function (v, i) {
@@ -589,7 +591,7 @@
       reason = 'Configured, not started (start: ' + (cfg.start || DASH) + ').';
     } else {
       reason = 'Step ' + stepNo + ' of ' + steps.length + ' \u00b7 weight ' + fmtWeight(r.weight);
-      if (r.reason) reason += ' \u00b7 ' + r.reason;
+      if (r.reason && !/^at step \d+ of \d+/.test(r.reason)) reason += ' \u00b7 ' + r.reason;
     }
     setText($('rollout-reason'), reason);
     const stepBox = $('rollout-steps');
