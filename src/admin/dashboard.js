@@ -29,7 +29,7 @@
 
   const POLL_MS = 2000;
   const HISTORY = 90;
-  const MIN_SPAN = 30;
+  const MIN_SPAN = 12;
   const DASH = '\u2013';
   const COLORS = 6;
   /* The SVG namespace, taken from the HTML parser rather than spelled out. */
