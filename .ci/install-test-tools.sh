@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs the outside tools that `cargo test --test deploy` and deploy/validate.sh run, on a
-# Debian machine (12 or later), as root. Idempotent: a tool already present and able to do
-# what the tests ask of it is left alone, and apt-get runs only when something is missing.
+# Installs the outside tools that `cargo test --test deploy`, `cargo test --test dashboard` and
+# deploy/validate.sh run, on a Debian machine (12 or later), as root. Idempotent: a tool
+# already present and able to do what the tests ask of it is left alone, and apt-get runs only
+# when something is missing.
 #
 #   tool              Debian package   used by
 #   kubectl           (see below)      tests/deploy.rs (kustomize), deploy/validate.sh
@@ -11,6 +12,8 @@
 #   node, npm         npm              deploy/validate.sh (CRD schemas and PromQL grammar from npm)
 #   strace, openssl,  strace, openssl, deploy/validate.sh --syscalls
 #   curl, pgrep       curl, procps
+#   chromium          chromium         tests/dashboard.rs (the dashboard page, headless)
+#   chromedriver      chromium-driver  tests/dashboard.rs (W3C WebDriver for chromium)
 #   promtool          prometheus       deploy/validate.sh fetches the package itself (apt-get
 #                                      download) and unpacks only promtool; this script makes
 #                                      sure apt's package lists are there for it
@@ -104,6 +107,8 @@ want strace strace
 want openssl openssl
 want curl curl
 want pgrep procps
+want chromium chromium
+want chromedriver chromium-driver
 if python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   echo "present: python3 venv module with ensurepip"
 else

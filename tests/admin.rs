@@ -174,7 +174,7 @@ const fn not_allowed(method: &'static str, path: &'static str, allow: &'static s
 
 const REFUSALS: &[Refusal] = &[
     refused("GET", "/nope", None, 404, "/nope"),
-    refused("GET", "/", None, 404, "no such endpoint"),
+    not_allowed("POST", "/", "GET"),
     refused(
         "PUT",
         "/weights/canary",

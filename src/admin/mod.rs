@@ -31,6 +31,8 @@ use crate::release::rollout::{Context, Rollout, RolloutError, Rollouts};
 use crate::release::webhook::Webhooks;
 use crate::routing::BASIS_POINTS;
 
+mod dashboard;
+
 /// Largest admin request body.
 pub const MAX_BODY: usize = 64 * 1024;
 
@@ -140,6 +142,7 @@ fn rfc3339_ms(ms: u64) -> String {
 }
 
 const PATHS: &[(&str, &str)] = &[
+    ("/", "GET"),
     ("/weights", "GET, PUT"),
     ("/promote", "POST"),
     ("/rollback", "POST"),
@@ -181,6 +184,7 @@ impl Admin {
         req: Request<Incoming>,
     ) -> Result<Resp, ApiError> {
         match (method, path) {
+            (&Method::GET, "/") => Ok(dashboard::page()),
             (&Method::GET, "/weights") => Ok(self.get_weights()),
             (&Method::PUT, "/weights") => {
                 self.authorize(&req)?;
