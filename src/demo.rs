@@ -307,6 +307,9 @@ addr = "{admin}"
 sticky_header = "x-user-id"
 override_header = "x-canary"
 
+[routing.pins]
+"qa-1" = "canary"
+
 [[upstream]]
 name = "stable"
 url = "http://{v1}"
@@ -351,16 +354,19 @@ Send traffic:
   curl -si -H 'x-user-id: alice' -d '{{"text":"great product"}}' {p}/predict      # alice is in the canary (bucket 83)
   curl -si -H 'x-user-id: user_123' -d '{{"text":"great product"}}' {p}/predict   # user_123 stays on stable (bucket 8884)
   curl -si -H 'x-canary: canary' {p}/predict                                      # force the canary arm
+  curl -si -H 'x-user-id: qa-1' {p}/predict                                       # qa-1 is pinned to the canary
   for i in $(seq 1 200); do curl -s -o /dev/null -H "x-user-id: user$i" {p}/predict; done
 
 Drive it:
   curl -s {a}/weights                                  # effective and configured weights
   curl -s -X PUT {a}/weights -d '{{"canary": 25}}'       # ramp the canary to 25%
   curl -s '{a}/route?key=alice'                        # which arm a user gets, and why
+  curl -s '{a}/preview?canary=30'                      # who would move at 30%
   curl -s {a}/status                                   # per arm: the analysis, its verdicts, recent window
   curl -s -X POST {a}/rollback                         # everyone back to stable
   curl -s -X POST {a}/reset                            # undo the rollback
   curl -s {a}/metrics | grep canaryd_requests_total    # Prometheus metrics
+  open {a}/ in a browser                       # the dashboard
 
 Ctrl-C stops the demo.
 "#,

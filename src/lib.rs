@@ -8,8 +8,9 @@
 //!
 //! - `main.rs`: the command line only.
 //! - [`app`]: `run(config, listeners, shutdown)`: wiring, nothing else.
-//! - `admin/`: the admin API (weights, promote, rollback, reset, status, route, metrics), its
-//!   auth, and its listener's loop.
+//! - `admin/`: the admin API (weights, promote, rollback, reset, status, route, preview,
+//!   metrics), its auth, its listener's loop, and the dashboard page (`dashboard`: HTML, CSS
+//!   and JS compiled in).
 //! - `server/`: downstream: the accept loop (connection slots, TLS handshakes), a
 //!   connection's life (`conn`), what ends it (`guard`: request-head and idle timeouts, the
 //!   stop signal), and canaryd's HTTP/1.1 server side (`h1`), which hands HTTP/2, upgrades,
@@ -20,8 +21,8 @@
 //!   requests (`activity`).
 //! - [`release`]: off the data path: the outcome channel ([`release::outcome`]), the
 //!   rollback circuit task ([`release::circuit`]), the progressive rollout
-//!   ([`release::rollout`]: a pure state machine and its driver) and the webhooks it calls
-//!   ([`release::webhook`]).
+//!   ([`release::rollout`]: a pure state machine and its driver), the webhooks it calls
+//!   ([`release::webhook`]) and the warmup of a new build ([`release::warmup`]).
 //! - [`control`]: owns the running config, admin overrides and trips, and publishes the
 //!   immutable snapshot requests read; the state file ([`control::state`]) and the config and
 //!   certificate reload tasks ([`control::reload`]).
@@ -31,10 +32,12 @@
 //! - [`metrics`]: every metric name in one place; per-arm handles resolved once.
 //! - [`tls`]: rustls for both sides: termination with hot-reloaded certificates, upstream
 //!   client configs.
+//! - [`preview`]: who would move under another table: bucket ranges and the recent users.
 //! - `analysis/`: pure statistics over outcomes: the anytime-valid sequential tests behind the
 //!   rollback circuit (`sequential`, `compare`), the latency histogram, the recent per-arm
 //!   window, `simulate` (the circuit's analysis on simulated traffic), `diff` (a shadow's
-//!   answer against the primary's) and `drift` (label and score distributions between arms).
+//!   answer against the primary's), `drift` (label and score distributions between arms) and
+//!   `srm` (the sample-ratio mismatch guard).
 //! - [`observe`]: shadow copies and their comparison, and the response analysis, fed by the
 //!   body taps of the data path ([`body::Tap`]) and run off it.
 //! - [`body`]: request bodies as forwarded (whole, streamed by canaryd's server side, or by

@@ -247,10 +247,14 @@ pub struct Srm {
     pending: std::collections::BTreeMap<u64, Vec<Deferred>>,
 }
 
+/// A weight table as the guard takes it: each arm's index (from [`Srm::arm_index`]) and
+/// effective weight in basis points.
+pub type Table = Arc<[(usize, u16)]>;
+
 /// Draws of one second with the same table, arm and kind.
 #[derive(Debug)]
 struct Deferred {
-    weights: Arc<[(usize, u16)]>,
+    weights: Table,
     arm: usize,
     user: bool,
     count: u64,
@@ -308,7 +312,7 @@ impl Srm {
     pub fn defer(
         &mut self,
         second: u64,
-        weights: &Arc<[(usize, u16)]>,
+        weights: &Table,
         arm: usize,
         user: Option<u64>,
     ) {
@@ -525,7 +529,7 @@ mod tests {
             srm.arm_index(&Arc::from("stable")),
             srm.arm_index(&Arc::from("canary")),
         );
-        let table: Arc<[(usize, u16)]> = Arc::from(vec![(a, 9000), (b, 1000)]);
+        let table: Table = Arc::from(vec![(a, 9000), (b, 1000)]);
         // A slow canary: its draws of second 0 finish during second 5, the stable's at once.
         for _ in 0..900 {
             srm.defer(0, &table, a, None);

@@ -130,7 +130,7 @@ struct Guard {
     srm: Srm,
     recent: RecentUsers,
     /// The table last looked up: its generation and, per arm, its guard index and weight.
-    table: Option<(u64, Arc<[(usize, u16)]>)>,
+    table: Option<(u64, srm::Table)>,
     /// Seconds of routing are counted from here.
     origin: Option<Instant>,
     /// Arms whose mismatch has been logged (once per episode).
@@ -162,7 +162,7 @@ impl Guard {
                 self.table = None;
                 return;
             };
-            let mapped: Arc<[(usize, u16)]> = weights
+            let mapped: srm::Table = weights
                 .iter()
                 .map(|(name, w)| (self.srm.arm_index(name), *w))
                 .collect();
