@@ -309,13 +309,7 @@ impl Srm {
     /// draw counted at once would make an arm that is merely slower look short of traffic
     /// while its requests are in flight. Held until every request of its second has finished
     /// (been answered or timed out), the draws are exactly those routed.
-    pub fn defer(
-        &mut self,
-        second: u64,
-        weights: &Table,
-        arm: usize,
-        user: Option<u64>,
-    ) {
+    pub fn defer(&mut self, second: u64, weights: &Table, arm: usize, user: Option<u64>) {
         let user = match user {
             Some(u) if !self.users.first_sight(u) => return,
             Some(_) => true,

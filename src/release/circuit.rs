@@ -171,9 +171,12 @@ impl Guard {
         let Some((_, weights)) = &self.table else {
             return;
         };
+        let arms = self.srm.arms();
+        // The outcome's name is the snapshot's own: a pointer comparison finds it.
         let Some(&(served, _)) = weights
             .iter()
-            .find(|&&(i, _)| *self.srm.arms()[i].name == **arm)
+            .find(|&&(i, _)| Arc::ptr_eq(&arms[i].name, arm))
+            .or_else(|| weights.iter().find(|&&(i, _)| *arms[i].name == **arm))
         else {
             return;
         };
