@@ -21,6 +21,9 @@
 #   --analysis      requests go to /predict (a JSON answer of about 200 bytes), and this tree
 #                   is also measured with [analysis] on (label and score read from every
 #                   answer), with the ratio to it off
+#   --h2            requests over HTTP/2 (h2c, prior knowledge): h2load with 32 connections and
+#                   16 streams each instead of oha's 32 HTTP/1.1 connections (the upstreams stay
+#                   HTTP/1.1); without --peers only canaryd is measured
 #   --smoke         300 requests, no baseline, no peers
 # Environment: CANARYD_BIN=PATH measures that binary instead of building this tree;
 # CANARYD_PGO_BIN=PATH, with --pgo, that PGO binary instead of running pgo.sh;
@@ -35,7 +38,7 @@ LOAD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib/common.sh
 source "$LOAD_DIR/lib/common.sh"
 
-REQUESTS=30000 AGAINST="" SMOKE=0 PEERS=0 PGO=0 CACHE=0 ANALYSIS=0
+REQUESTS=30000 AGAINST="" SMOKE=0 PEERS=0 PGO=0 CACHE=0 ANALYSIS=0 H2=0
 while (($#)); do
   case $1 in
     --requests) REQUESTS=$2; shift 2 ;;
@@ -44,6 +47,7 @@ while (($#)); do
     --pgo) PGO=1; shift ;;
     --cache) CACHE=1; shift ;;
     --analysis) ANALYSIS=1; shift ;;
+    --h2) H2=1; shift ;;
     --smoke) SMOKE=1; shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
@@ -58,6 +62,7 @@ setup_workdir instructions
 
 missing=()
 for t in nginx valgrind curl; do command -v "$t" >/dev/null || missing+=("$t"); done
+if ((H2)) && ! command -v h2load >/dev/null; then missing+=(nghttp2-client); fi
 if ((PEERS)) && ! command -v haproxy >/dev/null; then missing+=(haproxy); fi
 if ((${#missing[@]})); then
   log "installing ${missing[*]} (apt-get)"
@@ -89,6 +94,14 @@ fi
 read -r UP_S UP_C P_CANARYD P_ADMIN P_NGINX P_HAPROXY <<<"$(free_ports 6)"
 mkdir -p "$WORK/upstream-tmp" "$WORK/canaryd-etc" "$WORK/nginx-proxy-tmp"
 render_peers 1 "$UP_S" "$UP_C" "$P_NGINX" "$P_HAPROXY"
+if ((H2)); then
+  # The peers take h2c with prior knowledge on the same port: nginx's `http2` listen flag,
+  # HAProxy's `proto h2` bind option.
+  sed -i "s|listen 127.0.0.1:$P_NGINX |listen 127.0.0.1:$P_NGINX http2 |" "$WORK/nginx-proxy.conf"
+  sed -i "s|bind 127.0.0.1:$P_HAPROXY\$|bind 127.0.0.1:$P_HAPROXY proto h2|" "$WORK/haproxy.cfg"
+  grep -q "http2" "$WORK/nginx-proxy.conf" && grep -q "proto h2" "$WORK/haproxy.cfg" \
+    || die "could not turn the peers' listeners to h2c"
+fi
 canaryd_toml "$WORK/canaryd-etc/canaryd.toml" "$P_CANARYD" "$P_ADMIN" "$UP_S" "$UP_C" 10
 CONFIG="$WORK/canaryd-etc/canaryd.toml"
 URL_PATH=/
@@ -120,8 +133,18 @@ count() {
       port=$P_CANARYD ready="http://127.0.0.1:$P_ADMIN/readyz" ;;
   esac
   pid=$SPAWN_PID
-  wait_http "$ready" 60 "$pid" || die "$target did not start under valgrind"
-  if command -v oha >/dev/null; then
+  if ((H2)) && [[ $target == nginx || $target == haproxy ]]; then
+    # An h2c-only listener does not answer curl's HTTP/1.1.
+    wait_tcp "$port" 60 "$pid" || die "$target did not start under valgrind"
+  else
+    wait_http "$ready" 60 "$pid" || die "$target did not start under valgrind"
+  fi
+  if ((H2)); then
+    h2load -n "$n" -c 32 -m 16 -t 1 -H 'x-user-id: user7' "http://127.0.0.1:$port$URL_PATH" \
+      > "$WORK/h2load.txt" || die "h2load failed ($WORK/h2load.txt)"
+    grep -q "status codes: $n 2xx" "$WORK/h2load.txt" \
+      || die "not every request got a 2xx ($WORK/h2load.txt)"
+  elif command -v oha >/dev/null; then
     oha -n "$n" -c 32 --no-tui -H 'x-user-id: user7' "http://127.0.0.1:$port$URL_PATH" > "$WORK/oha.txt" \
       || die "oha failed"
     grep -q '\[200\] '"$n"' responses' "$WORK/oha.txt" || die "not every request got a 200 ($WORK/oha.txt)"

@@ -151,9 +151,15 @@ where
             io
         }
     };
+    // The request's future is boxed: hyper's HTTP/2 server moves each stream's future into
+    // its stream task and the task into the runtime, several copies of a future of a few
+    // KiB; a box makes each a pointer (callgrind: memcpy was 17% of an h2c request's
+    // instructions).
     let svc = service_fn(move |req: Request<Incoming>| {
         let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req.map(RequestBody::Hyper)).await) }
+        Box::pin(
+            async move { Ok::<_, Infallible>(proxy.handle(req.map(RequestBody::Hyper)).await) },
+        )
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     let mut conn = pin!(conn);
