@@ -357,7 +357,7 @@ async fn a_slower_arm_is_not_a_sample_ratio_mismatch_once_its_requests_finish() 
     let status = admin.status().await;
     assert_eq!(
         status["srm"],
-        json!({"alpha": 0.001, "mismatch": []}),
+        json!({"alpha": 0.001, "mismatch": [], "lag_seconds": 3.0}),
         "{status}"
     );
 

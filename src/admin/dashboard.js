@@ -525,7 +525,8 @@
       }
       const bad = srmMismatch.indexOf(a.name) >= 0;
       f.srm.dataset.mismatch = String(bad);
-      setText(f.srm, 'Sample ratio' + (bad ? ' MISMATCH' : '') + ': ' + parts.join('; '));
+      const lag = status.srm && isNum(status.srm.lag_seconds) ? ' (requests counted ' + status.srm.lag_seconds + ' s after routing)' : '';
+      setText(f.srm, 'Sample ratio' + (bad ? ' MISMATCH' : '') + ': ' + parts.join('; ') + lag);
     } else {
       f.srm.hidden = true;
     }

@@ -555,6 +555,9 @@ impl Admin {
                 "srm": {
                     "alpha": crate::analysis::srm::ALPHA,
                     "mismatch": mismatch,
+                    // Requests are counted once every request of their second has finished.
+                    "lag_seconds": crate::release::circuit::srm_horizon(c.listen.request_timeout)
+                        .as_secs_f64(),
                 },
                 "last_reload": last_reload,
                 "uptime_seconds": uptime_seconds(),
