@@ -376,7 +376,8 @@ impl Admin {
                 .collect::<Map<String, Value>>()
                 .into()
         };
-        let ranges: Vec<Value> = crate::preview::moves(from, &to)
+        let moves = crate::preview::moves(from, &to);
+        let ranges: Vec<Value> = moves
             .iter()
             .map(|m| {
                 json!({
@@ -387,10 +388,7 @@ impl Admin {
                 })
             })
             .collect();
-        let moving_buckets: u32 = crate::preview::moves(from, &to)
-            .iter()
-            .map(|m| u32::from(m.end - m.start))
-            .sum();
+        let moving_buckets: u32 = moves.iter().map(|m| u32::from(m.end - m.start)).sum();
         let buckets = self.ledger.recent_buckets();
         let sample = buckets.len() as u64;
         let movers = crate::preview::movers(from, &to, buckets);

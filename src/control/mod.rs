@@ -237,9 +237,11 @@ impl Inner {
 /// The effective weights of one snapshot, by arm name.
 pub type Weights = Arc<[(Arc<str>, u16)]>;
 
-/// How many published tables [`Control::weights_at`] remembers: outcomes are counted within
-/// milliseconds of their routing, while tables change at most a few times a second.
-const TABLE_HISTORY: usize = 64;
+/// How many published tables [`Control::weights_at`] remembers: most outcomes are counted
+/// within milliseconds of their routing, but a long gRPC stream's only when it ends, and a
+/// warmup ramp publishes up to a hundred tables. An outcome whose table is forgotten is not
+/// counted by the sample-ratio guard (a few hundred KiB at most).
+const TABLE_HISTORY: usize = 1024;
 
 /// Owner of the published snapshot.
 pub struct Control {
@@ -397,7 +399,8 @@ impl Control {
         self.current.load_full()
     }
 
-    /// The effective weights of snapshot `generation`, if it is one of the last 64.
+    /// The effective weights of snapshot `generation`, if it is one of the last 1,024
+    /// published.
     pub fn weights_at(&self, generation: u64) -> Option<Weights> {
         let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         tables

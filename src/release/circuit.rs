@@ -180,10 +180,9 @@ impl Guard {
         else {
             return;
         };
-        let weights = weights.clone();
         let origin = *self.origin.get_or_insert(routed);
         let second = routed.saturating_duration_since(origin).as_secs();
-        self.srm.defer(second, &weights, served, user);
+        self.srm.defer(second, weights, served, user);
     }
 
     /// Counts the draws routed more than `horizon` ago: by then every request of theirs has
