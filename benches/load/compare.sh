@@ -27,6 +27,12 @@
 #                       a shadow that answers after 1 s (canaryd-shadow-slow) and to one that
 #                       refuses connections (canaryd-shadow-dead): the clients' latency and
 #                       canaryd's memory must not depend on the shadow
+#   --h2                HTTP/2 downstream: clients speak h2c (prior knowledge) to canaryd, nginx
+#                       (`listen ... http2`) and HAProxy (`bind ... proto h2`); the upstreams stay
+#                       HTTP/1.1. Saturation: h2load -c 32 -m 16 -t 1 (one stable user);
+#                       latency: oha --http2 -p 16. No direct target (the upstreams do not speak
+#                       h2c); the split check runs over HTTP/1.1 on a second listener of each
+#                       peer. Writes benches/load/RESULTS-h2.md
 #   --no-install        fail instead of installing missing tools
 #   --smoke             1 round, 1 s phases, oha skipped if absent; no RESULTS.md
 # Environment:
@@ -43,7 +49,8 @@ LOAD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib/common.sh
 source "$LOAD_DIR/lib/common.sh"
 
-ROUNDS=3 DURATION=10 CONNS=64 RATE=auto RATE_PCT=40 WORKERS=1 SMOKE=0 INSTALL=1 QUIET_WAIT=300 PGO=0 AGAINST="" LAT_ONLY=0 SHADOW=0
+ROUNDS=3 DURATION=10 CONNS=64 RATE=auto RATE_PCT=40 WORKERS=1 SMOKE=0 INSTALL=1 QUIET_WAIT=300 PGO=0 AGAINST="" LAT_ONLY=0 SHADOW=0 H2=0
+OUT_SET=0
 TARGETS=(direct canaryd nginx haproxy)
 OUT="$LOAD_DIR/RESULTS.md"
 ORIG_ARGS=("$@")
@@ -55,7 +62,8 @@ while (($#)); do
     --rate) RATE=$2; shift 2 ;;
     --rate-pct) RATE_PCT=$2; shift 2 ;;
     --workers) WORKERS=$2; shift 2 ;;
-    --out) OUT=$2; shift 2 ;;
+    --out) OUT=$2; OUT_SET=1; shift 2 ;;
+    --h2) H2=1; shift ;;
     --targets) IFS=, read -r -a TARGETS <<<"$2"; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
     --pgo) PGO=1; shift ;;
@@ -75,6 +83,13 @@ done
 [[ $RATE == auto || $RATE =~ ^[1-9][0-9]*$ ]] || die "--rate must be a positive integer or 'auto'"
 if ((LAT_ONLY)) && [[ $RATE == auto ]]; then
   die "--latency-only needs --rate R: without the saturation phase there is no throughput to take 40% of"
+fi
+if ((H2)); then
+  # The upstream pair speaks HTTP/1.1 only: there is no h2c "direct" to compare with.
+  TARGETS=("${TARGETS[@]/direct}")
+  read -r -a TARGETS <<<"${TARGETS[*]}"
+  ((OUT_SET)) || OUT="$LOAD_DIR/RESULTS-h2.md"
+  ((SHADOW == 0)) || die "--h2 and --shadow are not measured together"
 fi
 for t in "${TARGETS[@]}"; do
   [[ $t =~ ^(direct|canaryd|nginx|haproxy)$ ]] || die "unknown target '$t' (direct, canaryd, nginx, haproxy)"
@@ -98,6 +113,13 @@ if ((SMOKE)); then WARMUP=0; fi
 # the 10% one, so that neither generator runs out of connections at the fixed rate
 OHA_CONNS_STABLE=$CONNS
 OHA_CONNS_CANARY=$((CONNS / 4 > 8 ? CONNS / 4 : 8))
+# HTTP/2: h2load's 32 connections x 16 streams at saturation; oha's connections carry 16
+# streams each at the fixed rate.
+H2_CONNS=32 H2_STREAMS=16
+OHA_H2=()
+if ((H2)); then
+  OHA_CONNS_STABLE=8 OHA_CONNS_CANARY=2 OHA_H2=(--http2 -p "$H2_STREAMS")
+fi
 
 setup_workdir compare   # sets WORK; cleans up spawned processes and WORK on exit
 
@@ -107,6 +129,7 @@ ensure_tools() {
   for t in nginx haproxy wrk curl; do
     command -v "$t" >/dev/null || missing+=("$t")
   done
+  if ((H2)) && ! command -v h2load >/dev/null; then missing+=(nghttp2-client); fi
   [[ -x /usr/bin/time ]] || missing+=(time)
   command -v python3 >/dev/null || die "python3 is required (stdlib only)"
   if ((${#missing[@]})); then
@@ -143,9 +166,17 @@ if [[ -n $AGAINST ]]; then
 fi
 
 # ---------------------------------------------------------------- ports and configs
-read -r UP_S UP_C P_CANARYD P_ADMIN P_NGINX P_HAPROXY P_SLOW P_DEAD <<<"$(free_ports 8)"
+read -r UP_S UP_C P_CANARYD P_ADMIN P_NGINX P_HAPROXY P_SLOW P_DEAD P_NGINX_H1 P_HAPROXY_H1 <<<"$(free_ports 10)"
 mkdir -p "$WORK/upstream-tmp" "$WORK/nginx-proxy-tmp"
 render_peers "$WORKERS" "$UP_S" "$UP_C" "$P_NGINX" "$P_HAPROXY"
+if ((H2)); then
+  # The measured listeners take h2c with prior knowledge; a second, HTTP/1.1 listener of the
+  # same server block (frontend) serves the split check. canaryd takes both on one port.
+  sed -i "s|listen 127.0.0.1:$P_NGINX backlog=4096;|listen 127.0.0.1:$P_NGINX http2 backlog=4096;\n        listen 127.0.0.1:$P_NGINX_H1 backlog=4096;|" "$WORK/nginx-proxy.conf"
+  sed -i "s|^\(\s*\)bind 127.0.0.1:$P_HAPROXY\$|\1bind 127.0.0.1:$P_HAPROXY proto h2\n\1bind 127.0.0.1:$P_HAPROXY_H1|" "$WORK/haproxy.cfg"
+  grep -q "$P_NGINX http2" "$WORK/nginx-proxy.conf" && grep -q "$P_HAPROXY proto h2" "$WORK/haproxy.cfg" \
+    || die "could not give the peers h2c listeners"
+fi
 # canaryd watches its config file's whole directory: keep the file alone in a directory of its
 # own, or every result file written next to it wakes canaryd's watcher (measured: enough CPU
 # and stalls to about double canaryd's CPU per request at the fixed rate).
@@ -185,7 +216,7 @@ wait_http "http://127.0.0.1:$UP_S/" 10 "$UP_PID" || die "the upstream nginx did 
 wait_http "http://127.0.0.1:$UP_C/" 10 "$UP_PID" || die "the upstream nginx did not start"
 
 # ---------------------------------------------------------------- targets
-T_PID='' T_URL=''
+T_PID='' T_URL='' T_H1_URL=''
 start_target() {
   local name=$1
   case $name in
@@ -207,7 +238,18 @@ start_target() {
       spawn haproxy "$WORK/haproxy.log" haproxy -f "$WORK/haproxy.cfg" -db
       T_PID=$SPAWN_PID T_URL="http://127.0.0.1:$P_HAPROXY/" ;;
   esac
-  wait_http "$T_URL" 10 "$T_PID" || die "$name does not serve $T_URL (logs in $WORK; KEEP_TMP=1 keeps them)"
+  T_H1_URL=$T_URL
+  if ((H2)); then
+    case $name in
+      nginx) T_H1_URL="http://127.0.0.1:$P_NGINX_H1/" ;;
+      haproxy) T_H1_URL="http://127.0.0.1:$P_HAPROXY_H1/" ;;
+    esac
+    wait_http "$T_H1_URL" 10 "$T_PID" || die "$name does not serve $T_H1_URL (logs in $WORK)"
+    curl -sf -o /dev/null --http2-prior-knowledge --max-time 5 "$T_URL" \
+      || die "$name does not serve h2c on $T_URL (logs in $WORK; KEEP_TMP=1 keeps them)"
+  else
+    wait_http "$T_URL" 10 "$T_PID" || die "$name does not serve $T_URL (logs in $WORK; KEEP_TMP=1 keeps them)"
+  fi
 }
 stop_target() {
   if [[ -n $T_PID ]]; then stop_pid "$T_PID" TERM 15; fi
@@ -219,7 +261,7 @@ FAILED=()
 split_check() {
   local name=$1 uids=$2 extra=() users=1000
   if [[ $name == canaryd* ]]; then extra=(--exact-md5 10); fi
-  if ! python3 "$TOOLS/splitcheck.py" "$T_URL" "$name" --users "$users" --emit-uids "$uids" "${extra[@]}" >&2; then
+  if ! python3 "$TOOLS/splitcheck.py" "$T_H1_URL" "$name" --users "$users" --emit-uids "$uids" "${extra[@]}" >&2; then
     FAILED+=("$name: split check")
   fi
 }
@@ -238,6 +280,15 @@ foreign_mark() { python3 "$TOOLS/procstat.py" --foreign $$ "$WORK/foreign.json";
 foreign_cpu() { python3 "$TOOLS/procstat.py" --foreign $$ "$WORK/foreign.json" --diff; }
 
 run_wrk() { # run_wrk SECONDS OUTFILE  (generator CPU seconds go to OUTFILE.time)
+  if ((H2)); then
+    # h2load sends one header set: the stable arm's user (uids file of the split check).
+    local st ca
+    read -r st ca < "$WORK/uids-$CUR"
+    timeout $(($1 + 30)) /usr/bin/time -f '%U %S' -o "$2.time" \
+      h2load -D "$1" -c "$H2_CONNS" -m "$H2_STREAMS" -t 1 -H "x-user-id: $st" "$T_URL" > "$2" 2>&1 \
+      || { log "h2load failed against $T_URL: $(tail -3 "$2")"; return 1; }
+    return 0
+  fi
   timeout $(($1 + 30)) /usr/bin/time -f '%U %S' -o "$2.time" \
     wrk -t1 -c"$CONNS" -d"${1}s" --timeout 5s -s "$TOOLS/userid.lua" "$T_URL" > "$2" 2>&1 \
     || { log "wrk failed against $T_URL: $(tail -3 "$2")"; return 1; }
@@ -245,8 +296,9 @@ run_wrk() { # run_wrk SECONDS OUTFILE  (generator CPU seconds go to OUTFILE.time
 
 throughput_phase() {
   local r=$1 name=$2 out="$WORK/wrk-$1-$2.txt"
+  CUR=$name
   start_target "$name"
-  if ((r == 1)); then split_check "$name" "$WORK/uids-$name"; fi
+  if ((r == 1)) || [[ ! -f "$WORK/uids-$name" ]]; then split_check "$name" "$WORK/uids-$name"; fi
   if ((WARMUP)); then run_wrk "$WARMUP" "$WORK/warmup.txt" || true; fi
   local s0 u0 s1 u1 t0 t1 fc
   foreign_mark
@@ -255,7 +307,9 @@ throughput_phase() {
   t1=$(date +%s.%N); s1=$(sample "$T_PID"); u1=$(proc_stat "$UP_PID")
   fc=$(foreign_cpu)
   local requests rps errors
-  read -r requests rps errors < <(python3 "$TOOLS/parse.py" wrk "$out")
+  local gen=wrk
+  if ((H2)); then gen=h2load; fi
+  read -r requests rps errors < <(python3 "$TOOLS/parse.py" "$gen" "$out")
   ((requests > 0)) || FAILED+=("$name: no request served")
   ((errors == 0)) || FAILED+=("$name: $errors errors under wrk")
   python3 - "$r" "$name" "$requests" "$rps" "$errors" "$s0" "$s1" "$u0" "$u1" "$t0" "$t1" \
@@ -277,11 +331,11 @@ run_oha() { # run_oha RATE SECONDS PREFIX: one oha per arm (90% stable user, 10%
   rs=$(python3 -c "print(max(1, round($rate * 0.9)))"); rc=$(python3 -c "print(max(1, $rate - $rs))")
   local pids=() ok=1
   timeout $((secs + 30)) /usr/bin/time -f '%U %S' -o "$prefix-stable.time" \
-    oha -z "${secs}s" -q "$rs" -c "$OHA_CONNS_STABLE" --latency-correction --no-tui \
+    oha -z "${secs}s" -q "$rs" -c "$OHA_CONNS_STABLE" "${OHA_H2[@]}" --latency-correction --no-tui \
     --worker-threads 1 --output-format csv -H "x-user-id: $st" -o "$prefix-stable.csv" "$T_URL" > "$prefix-stable.log" 2>&1 &
   pids+=($!)
   timeout $((secs + 30)) /usr/bin/time -f '%U %S' -o "$prefix-canary.time" \
-    oha -z "${secs}s" -q "$rc" -c "$OHA_CONNS_CANARY" --latency-correction --no-tui \
+    oha -z "${secs}s" -q "$rc" -c "$OHA_CONNS_CANARY" "${OHA_H2[@]}" --latency-correction --no-tui \
     --worker-threads 1 --output-format csv -H "x-user-id: $ca" -o "$prefix-canary.csv" "$T_URL" > "$prefix-canary.log" 2>&1 &
   pids+=($!)
   local p
@@ -419,9 +473,13 @@ VERSIONS=$(
   echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //'), worker_processes $WORKERS"
   echo "- HAProxy: $(haproxy -v | head -1 | awk '{print $3}'), nbthread $WORKERS"
   echo "- wrk: $(wrk -v 2>&1 | head -1 | awk '{print $2}'); oha: $(oha --version | awk '{print $2}')"
+  if ((H2)); then
+    echo "- HTTP/2 downstream (h2c, prior knowledge), HTTP/1.1 upstreams: h2load $(h2load --version | awk '{print $2}') -c $H2_CONNS -m $H2_STREAMS -t 1 at saturation (one stable user), oha --http2 -p $H2_STREAMS at the fixed rate; nginx \`listen ... http2\`, HAProxy \`bind ... proto h2\`"
+  fi
 )
 REPORT_EXTRA=()
 if ((LAT_ONLY)); then REPORT_EXTRA+=(--latency-only); fi
+if ((H2)); then REPORT_EXTRA+=(--h2 "-c $H2_CONNS -m $H2_STREAMS -t 1"); fi
 python3 "$TOOLS/report.py" --thr "$THR" --lat "$LAT" --out "$OUT" \
   --date "$STARTED" --machine "$(machine_info | sed "s/^- Load average at start: .*/- Load average at start: $LOAD_AT_START/")" \
   --versions "$VERSIONS" --command "benches/load/compare.sh ${ORIG_ARGS[*]:-}" \

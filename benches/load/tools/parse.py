@@ -3,6 +3,9 @@
 
   parse.py wrk FILE
       -> "<requests> <req_per_s> <errors>"   errors = non-2xx/3xx responses + socket errors
+  parse.py h2load FILE
+      -> "<requests> <req_per_s> <errors>"   errors = failed + errored + timed-out requests and
+                                             non-2xx/3xx responses
   parse.py oha RATE DURATION_S CSV...
       -> "<responses> <p50_ms> <p99_ms> <p99.9_ms> <non_2xx> <missing>"
          CSV files are oha --output-format csv (one row per response, latency corrected for
@@ -30,6 +33,22 @@ def wrk(path):
     if sock:
         errors += sum(int(x) for x in sock.groups())
     print(f"{m.group(1)} {float(rps.group(1)):.1f} {errors}")
+
+
+def h2load(path):
+    text = open(path).read()
+    fin = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", text)
+    req = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+        r"(\d+) errored, (\d+) timeout", text)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+    if not fin or not req or not codes:
+        print(f"cannot parse h2load output {path}:\n{text}", file=sys.stderr)
+        sys.exit(1)
+    done = int(req.group(3))
+    errors = int(req.group(5)) + int(req.group(6)) + int(req.group(7))
+    errors += int(codes.group(3)) + int(codes.group(4))
+    print(f"{done} {float(fin.group(2)):.1f} {errors}")
 
 
 def percentile(sorted_vals, p):
@@ -67,6 +86,8 @@ def oha(rate, duration, paths):
 def main():
     if len(sys.argv) >= 3 and sys.argv[1] == "wrk":
         wrk(sys.argv[2])
+    elif len(sys.argv) >= 3 and sys.argv[1] == "h2load":
+        h2load(sys.argv[2])
     elif len(sys.argv) >= 5 and sys.argv[1] == "oha":
         oha(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:

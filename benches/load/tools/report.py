@@ -112,6 +112,8 @@ def main_table(s):
     ]
     d = s["direct"].get("rps")
     for t, x in s.items():
+        if not has_figures(x):
+            continue
         out.append(
             f"| {t} | {fmt(x.get('rps'), 0)} | {ratio(x.get('rps'), d)} | {fmt(x.get('p50'), 3)} | "
             f"{fmt(x.get('p99'), 3)} | {fmt(x.get('p999'), 3)} | {fmt(x.get('cpu10k_sat'), 3)} | "
@@ -120,7 +122,13 @@ def main_table(s):
     return "\n".join(out)
 
 
+def has_figures(x):
+    """Whether a target has any figure (compare.sh --h2 has no direct target)."""
+    return x.get("rps") is not None or x.get("p50") is not None
+
+
 def peer_table(s, lat, who="canaryd", peers=("nginx", "haproxy", "direct")):
+    peers = tuple(p for p in peers if p in s and has_figures(s[p]))
     c = s[who]
     rows = [
         ("throughput (req/s), higher is better", "rps"),
@@ -300,11 +308,20 @@ def compare(a):
     )
     up = ", ".join(f"{t} {s[t]['up_cores_sat']:.2f}" for t in s if s[t].get("up_cores_sat") is not None)
     busy_line = f"Cores busy at saturation (CPU seconds / wall seconds): proxies {busy}; upstream {up}.\n" if busy else ""
-    saturation = ("- Saturation: not measured (`--latency-only`); peak RSS is from the fixed-rate phase."
-                  if a.latency_only else
-                  f"- Saturation: `wrk -t1 -c{a.connections} -d{a.duration}s` with a random `x-user-id` per request from a pool\n"
-                  "  of 10,000 ids (`tools/userid.lua`), after a 2 s warm-up.")
-    md = f"""# Load comparison: canaryd vs nginx vs HAProxy
+    if a.latency_only:
+        saturation = "- Saturation: not measured (`--latency-only`); peak RSS is from the fixed-rate phase."
+    elif a.h2:
+        saturation = (f"- Saturation: `h2load -D {a.duration} {a.h2}` over h2c (prior knowledge) with one\n"
+                      "  stable-arm `x-user-id` (h2load sends one header set), after a 2 s warm-up.")
+    else:
+        saturation = (f"- Saturation: `wrk -t1 -c{a.connections} -d{a.duration}s` with a random `x-user-id` per request from a pool\n"
+                      "  of 10,000 ids (`tools/userid.lua`), after a 2 s warm-up.")
+    protocol = ("- HTTP/2 from the clients (h2c with prior knowledge: canaryd on its one port, nginx\n"
+                "  `listen ... http2`, HAProxy `bind ... proto h2`), HTTP/1.1 to the upstreams. No direct\n"
+                "  target: the upstreams do not speak h2c. The split check runs over HTTP/1.1 (a second\n"
+                "  listener on the peers).\n" if a.h2 else "")
+    oha = "`oha --http2 -p 16 --latency-correction`" if a.h2 else "`oha --latency-correction`"
+    md = f"""# Load comparison: canaryd vs nginx vs HAProxy{" over HTTP/2" if a.h2 else ""}
 
 Produced by `benches/load/compare.sh` (see `benches/load/README.md`). Medians of {a.rounds} rounds;
 targets alternate inside each round (each round starts one target later) and every target is
@@ -324,10 +341,10 @@ started fresh for every measurement.
   weights 90/10). Keep-alive to clients and to the upstream everywhere; every proxy sets
   `X-Forwarded-For/-Proto/-Host` and a response header naming the arm. canaryd runs with
   metrics and the rollback circuit on, access log off.
-- Workers: {a.workers} per proxy (canaryd `TOKIO_WORKER_THREADS={a.workers}`, nginx `worker_processes {a.workers}`,
+{protocol}- Workers: {a.workers} per proxy (canaryd `TOKIO_WORKER_THREADS={a.workers}`, nginx `worker_processes {a.workers}`,
   HAProxy `nbthread {a.workers}`); the load generator and the upstream share the 2 CPUs; nothing is pinned.
 {saturation}
-- Latency: a fixed {a.rate} req/s ({a.rate_note}) for {a.duration} s, `oha --latency-correction`
+- Latency: a fixed {a.rate} req/s ({a.rate_note}) for {a.duration} s, {oha}
   (coordinated omission corrected), as two generators at 90% and 10% of the rate with one
   stable-arm and one canary-arm user id each ({a.oha_connections} connections); percentiles over the merged
   per-request latencies.
@@ -371,7 +388,7 @@ def main():
     ap.add_argument("--summary-only", action="store_true", help="print the main table only")
     ap.add_argument("--latency-only", action="store_true")
     for k in ("date", "machine", "versions", "command", "rate", "rate-note", "duration",
-              "connections", "oha-connections", "rounds", "workers", "retries"):
+              "connections", "oha-connections", "rounds", "workers", "retries", "h2"):
         ap.add_argument(f"--{k}", default="")
     compare(ap.parse_args())
 
