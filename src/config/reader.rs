@@ -69,6 +69,7 @@ const LISTEN_KEYS: &[&str] = &[
     "drain_timeout",
     "max_connections",
     "max_header_bytes",
+    "http2_max_concurrent_streams",
     "access_log",
 ];
 const ADMIN_KEYS: &[&str] = &["addr", "token_file"];
@@ -287,6 +288,7 @@ impl<'s> Reader<'s> {
             65_536,
             MIN_HEADER_BYTES..=MAX_HEADER_BYTES,
         );
+        let http2_streams = self.int(t, p, "http2_max_concurrent_streams", 100, 1..=10_000);
         let access_log = self.boolean(t, p, "access_log", false);
         Some(ListenConfig {
             addr: addr?,
@@ -298,6 +300,7 @@ impl<'s> Reader<'s> {
             drain_timeout: drain_timeout?,
             max_connections: usize::try_from(max_connections?).ok()?,
             max_header_bytes: usize::try_from(max_header_bytes?).ok()?,
+            http2_max_concurrent_streams: u32::try_from(http2_streams?).ok()?,
             access_log: access_log?,
         })
     }
@@ -362,15 +365,20 @@ impl<'s> Reader<'s> {
             return None;
         };
         // An entry with problems of its own is not among `ups`, but its name is a name.
-        let names: Vec<String> = doc
+        let mut names: Vec<String> = Vec::new();
+        let named = doc
             .get("upstream")
             .and_then(|v| v.get_ref().as_array())
             .into_iter()
             .flatten()
             .filter_map(|e| e.get_ref().as_table()?.get("name")?.get_ref().as_str())
             .map(str::to_owned)
-            .chain(ups.iter().map(|u| u.name.clone()))
-            .collect();
+            .chain(ups.iter().map(|u| u.name.clone()));
+        for n in named {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
         let mut out = BTreeMap::new();
         let mut ok = true;
         for (k, value) in t.iter() {
@@ -390,13 +398,12 @@ impl<'s> Reader<'s> {
                     out.insert(key.to_owned(), arm.to_string());
                 }
                 DeValue::String(arm) => {
-                    let list: Vec<&str> = ups.iter().map(|u| u.name.as_str()).collect();
                     self.err(
                         &path,
                         Some(value.span()),
                         format!(
                             "unknown upstream {arm:?}; upstreams are: {}",
-                            list.join(", ")
+                            names.join(", ")
                         ),
                     );
                     ok = false;
@@ -1730,6 +1737,54 @@ url = "{canary_url}"
 weight = {canary_weight}
 "#
         )
+    }
+
+    #[test]
+    fn pins_and_warmup_and_http2_streams_take_their_defaults_and_report_mistakes() {
+        let arms = two_arms("90", "http://127.0.0.1:9001", "10");
+        let c = Config::parse(&arms).expect("valid");
+        assert!(c.routing.pins.is_empty());
+        assert_eq!(c.listen.http2_max_concurrent_streams, 100);
+        assert!(c.upstreams.iter().all(|u| u.warmup.is_none()));
+
+        let ok = format!(
+            "[listen]\nhttp2_max_concurrent_streams = 250\n\n{arms}warmup = \"30s\"\nwarmup_path = \"/warm\"\n\n[routing.pins]\n\"qa-1\" = \"canary\"\n"
+        );
+        let c = Config::parse(&ok).expect("valid");
+        assert_eq!(c.listen.http2_max_concurrent_streams, 250);
+        assert_eq!(
+            c.routing.pins.get("qa-1").map(String::as_str),
+            Some("canary")
+        );
+        assert_eq!(
+            c.upstreams[1].warmup,
+            Some(crate::config::Warmup {
+                duration: Duration::from_secs(30),
+                path: Some("/warm".into()),
+                requests: 10,
+            })
+        );
+
+        let bad = format!(
+            "[listen]\nhttp2_max_concurrent_streams = 0\n\n{arms}warmup_requests = 5\n\n[routing.pins]\n\"qa-1\" = \"canry\"\n"
+        );
+        assert_errors(
+            &bad,
+            &[
+                ("listen.http2_max_concurrent_streams", 2, "1..=10000"),
+                ("upstream[1].warmup_requests", 13, "only used with `warmup`"),
+                (
+                    "routing.pins.\"qa-1\"",
+                    16,
+                    "unknown upstream \"canry\"; upstreams are: stable, canary",
+                ),
+            ],
+        );
+        let baseline_warmup = "[[upstream]]\nname = \"stable\"\nurl = \"http://127.0.0.1:9000\"\nweight = 100\nwarmup = \"10s\"\n";
+        assert_errors(
+            baseline_warmup,
+            &[("upstream[0].warmup", 5, "is the baseline")],
+        );
     }
 
     #[test]

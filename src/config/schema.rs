@@ -57,6 +57,9 @@ pub struct ListenConfig {
     pub max_connections: usize,
     /// Largest request head accepted; larger ones get 431 and are never forwarded.
     pub max_header_bytes: usize,
+    /// Streams an HTTP/2 client may have open at once on one connection
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub http2_max_concurrent_streams: u32,
     /// Log one line per request at info.
     pub access_log: bool,
 }
@@ -425,6 +428,9 @@ impl Config {
         }
         if self.listen.header_read_timeout != new.listen.header_read_timeout {
             out.push("listen.header_read_timeout");
+        }
+        if self.listen.http2_max_concurrent_streams != new.listen.http2_max_concurrent_streams {
+            out.push("listen.http2_max_concurrent_streams");
         }
         if self.admin.addr != new.admin.addr {
             out.push("admin.addr");

@@ -486,6 +486,7 @@ impl Control {
         config.listen.addr = old.listen.addr;
         config.listen.max_connections = old.listen.max_connections;
         config.listen.max_header_bytes = old.listen.max_header_bytes;
+        config.listen.http2_max_concurrent_streams = old.listen.http2_max_concurrent_streams;
         config.listen.header_read_timeout = old.listen.header_read_timeout;
         config.admin.addr = old.admin.addr;
         config.listen.tls = old.listen.tls.clone();

@@ -70,7 +70,9 @@ pub(crate) async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(listen.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(listen.max_header_bytes).unwrap_or(u32::MAX))
+        // hyper's own default (200) is not part of its stable API; 100 is HAProxy's.
+        .max_concurrent_streams(listen.http2_max_concurrent_streams);
     let builder = Arc::new(builder);
     // Tracks connection tasks (TLS handshakes included) so the drain can wait for them.
     let tracker = TaskTracker::new();
