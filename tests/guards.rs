@@ -191,9 +191,9 @@ async fn preview_counts_exactly_the_recent_users_that_would_move() {
         .filter(|id| (500..1000).contains(&reference_bucket("", id)))
         .count() as u64;
     assert_eq!(down["users"]["moving"], out, "{down}");
-    if out > 0 {
-        assert_eq!(down["users"]["by_direction"][0]["from"], "canary");
-    }
+    assert!(out > 0, "the sample has users in buckets [500, 1000)");
+    assert_eq!(down["users"]["by_direction"][0]["from"], "canary");
+    assert_eq!(down["users"]["by_direction"][0]["to"], "stable");
     // Nothing changed.
     assert_eq!(admin.weights().await["effective"]["canary"], 10);
 

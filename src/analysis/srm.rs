@@ -279,33 +279,11 @@ impl Srm {
         self.arms.len() - 1
     }
 
-    /// One request routed by the weights: `weights` pairs each arm's index (from
-    /// [`Srm::arm_index`]) with its effective weight when the request was routed; `arm` is
-    /// the index of the arm that served it; `user` the sticky key's identity, `None` for a
-    /// random bucket.
-    pub fn record(&mut self, weights: &[(usize, u16)], arm: usize, user: Option<u64>) {
-        match user {
-            None => {
-                for &(i, w) in weights {
-                    if let Some(a) = self.arms.get_mut(i) {
-                        a.requests.record(w, i == arm);
-                    }
-                }
-            }
-            Some(user) => {
-                if self.users.first_sight(user) {
-                    for &(i, w) in weights {
-                        if let Some(a) = self.arms.get_mut(i) {
-                            a.users.record(w, i == arm);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// [`Srm::record`], held until [`Srm::commit`] takes `second` (the second the request
-    /// was routed in). Draws are counted when they finish, and a slow arm's finish later: a
+    /// One request routed by the weights, in `second` (the second it was routed in):
+    /// `weights` pairs each arm's index (from [`Srm::arm_index`]) with its effective weight
+    /// when the request was routed; `arm` is the index of the arm that served it; `user` the
+    /// sticky key's identity, `None` for a random bucket. It counts once [`Srm::commit`]
+    /// takes its second. Draws are counted when they finish, and a slow arm's finish later: a
     /// draw counted at once would make an arm that is merely slower look short of traffic
     /// while its requests are in flight. Held until every request of its second has finished
     /// (been answered or timed out), the draws are exactly those routed.
@@ -424,7 +402,10 @@ mod tests {
         /// before it is counted with probability `drop`.
         fn traffic(&mut self, n: usize, canary_bp: u16, drop: f64) {
             let table = WeightTable::new(vec![10_000 - canary_bp, canary_bp], 0).expect("valid");
-            let weights = [(self.idx[0], 10_000 - canary_bp), (self.idx[1], canary_bp)];
+            let weights: Table = Arc::from(vec![
+                (self.idx[0], 10_000 - canary_bp),
+                (self.idx[1], canary_bp),
+            ]);
             for _ in 0..n {
                 let (bucket, user) = if self.rng.f64() < self.random {
                     (self.rng.u16(..10_000), None)
@@ -442,11 +423,13 @@ mod tests {
                 if arm == 1 && self.rng.f64() < drop {
                     continue;
                 }
-                self.srm.record(&weights, self.idx[arm], user);
+                self.srm.defer(0, &weights, self.idx[arm], user);
             }
         }
 
-        fn min_p(&self) -> (f64, f64) {
+        /// The canary's p-values by requests and by users, everything deferred counted.
+        fn min_p(&mut self) -> (f64, f64) {
+            self.srm.commit(u64::MAX);
             let a = &self.srm.arms()[self.idx[1]];
             (a.requests.figures().p_value, a.users.figures().p_value)
         }
