@@ -70,6 +70,8 @@ enum Action {
     ReplyAndClose(Vec<Vec<u8>>),
     /// Never answer: read and discard until canaryd closes the connection.
     Hang,
+    /// Wait, then do the action.
+    Later(Duration, Box<Action>),
 }
 
 /// One accepted connection, as the test sees it.
@@ -94,6 +96,26 @@ struct RawShared {
     requests: Mutex<Vec<RawRequest>>,
     tasks: Mutex<Vec<AbortHandle>>,
     panics: Mutex<Vec<String>>,
+    /// Connections open now, and the most ever open at once.
+    open: AtomicUsize,
+    max_open: AtomicUsize,
+}
+
+/// Counts a connection as open until dropped.
+struct OpenConn(Arc<RawShared>);
+
+impl OpenConn {
+    fn new(shared: Arc<RawShared>) -> Self {
+        let now = shared.open.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_open.fetch_max(now, Ordering::SeqCst);
+        OpenConn(shared)
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A raw-TCP HTTP/1.1 upstream on an ephemeral port; stopped on drop, and a panic in any of
@@ -115,6 +137,8 @@ impl RawUpstream {
             requests: Mutex::new(Vec::new()),
             tasks: Mutex::new(Vec::new()),
             panics: Mutex::new(Vec::new()),
+            open: AtomicUsize::new(0),
+            max_open: AtomicUsize::new(0),
         });
         let accept_shared = shared.clone();
         spawn_tracked(&shared, async move {
@@ -130,7 +154,11 @@ impl RawUpstream {
                     conns.len() - 1
                 };
                 let shared = accept_shared.clone();
-                spawn_tracked(&accept_shared, serve_conn(stream, index, conn, shared));
+                let open = OpenConn::new(shared.clone());
+                spawn_tracked(
+                    &accept_shared,
+                    serve_conn(stream, index, conn, shared, open),
+                );
             }
         });
         RawUpstream { addr, shared }
@@ -143,6 +171,11 @@ impl RawUpstream {
     /// Connections accepted so far.
     fn accepted(&self) -> usize {
         self.shared.conns.lock().unwrap().len()
+    }
+
+    /// The most connections ever open at once.
+    fn max_open(&self) -> usize {
+        self.shared.max_open.load(Ordering::SeqCst)
     }
 
     fn conn(&self, index: usize) -> Arc<RawConn> {
@@ -256,6 +289,7 @@ async fn serve_conn(
     index: usize,
     conn: Arc<RawConn>,
     shared: Arc<RawShared>,
+    open: OpenConn,
 ) {
     let mut buf = Vec::new();
     loop {
@@ -285,7 +319,13 @@ async fn serve_conn(
         };
         conn.requests.fetch_add(1, Ordering::SeqCst);
         shared.requests.lock().unwrap().push(req.clone());
-        match (shared.handler)(&req) {
+        let mut action = (shared.handler)(&req);
+        while let Action::Later(wait, then) = action {
+            tokio::time::sleep(wait).await;
+            action = *then;
+        }
+        match action {
+            Action::Later(..) => unreachable!("waited for above"),
             Action::Reply(parts) => {
                 if write_parts(&mut stream, &parts).await.is_err() {
                     conn.proxy_closed.store(true, Ordering::SeqCst);
@@ -294,6 +334,8 @@ async fn serve_conn(
             }
             Action::ReplyAndClose(parts) => {
                 let _ = write_parts(&mut stream, &parts).await;
+                // No longer counted before canaryd can see the close.
+                drop(open);
                 drop(stream);
                 conn.upstream_closed.store(true, Ordering::SeqCst);
                 return;
@@ -456,6 +498,20 @@ fn ok(body: impl AsRef<[u8]>) -> Vec<u8> {
     out
 }
 
+/// A `200` with [`hello`]'s body and `Connection: close`.
+fn ok_close(path: &str) -> Vec<u8> {
+    let body = hello(path);
+    let mut resp = head(
+        "200 OK",
+        &[
+            ("connection", "close"),
+            ("content-length", &body.len().to_string()),
+        ],
+    );
+    resp.extend_from_slice(body.as_bytes());
+    resp
+}
+
 /// The body the upstreams below answer a GET with: names the path, so a response cannot be
 /// mistaken for another request's.
 fn hello(path: &str) -> String {
@@ -488,6 +544,27 @@ fn assert_hello(reply: &Reply, path: &str, up: &RawUpstream) {
 
 fn md5_hex(bytes: &[u8]) -> String {
     format!("{:x}", Md5::digest(bytes))
+}
+
+/// `n` GETs of `{prefix}/{i}` sent at once; the replies with their paths, in order.
+async fn concurrently(
+    client: &HttpClient,
+    addr: SocketAddr,
+    prefix: &str,
+    n: usize,
+) -> Vec<(Reply, String)> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let client = client.clone();
+            let path = format!("{prefix}/{i}");
+            tokio::spawn(async move { (client.get(addr, &path, &[]).await, path) })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await.expect("request task"));
+    }
+    out
 }
 
 /// A request body sent in the given pieces, length unknown (`Transfer-Encoding: chunked`).
@@ -530,19 +607,7 @@ async fn sequential_requests_reuse_one_upstream_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_close_responses_get_a_fresh_connection_each() {
-    let up = RawUpstream::start(|req| {
-        let body = hello(&req.path);
-        let mut resp = head(
-            "200 OK",
-            &[
-                ("connection", "close"),
-                ("content-length", &body.len().to_string()),
-            ],
-        );
-        resp.extend_from_slice(body.as_bytes());
-        Action::ReplyAndClose(vec![resp])
-    })
-    .await;
+    let up = RawUpstream::start(|req| Action::ReplyAndClose(vec![ok_close(&req.path)])).await;
     let proxy = Proxy::start(&single_arm(&up.url()).build()).await;
     let client = HttpClient::http1();
     for i in 0..20 {
@@ -1191,4 +1256,108 @@ async fn bytes_the_upstream_sends_right_behind_its_101_reach_the_client() {
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
     assert_eq!(up.requests()[0].header("upgrade"), Some("x-echo"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_max_connections_wait_for_a_connection() {
+    // Each response takes 100 ms; 12 requests at once on one HTTP/2 connection, with room for
+    // 3 upstream connections: they go 3 at a time over the same 3 connections.
+    let up = RawUpstream::start(|req| {
+        Action::Later(
+            Duration::from_millis(100),
+            Box::new(Action::Reply(vec![ok(hello(&req.path))])),
+        )
+    })
+    .await;
+    let cfg = single_arm(&up.url()).upstream_set("max_connections", "3");
+    let proxy = Proxy::start(&cfg.build()).await;
+    let client = HttpClient::h2c();
+    let start = Instant::now();
+    let replies = concurrently(&client, proxy.addr(), "/queued", 12).await;
+    let elapsed = start.elapsed();
+    for (reply, path) in &replies {
+        assert_hello(reply, path, &up);
+    }
+    assert_eq!(up.accepted(), 3, "{}", up.describe());
+    assert_eq!(up.max_open(), 3, "{}", up.describe());
+    for i in 0..3 {
+        assert_eq!(
+            up.conn(i).requests.load(Ordering::SeqCst),
+            4,
+            "each connection carries a quarter; {}",
+            up.describe()
+        );
+    }
+    // Four rounds of 100 ms: they did wait for each other.
+    assert!(elapsed >= Duration::from_millis(400), "{elapsed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_connection_gives_its_place_to_a_waiting_request() {
+    // Every response closes its connection: with one connection allowed, each waiting request
+    // gets to open the next, one at a time.
+    let up = RawUpstream::start(|req| {
+        Action::Later(
+            Duration::from_millis(20),
+            Box::new(Action::ReplyAndClose(vec![ok_close(&req.path)])),
+        )
+    })
+    .await;
+    let cfg = single_arm(&up.url()).upstream_set("max_connections", "1");
+    let proxy = Proxy::start(&cfg.build()).await;
+    let client = HttpClient::h2c();
+    let replies = concurrently(&client, proxy.addr(), "/one-at-a-time", 8).await;
+    for (reply, path) in &replies {
+        assert_hello(reply, path, &up);
+    }
+    assert_eq!(up.accepted(), 8, "{}", up.describe());
+    assert_eq!(up.max_open(), 1, "{}", up.describe());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_connection_counts_against_the_request_timeout() {
+    // /slow sends its head and part of its body, then nothing: its response holds the only
+    // connection for as long as the client holds the response.
+    let up = RawUpstream::start(|req| match req.path.as_str() {
+        "/slow" => Action::Reply(vec![
+            head("200 OK", &[("content-length", "100")]),
+            b"partial".to_vec(),
+        ]),
+        path => Action::Reply(vec![ok(hello(path))]),
+    })
+    .await;
+    let cfg = single_arm(&up.url())
+        .upstream_set("max_connections", "1")
+        .set("listen", "request_timeout", &q("500ms"));
+    let proxy = Proxy::start(&cfg.build()).await;
+    let addr = proxy.addr();
+    let mut slow = TcpStream::connect(addr).await.expect("connect");
+    slow.write_all(b"GET /slow HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .expect("write request");
+    let head = read_response_head(&mut slow).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+
+    // The only connection is taken: this request waits, and its wait is its timeout.
+    let start = Instant::now();
+    let reply = HttpClient::http1().get(addr, "/waits", &[]).await;
+    let waited = start.elapsed();
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{reply:?}");
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(5),
+        "504 after {waited:?}"
+    );
+    assert!(
+        up.requests().iter().all(|r| r.path != "/waits"),
+        "it never reached the upstream; {}",
+        up.describe()
+    );
+    // The upstream breaking off /slow closes the connection and gives its place back.
+    up.conn(0).close.notify_one();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(QUICK, slow.read_to_end(&mut rest)).await;
+    let reply = HttpClient::http1().get(addr, "/after", &[]).await;
+    assert_hello(&reply, "/after", &up);
+    assert_eq!(up.accepted(), 2, "{}", up.describe());
+    assert_eq!(up.max_open(), 1, "{}", up.describe());
 }

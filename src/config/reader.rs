@@ -87,6 +87,7 @@ const UPSTREAM_KEYS: &[&str] = &[
     "weight",
     "connect_timeout",
     "http2",
+    "max_connections",
     "ca_file",
     "client_cert",
     "client_key",
@@ -599,6 +600,14 @@ impl<'s> Reader<'s> {
         let connect_timeout = self.duration(t, p, "connect_timeout", Duration::from_secs(2));
         let warmup = self.warmup(t, p);
         let http2 = self.boolean(t, p, "http2", false);
+        let max_connections = self.int(t, p, "max_connections", 1024, 1..=1_000_000);
+        if let (Some(true), Some(v)) = (http2, t.get("max_connections")) {
+            self.err(
+                join(p, "max_connections"),
+                Some(v.span()),
+                "only used with HTTP/1.1 upstreams (an http2 upstream carries every request on one connection)",
+            );
+        }
         let ca_file = self.opt_path(t, p, "ca_file");
         let client = self.file_pair(t, p, "client_cert", "client_key");
         let url = url?;
@@ -619,6 +628,7 @@ impl<'s> Reader<'s> {
             weight_bp: weight?,
             connect_timeout: connect_timeout?,
             http2: http2?,
+            max_connections: usize::try_from(max_connections?).ok()?,
             tls: UpstreamTls {
                 ca_file,
                 client: client?.map(|(cert, key)| TlsFiles { cert, key }),
@@ -1779,6 +1789,21 @@ weight = {canary_weight}
                     "unknown upstream \"canry\"; upstreams are: stable, canary",
                 ),
             ],
+        );
+        let pooled = "[[upstream]]\nname = \"stable\"\nurl = \"http://127.0.0.1:9000\"\nweight = 100\nmax_connections = 8\n";
+        assert_eq!(
+            Config::parse(pooled).expect("valid").upstreams[0].max_connections,
+            8
+        );
+        assert_eq!(c.upstreams[0].max_connections, 1024);
+        let h2_pooled = "[[upstream]]\nname = \"stable\"\nurl = \"http://127.0.0.1:9000\"\nweight = 100\nhttp2 = true\nmax_connections = 8\n";
+        assert_errors(
+            h2_pooled,
+            &[(
+                "upstream[0].max_connections",
+                6,
+                "only used with HTTP/1.1 upstreams",
+            )],
         );
         let baseline_warmup = "[[upstream]]\nname = \"stable\"\nurl = \"http://127.0.0.1:9000\"\nweight = 100\nwarmup = \"10s\"\n";
         assert_errors(

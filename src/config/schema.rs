@@ -114,6 +114,9 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Speak HTTP/2 to this upstream (prior knowledge on http://, ALPN h2 on https://).
     pub http2: bool,
+    /// HTTP/1.1 connections open to this upstream at once, idle and busy; requests beyond
+    /// them wait for one (within `request_timeout`).
+    pub max_connections: usize,
     /// TLS settings for an https:// upstream.
     pub tls: UpstreamTls,
     /// Slow start of a new build (its url changed), when set.

@@ -213,6 +213,7 @@ impl Transport {
             weight_bp: 0,
             connect_timeout: CONNECT_TIMEOUT,
             http2: false,
+            max_connections: 1,
             tls: UpstreamTls::default(),
             warmup: None,
         };

@@ -17,6 +17,14 @@
 //!
 //! A connection goes back to the pool only when both messages are complete, exactly (no byte
 //! left over), and neither side asked to close; anything else closes it.
+//!
+//! A pool opens at most `max_connections` connections (idle and busy together). A request that
+//! finds none idle and the pool full waits, in arrival order, for one: a connection finishing
+//! its exchange is handed straight to the longest-waiting request, and a connection closing
+//! lets that request open a new one. The wait is part of the request's `request_timeout`. So
+//! however many requests arrive at once (an HTTP/2 client may send hundreds on each of its
+//! connections), the upstream sees at most `max_connections` sockets and canaryd holds at most
+//! that many connections' buffers.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -24,7 +32,7 @@ use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
@@ -35,6 +43,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tower_service::Service;
@@ -145,16 +154,19 @@ struct Conn {
     out: VecDeque<Bytes>,
     /// The pool sweep at which it was last parked (see [`H1Pool::sweep`]).
     idle_epoch: u64,
+    /// Its place among the pool's `max_connections`, given back when it closes.
+    _slot: Slot,
 }
 
 impl Conn {
-    fn new(io: Stream) -> Self {
+    fn new(io: Stream, slot: Slot) -> Self {
         Conn {
             io,
             rbuf: BytesMut::new(),
             head: BytesMut::new(),
             out: VecDeque::new(),
             idle_epoch: 0,
+            _slot: slot,
         }
     }
 
@@ -436,10 +448,65 @@ struct Target {
     tls: Option<(TlsConnector, Result<ServerName<'static>, String>)>,
 }
 
+/// A pool's connections and the requests waiting for one.
+struct State {
+    /// Idle connections, most recently used last: requests take the warmest connection.
+    idle: VecDeque<Box<Conn>>,
+    /// Connections open or being opened, idle or busy: at most `max`.
+    open: usize,
+    /// Requests waiting for a connection, oldest first. A sender whose request gave up is
+    /// skipped when its turn comes (and pruned as the queue grows).
+    waiters: VecDeque<oneshot::Sender<Grant>>,
+    /// The queue length at which the senders of requests that gave up are pruned next.
+    prune_at: usize,
+}
+
+/// The waiting queue is first pruned at this length.
+const PRUNE_MIN: usize = 64;
+
+/// What [`H1Pool::checkout`] found.
+enum Checkout {
+    /// An idle connection.
+    Conn(Box<Conn>),
+    /// A place to open a connection in.
+    Slot(Slot),
+    /// The pool is full: a place in the queue.
+    Wait(oneshot::Receiver<Grant>),
+}
+
+/// What a waiting request is given.
+enum Grant {
+    /// A connection that finished its previous exchange.
+    Conn(Box<Conn>),
+    /// A place freed by a connection that closed: open a new one.
+    Slot(Slot),
+}
+
+/// A place among a pool's `max_connections`, held by a connection (or by a request opening
+/// one). Dropped, it goes to the longest-waiting request, or back to the pool.
+struct Slot {
+    pool: Weak<H1Pool>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        let next = Slot {
+            pool: std::mem::take(&mut self.pool),
+        };
+        // Whatever a gone waiter hands back is dropped after the lock is released.
+        let returned = pool.grant(Grant::Slot(next));
+        drop(returned);
+    }
+}
+
 /// The idle HTTP/1.1 connections of one upstream, and how to make more.
 pub struct H1Pool {
-    /// Most recently used last: requests take the warmest connection.
-    idle: Mutex<VecDeque<Box<Conn>>>,
+    state: Mutex<State>,
+    /// `max_connections`: connections open at once, idle and busy.
+    max: usize,
     connector: HttpConnector,
     target: Target,
     /// Counts [`H1Pool::sweep`] calls; an idle connection remembers the one it was parked at.
@@ -456,8 +523,13 @@ impl fmt::Debug for H1Pool {
 
 impl H1Pool {
     /// A pool for `uri` (`http://` or `https://` with `tls`, whose ALPN is set to HTTP/1.1
-    /// here). Connections are opened on demand with `connector`.
-    pub fn new(mut connector: HttpConnector, uri: Uri, tls: Option<&rustls::ClientConfig>) -> Self {
+    /// here) of at most `max` connections. Connections are opened on demand with `connector`.
+    pub fn new(
+        mut connector: HttpConnector,
+        uri: Uri,
+        tls: Option<&rustls::ClientConfig>,
+        max: usize,
+    ) -> Self {
         connector.enforce_http(false);
         let tls = match tls {
             None => None,
@@ -472,38 +544,97 @@ impl H1Pool {
             }
         };
         H1Pool {
-            idle: Mutex::new(VecDeque::new()),
+            state: Mutex::new(State {
+                idle: VecDeque::new(),
+                open: 0,
+                waiters: VecDeque::new(),
+                prune_at: PRUNE_MIN,
+            }),
+            max: max.max(1),
             connector,
             target: Target { uri, tls },
             epoch: AtomicU64::new(0),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Box<Conn>>> {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The warmest idle connection that is still open.
-    fn checkout(&self) -> Option<Box<Conn>> {
+    /// The warmest idle connection that is still open, or else a place to open one, or else
+    /// a place in the queue. A dead idle connection found on the way is closed outside the
+    /// lock (its place then goes to the queue).
+    fn checkout(self: &Arc<Self>) -> Checkout {
         loop {
-            let mut conn = self.lock().pop_back()?;
-            if conn.alive() {
-                return Some(conn);
+            let mut state = self.lock();
+            if let Some(mut conn) = state.idle.pop_back() {
+                drop(state);
+                if conn.alive() {
+                    return Checkout::Conn(conn);
+                }
+                continue;
+            }
+            if state.open < self.max {
+                state.open += 1;
+                return Checkout::Slot(Slot {
+                    pool: Arc::downgrade(self),
+                });
+            }
+            let (tx, rx) = oneshot::channel();
+            // Requests that gave up leave their sender behind until its turn: prune them
+            // whenever the queue has doubled since, so it stays within twice the live
+            // waiters at a cost of O(1) per request.
+            if state.waiters.len() >= state.prune_at {
+                state.waiters.retain(|w| !w.is_closed());
+                state.prune_at = (2 * state.waiters.len()).max(PRUNE_MIN);
+            }
+            state.waiters.push_back(tx);
+            return Checkout::Wait(rx);
+        }
+    }
+
+    /// Gives a connection or a freed place to the longest-waiting request; with none waiting,
+    /// a connection is parked and a place is given back. Returns what must be dropped (a
+    /// connection beyond [`POOL_MAX_IDLE`]), to be dropped by the caller once the lock is
+    /// released.
+    fn grant(&self, mut grant: Grant) -> Option<Grant> {
+        let mut state = self.lock();
+        while let Some(waiter) = state.waiters.pop_front() {
+            match waiter.send(grant) {
+                Ok(()) => return None,
+                Err(back) => grant = back,
+            }
+        }
+        match grant {
+            Grant::Conn(conn) if state.idle.len() < POOL_MAX_IDLE => {
+                state.idle.push_back(conn);
+                None
+            }
+            Grant::Conn(conn) => Some(Grant::Conn(conn)),
+            Grant::Slot(mut slot) => {
+                state.open -= 1;
+                // Given back: nothing more to hand on when it drops.
+                slot.pool = Weak::new();
+                None
             }
         }
     }
 
-    /// Parks a connection whose exchange is complete.
+    /// Parks a connection whose exchange is complete, or hands it to a waiting request.
     fn checkin(&self, mut conn: Box<Conn>) {
         conn.idle_epoch = self.epoch.load(Ordering::Relaxed);
-        let mut idle = self.lock();
-        if idle.len() < POOL_MAX_IDLE {
-            idle.push_back(conn);
-        }
+        let returned = self.grant(Grant::Conn(conn));
+        drop(returned);
     }
 
-    /// Opens a new connection (TCP, then TLS for `https://`).
-    async fn connect(&self) -> Result<Box<Conn>, UpstreamError> {
+    /// Connections open now (idle and busy).
+    #[cfg(test)]
+    fn open(&self) -> usize {
+        self.lock().open
+    }
+
+    /// Opens a new connection (TCP, then TLS for `https://`) in `slot`.
+    async fn connect(&self, slot: Slot) -> Result<Box<Conn>, UpstreamError> {
         let tcp = self
             .connector
             .clone()
@@ -519,7 +650,67 @@ impl H1Pool {
                     .map_err(|e| UpstreamError::Connect(format!("TLS handshake: {e}")))?,
             )),
         };
-        Ok(Box::new(Conn::new(io)))
+        Ok(Box::new(Conn::new(io, slot)))
+    }
+
+    /// A connection for one request, starting from what `first` found: an idle one, a new
+    /// one, or (the pool being full) the first one given back, at most until `deadline`.
+    /// `Ok(None)`: the deadline came.
+    async fn acquire(
+        self: &Arc<Self>,
+        first: Checkout,
+        mut deadline: Pin<&mut tokio::time::Sleep>,
+    ) -> Result<Option<Box<Conn>>, UpstreamError> {
+        let mut next = Some(first);
+        loop {
+            let checkout = match next.take() {
+                Some(c) => c,
+                None => self.checkout(),
+            };
+            let slot = match checkout {
+                Checkout::Conn(conn) => return Ok(Some(conn)),
+                Checkout::Slot(slot) => slot,
+                Checkout::Wait(mut rx) => {
+                    let got = poll_fn(|cx| match Pin::new(&mut rx).poll(cx) {
+                        Poll::Ready(r) => Poll::Ready(Some(r)),
+                        Poll::Pending => deadline.as_mut().poll(cx).map(|()| None),
+                    })
+                    .await;
+                    match got {
+                        Some(Ok(Grant::Conn(mut conn))) => {
+                            if conn.alive() {
+                                return Ok(Some(conn));
+                            }
+                            // Closed while parked: its place is ours to reopen.
+                            let Conn { _slot, .. } = *conn;
+                            _slot
+                        }
+                        Some(Ok(Grant::Slot(slot))) => slot,
+                        // The pool is gone (a reload replaced it mid-wait): try again.
+                        Some(Err(_)) => continue,
+                        None => {
+                            // Anything granted in the meantime goes on to the next request.
+                            rx.close();
+                            if let Ok(grant) = rx.try_recv() {
+                                match grant {
+                                    Grant::Conn(conn) => self.checkin(conn),
+                                    Grant::Slot(slot) => drop(slot),
+                                }
+                            }
+                            return Ok(None);
+                        }
+                    }
+                }
+            };
+            // Boxed: connecting is rare, and its future would otherwise make every request's
+            // future several times larger.
+            let mut connecting = Box::pin(self.connect(slot));
+            return poll_fn(|cx| match connecting.as_mut().poll(cx) {
+                Poll::Ready(r) => Poll::Ready(r.map(Some)),
+                Poll::Pending => deadline.as_mut().poll(cx).map(|()| Ok(None)),
+            })
+            .await;
+        }
     }
 
     /// Closes connections the upstream has closed and those idle for longer than
@@ -529,18 +720,19 @@ impl H1Pool {
         let keep = POOL_IDLE_TIMEOUT.as_millis() / every.as_millis().max(1);
         let keep = u64::try_from(keep).unwrap_or(u64::MAX).max(1);
         let mut closed = Vec::new();
-        let mut idle = self.lock();
+        let mut state = self.lock();
+        let idle = &mut state.idle;
         let mut i = 0;
         while i < idle.len() {
             let c = &mut idle[i];
             if epoch - c.idle_epoch <= keep && c.alive() {
                 i += 1;
             } else if let Some(c) = idle.remove(i) {
-                // Dropped outside the lock.
+                // Dropped outside the lock (a closing connection's place is given back).
                 closed.push(c);
             }
         }
-        drop(idle);
+        drop(state);
         drop(closed);
     }
 
@@ -556,18 +748,12 @@ impl H1Pool {
         // would move it on every request.
         let mut deadline = pin!(tokio::time::sleep(timeout));
         let mut conn = match self.checkout() {
-            Some(conn) => conn,
-            // Boxed: connecting is rare, and its future would otherwise make every request's
-            // future several times larger.
-            None => {
-                let mut connecting = Box::pin(self.connect());
-                poll_fn(|cx| match connecting.as_mut().poll(cx) {
-                    Poll::Ready(r) => Poll::Ready(Some(r)),
-                    Poll::Pending => deadline.as_mut().poll(cx).map(|()| None),
-                })
-                .await
-                .ok_or(UpstreamError::Timeout(timeout))??
-            }
+            Checkout::Conn(conn) => conn,
+            // Not the common case: boxed so that its future does not make every request's
+            // future larger.
+            other => Box::pin(self.acquire(other, deadline.as_mut()))
+                .await?
+                .ok_or(UpstreamError::Timeout(timeout))?,
         };
         let (parts, body) = req.into_parts();
         let head_request = parts.method == Method::HEAD;
@@ -815,5 +1001,80 @@ impl Body for H1Body {
             Framing::Done | Framing::Upgrade => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool of at most one connection to a listener that accepts and never answers.
+    async fn pool_of_one() -> (Arc<H1Pool>, tokio::net::TcpListener) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let uri: Uri = format!("http://{}/", listener.local_addr().expect("addr"))
+            .parse()
+            .expect("uri");
+        (
+            Arc::new(H1Pool::new(HttpConnector::new(), uri, None, 1)),
+            listener,
+        )
+    }
+
+    #[tokio::test]
+    async fn places_go_to_live_waiters_in_order_and_come_back_when_connections_close() {
+        let (pool, _listener) = pool_of_one().await;
+        let Checkout::Slot(slot) = pool.checkout() else {
+            panic!("an empty pool has room");
+        };
+        let conn = pool.connect(slot).await.expect("connect");
+        assert_eq!(pool.open(), 1);
+        let Checkout::Wait(gone) = pool.checkout() else {
+            panic!("a full pool queues");
+        };
+        let Checkout::Wait(mut first) = pool.checkout() else {
+            panic!("a full pool queues");
+        };
+        let Checkout::Wait(mut second) = pool.checkout() else {
+            panic!("a full pool queues");
+        };
+        // The first waiter gave up: the connection goes to the next one, not to the idle list.
+        drop(gone);
+        pool.checkin(conn);
+        let Ok(Grant::Conn(conn)) = first.try_recv() else {
+            panic!("the oldest live waiter gets the connection");
+        };
+        assert!(
+            second.try_recv().is_err(),
+            "one connection, one waiter served"
+        );
+        assert!(pool.lock().idle.is_empty());
+        // The connection closes: its place goes to the second waiter, still counted.
+        drop(conn);
+        let Ok(Grant::Slot(slot)) = second.try_recv() else {
+            panic!("a closed connection's place goes to the next waiter");
+        };
+        assert_eq!(pool.open(), 1);
+        // Nobody waits: the place is given back.
+        drop(slot);
+        assert_eq!(pool.open(), 0);
+        assert!(matches!(pool.checkout(), Checkout::Slot(_)));
+    }
+
+    #[tokio::test]
+    async fn the_waiting_queue_sheds_requests_that_gave_up() {
+        let (pool, _listener) = pool_of_one().await;
+        let Checkout::Slot(_held) = pool.checkout() else {
+            panic!("an empty pool has room");
+        };
+        for _ in 0..10_000 {
+            let Checkout::Wait(rx) = pool.checkout() else {
+                panic!("a full pool queues");
+            };
+            drop(rx);
+        }
+        let queued = pool.lock().waiters.len();
+        assert!(queued <= 128, "{queued} senders of gone requests kept");
     }
 }

@@ -79,6 +79,7 @@ pub struct UpstreamKey {
     url: Uri,
     connect_timeout: Duration,
     http2: bool,
+    max_connections: usize,
     tls: UpstreamTls,
 }
 
@@ -89,6 +90,7 @@ impl UpstreamKey {
             url: cfg.url.clone(),
             connect_timeout: cfg.connect_timeout,
             http2: cfg.http2,
+            max_connections: cfg.max_connections,
             tls: cfg.tls.clone(),
         }
     }
@@ -157,7 +159,12 @@ impl Upstream {
                 .path_and_query("/")
                 .build()
                 .unwrap_or_else(|_| cfg.url.clone());
-            Pool::H1(Arc::new(H1Pool::new(connector, target, tls.as_deref())))
+            Pool::H1(Arc::new(H1Pool::new(
+                connector,
+                target,
+                tls.as_deref(),
+                cfg.max_connections,
+            )))
         };
         Upstream {
             key: UpstreamKey::of(cfg),
