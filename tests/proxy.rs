@@ -321,6 +321,36 @@ async fn salt_changes_assignment_deterministically() {
 }
 
 #[tokio::test]
+async fn an_http2_upstream_gets_its_own_authority_and_no_host_field() {
+    // HTTP/2 upstreams (nginx, for one) refuse a `host` field that differs from `:authority`:
+    // the upstream gets its own authority and the client's host in x-forwarded-host.
+    let echo = FakeUpstream::builder("stable").echo_headers().start().await;
+    let cfg = ConfigBuilder::new()
+        .upstream("stable", &echo.url(), "100")
+        .upstream_set("http2", "true")
+        .build();
+    let proxy = Proxy::start(&cfg).await;
+    let h2_host = proxy.addr().to_string();
+    // An HTTP/2 client names the host in `:authority` (the address it dials).
+    for (client, host, fields) in [
+        (
+            HttpClient::http1(),
+            "app.example:8080",
+            vec![("host", "app.example:8080")],
+        ),
+        (HttpClient::h2c(), h2_host.as_str(), vec![]),
+    ] {
+        let reply = client.get(proxy.addr(), "/echo?q=1", &fields).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        let seen = reply.json();
+        assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
+        assert_eq!(seen["uri"], format!("{}/echo?q=1", echo.url()), "{seen}");
+        assert!(seen["headers"]["host"].is_null(), "{seen}");
+        assert_eq!(seen["headers"]["x-forwarded-host"][0], host, "{seen}");
+    }
+}
+
+#[tokio::test]
 async fn hop_by_hop_headers_removed_and_forwarding_headers_set() {
     let echo = FakeUpstream::builder("stable").echo_headers().start().await;
     let canary = FakeUpstream::start("canary").await;

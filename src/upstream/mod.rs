@@ -215,6 +215,12 @@ impl Upstream {
     ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
         if let Pool::H2Plain(_) | Pool::H2Tls(_) = &self.pool {
             forwarded.apply(req.headers_mut());
+            // HTTP/2 carries the host in `:authority`, and a `host` field that differs from
+            // it makes the request malformed (RFC 9113, section 8.3.1; nginx answers 400).
+            // The `:authority` is the upstream's own `host:port`, which hyper's client dials
+            // (one connection per upstream, whatever hosts the clients name); the client's
+            // host goes on in `X-Forwarded-Host`.
+            req.headers_mut().remove(http::header::HOST);
         }
         // hyper's client polls the body on a task of its own: whether the request still waits
         // for the client's body when the time is up is asked of the body's hand-over.
