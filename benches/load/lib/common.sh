@@ -74,11 +74,14 @@ for s in socks:
 EOF
 }
 
-# wait_http URL TIMEOUT_S [PID]: until URL answers any HTTP status; fail early if PID died
+# wait_http URL TIMEOUT_S [PID [CURL_ARGS...]]: until URL answers any HTTP status; fail early if
+# PID died. Certificates are not verified (-k: the TLS modes of compare.sh use a self-signed
+# one); CURL_ARGS add curl options, e.g. --http2-prior-knowledge for an h2c-only listener.
 wait_http() {
   local url=$1 t=$2 pid=${3:-} i
+  shift $(($# < 3 ? $# : 3))
   for ((i = 0; i < t * 10; i++)); do
-    if curl -s -o /dev/null --max-time 1 "$url"; then return 0; fi
+    if curl -sk -o /dev/null --max-time 1 "$@" "$url"; then return 0; fi
     if [[ -n "$pid" ]] && ! kill -0 "$pid" 2>/dev/null; then
       log "process $pid exited while waiting for $url"
       return 1
@@ -104,6 +107,17 @@ wait_tcp() {
   done
   log "timed out after ${t}s waiting for 127.0.0.1:$port"
   return 1
+}
+
+# self_signed_cert DIR: a self-signed ECDSA P-256 certificate for 127.0.0.1 and localhost,
+# valid for 2 days: DIR/cert.pem, DIR/key.pem (PKCS#8) and DIR/cert-key.pem (both, for HAProxy)
+self_signed_cert() {
+  local dir=$1
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj "/CN=localhost" -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+    -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>"$dir/openssl.log" \
+    || die "openssl could not make a self-signed certificate ($(tail -1 "$dir/openssl.log"))"
+  cat "$dir/cert.pem" "$dir/key.pem" > "$dir/cert-key.pem"
 }
 
 # render TEMPLATE OUT KEY=VALUE...: replace every @KEY@ in TEMPLATE

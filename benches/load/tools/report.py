@@ -232,7 +232,7 @@ def targets_check(s, thr, lat, who="canaryd"):
 
 
 def raw_tables(thr, lat):
-    out = ["| round | target | requests | req/s | errors | proxy CPU s | proxy cores busy | peak RSS MiB | upstream cores | wrk cores | others' cores |",
+    out = ["| round | target | requests | req/s | errors | proxy CPU s | proxy cores busy | peak RSS MiB | upstream cores | generator cores | others' cores |",
            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in thr:
         sec = float(r["seconds"])
@@ -296,6 +296,70 @@ def pgo_note(variants):
             "`benches/load/pgo.sh` (profile-guided optimisation, trained on this load).\n")
 
 
+# compare.sh --proto: the title's suffix, the protocol note of the setup, the oha command of
+# the fixed-rate phase and how the saturation phase's transport is described.
+PROTOCOLS = {
+    "h1": {
+        "title": "",
+        "note": "",
+        "oha": "`oha --latency-correction`",
+        "over": "",
+    },
+    "h1tls": {
+        "title": " over HTTPS (TLS 1.3, HTTP/1.1)",
+        "note": (
+            "- HTTPS from the clients: TLS 1.3 carrying HTTP/1.1 (canaryd `tls_cert`/`tls_key`, rustls;\n"
+            "  nginx `listen ... ssl` and HAProxy `bind ... ssl crt ... alpn http/1.1`, both OpenSSL), one\n"
+            "  self-signed ECDSA P-256 certificate for all three, not verified by the clients; HTTP/1.1\n"
+            "  to the upstreams. Connections are kept alive, so each handshakes once per phase. No direct\n"
+            "  target: the upstreams are plain HTTP. The split check speaks HTTP/1.1 over TLS to the\n"
+            "  measured port.\n"
+        ),
+        "oha": "`oha --insecure --latency-correction` over https",
+        "over": "",
+    },
+    "h2c": {
+        "title": " over HTTP/2",
+        "note": (
+            "- HTTP/2 from the clients (h2c with prior knowledge: canaryd on its one port, nginx\n"
+            "  `listen ... http2`, HAProxy `bind ... proto h2`), HTTP/1.1 to the upstreams. No direct\n"
+            "  target: the upstreams do not speak h2c. The split check runs over HTTP/1.1 (a second\n"
+            "  listener on the peers).\n"
+        ),
+        "oha": "`oha --http2 -p 16 --latency-correction`",
+        "over": "over h2c (prior knowledge)",
+    },
+    "h2tls": {
+        "title": " over HTTP/2 with TLS (ALPN h2)",
+        "note": (
+            "- HTTP/2 over TLS 1.3 from the clients, negotiated by ALPN (canaryd `tls_cert`/`tls_key`,\n"
+            "  rustls; nginx `listen ... ssl http2` and HAProxy `bind ... ssl crt ... alpn h2,http/1.1`,\n"
+            "  both OpenSSL), one self-signed ECDSA P-256 certificate for all three, not verified by the\n"
+            "  clients; HTTP/1.1 to the upstreams. No direct target: the upstreams are plain HTTP/1.1.\n"
+            "  The split check speaks HTTP/1.1 over TLS (ALPN http/1.1) to the measured port.\n"
+        ),
+        "oha": "`oha --http2 -p 16 --insecure --latency-correction` over https",
+        "over": "over TLS 1.3 (ALPN h2)",
+    },
+    "h2e2e": {
+        "title": " over HTTP/2 end to end",
+        "note": (
+            "- HTTP/2 end to end (\"gRPC-like\"): h2c with prior knowledge from the clients (canaryd on\n"
+            "  its one port, nginx `listen ... http2`, HAProxy `bind ... proto h2`) **and** to the\n"
+            "  upstreams, which take h2c only: canaryd `http2 = true` on both upstreams; nginx\n"
+            "  `grpc_pass grpc://$arm` (`conf/nginx-proxy-grpc.conf.tmpl`: nginx's only HTTP/2 upstream\n"
+            "  proxy, which carries one request at a time per kept-alive upstream connection where\n"
+            "  canaryd and HAProxy multiplex streams); HAProxy `server ... proto h2`. `direct` is h2load\n"
+            "  straight to the stable upstream over h2c (the ceiling). The split check runs over HTTP/1.1\n"
+            "  (canaryd's one port, a second listener on the peers); the proxies still speak HTTP/2\n"
+            "  upstream for it.\n"
+        ),
+        "oha": "`oha --http2 -p 16 --latency-correction`",
+        "over": "over h2c (prior knowledge)",
+    },
+}
+
+
 def compare(a):
     thr, lat = read_tsv(a.thr), read_tsv(a.lat)
     s = summarize(thr, lat)
@@ -308,20 +372,30 @@ def compare(a):
     )
     up = ", ".join(f"{t} {s[t]['up_cores_sat']:.2f}" for t in s if s[t].get("up_cores_sat") is not None)
     busy_line = f"Cores busy at saturation (CPU seconds / wall seconds): proxies {busy}; upstream {up}.\n" if busy else ""
+    if a.h2 and not a.proto:  # the former `--h2 FLAGS`
+        a.proto, a.h2load = "h2c", a.h2
+    p = PROTOCOLS[a.proto or "h1"]
     if a.latency_only:
         saturation = "- Saturation: not measured (`--latency-only`); peak RSS is from the fixed-rate phase."
-    elif a.h2:
-        saturation = (f"- Saturation: `h2load -D {a.duration} {a.h2}` over h2c (prior knowledge) with one\n"
+    elif a.h2load:
+        saturation = (f"- Saturation: `h2load -D {a.duration} {a.h2load}` {p['over']} with one\n"
                       "  stable-arm `x-user-id` (h2load sends one header set), after a 2 s warm-up.")
     else:
-        saturation = (f"- Saturation: `wrk -t1 -c{a.connections} -d{a.duration}s` with a random `x-user-id` per request from a pool\n"
+        https = " over https" if a.proto == "h1tls" else ""
+        saturation = (f"- Saturation: `wrk -t1 -c{a.connections} -d{a.duration}s`{https} with a random `x-user-id` per request from a pool\n"
                       "  of 10,000 ids (`tools/userid.lua`), after a 2 s warm-up.")
-    protocol = ("- HTTP/2 from the clients (h2c with prior knowledge: canaryd on its one port, nginx\n"
-                "  `listen ... http2`, HAProxy `bind ... proto h2`), HTTP/1.1 to the upstreams. No direct\n"
-                "  target: the upstreams do not speak h2c. The split check runs over HTTP/1.1 (a second\n"
-                "  listener on the peers).\n" if a.h2 else "")
-    oha = "`oha --http2 -p 16 --latency-correction`" if a.h2 else "`oha --latency-correction`"
-    md = f"""# Load comparison: canaryd vs nginx vs HAProxy{" over HTTP/2" if a.h2 else ""}
+    protocol = p["note"]
+    if a.upstream == "haproxy":
+        upstream = (f"- Upstream: one HAProxy ({a.workers} thread, `conf/upstream-haproxy-h2.cfg.tmpl`, `--h2-upstream haproxy`)\n"
+                    "  with two h2c frontends, `stable` and `canary`, each answering `200` with a 7-byte body\n"
+                    "  (`http-request return`); the same upstream for every target. Not the nginx pair of the other\n"
+                    "  modes: nginx answers 400 to an HTTP/2 request that carries a `host` field besides `:authority`.")
+    else:
+        h2c = " listening for h2c only (`listen ... http2`)" if a.proto == "h2e2e" else ""
+        upstream = (f"- Upstream: one nginx ({a.workers} worker) with two server blocks{h2c}, `stable` and `canary`, each\n"
+                    "  answering `200` with a 7-byte body; the same upstream for every target.")
+    oha = p["oha"]
+    md = f"""# Load comparison: canaryd vs nginx vs HAProxy{p["title"]}
 
 Produced by `benches/load/compare.sh` (see `benches/load/README.md`). Medians of {a.rounds} rounds;
 targets alternate inside each round (each round starts one target later) and every target is
@@ -334,8 +408,7 @@ started fresh for every measurement.
 
 ## Setup
 
-- Upstream: one nginx ({a.workers} worker) with two server blocks, `stable` and `canary`, each
-  answering `200` with a 7-byte body; the same upstream for every target.
+{upstream}
 - The split: sticky 90/10 on `x-user-id` in every proxy (canaryd: md5 bucket rule; nginx:
   `split_clients` on `$http_x_user_id`; HAProxy: `balance hdr(x-user-id)`, `hash-type consistent`,
   weights 90/10). Keep-alive to clients and to the upstream everywhere; every proxy sets
@@ -388,8 +461,13 @@ def main():
     ap.add_argument("--summary-only", action="store_true", help="print the main table only")
     ap.add_argument("--latency-only", action="store_true")
     for k in ("date", "machine", "versions", "command", "rate", "rate-note", "duration",
-              "connections", "oha-connections", "rounds", "workers", "retries", "h2"):
+              "connections", "oha-connections", "rounds", "workers", "retries", "h2load"):
         ap.add_argument(f"--{k}", default="")
+    ap.add_argument("--proto", default="", choices=["", *PROTOCOLS],
+                    help="compare.sh --proto: the protocols the clients and the proxies spoke")
+    ap.add_argument("--h2", default="", help="former spelling of --proto h2c --h2load FLAGS")
+    ap.add_argument("--upstream", default="nginx", choices=["nginx", "haproxy"],
+                    help="the upstream pair (compare.sh --h2-upstream)")
     compare(ap.parse_args())
 
 

@@ -9,11 +9,14 @@ same arm as the body; each user gets the same arm both times (sticky); the canar
 within 10% +- 5 points. With --exact-md5 W (canaryd), every user must be on the arm the design
 rule gives: canary iff bucket < W*100, bucket = (h%100)*100 + (h//100)%100, h = md5(uid).
 For the direct baseline (NAME=direct) only status and body are checked.
+An https:// URL is spoken to over TLS with ALPN http/1.1 and without verifying the certificate
+(compare.sh's TLS modes use a self-signed one).
 Prints one summary line; exits 1 on any failure.
 """
 import argparse
 import hashlib
 import http.client
+import ssl
 import sys
 import urllib.parse
 
@@ -21,6 +24,19 @@ import urllib.parse
 def bucket(uid):
     h = int(hashlib.md5(uid.encode()).hexdigest(), 16)
     return (h % 100) * 100 + (h // 100) % 100
+
+
+def connector(url):
+    """A function opening a new HTTP/1.1 connection to URL's host: plain, or TLS for https."""
+    u = urllib.parse.urlsplit(url)
+    if u.scheme == "https":
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        # http.client only offers http/1.1 by ALPN with a context of its own making
+        ctx.set_alpn_protocols(["http/1.1"])
+        return lambda: http.client.HTTPSConnection(u.hostname, u.port, timeout=5, context=ctx)
+    return lambda: http.client.HTTPConnection(u.hostname, u.port, timeout=5)
 
 
 def main():
@@ -32,8 +48,8 @@ def main():
     ap.add_argument("--emit-uids", default=None,
                     help="write 'STABLE_UID CANARY_UID' (one user id served by each arm) here")
     a = ap.parse_args()
-    u = urllib.parse.urlsplit(a.url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
+    connect = connector(a.url)
+    conn = connect()
     problems = []
     first = {}
     canary = 0
@@ -48,7 +64,7 @@ def main():
             except Exception as e:  # noqa: BLE001 - any transport error is a failure
                 problems.append(f"{uid}: transport error {e!r}")
                 conn.close()
-                conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
+                conn = connect()
                 continue
             if r.status != 200 or body not in ("stable", "canary"):
                 problems.append(f"{uid}: status {r.status} body {body[:60]!r}")
