@@ -174,9 +174,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// The log filter: `RUST_LOG` (default `info`), with rustls held to errors unless `RUST_LOG`
+/// names it. rustls warns once per handshake about things a client chose, such as an IP
+/// address sent as the server name (wrk and OpenSSL clients do): at `warn`, any client could
+/// write a log line per connection.
+fn log_filter(env: Option<&str>) -> String {
+    let base = env
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("info");
+    if base.contains("rustls") {
+        base.to_owned()
+    } else {
+        format!("{base},rustls=error")
+    }
+}
+
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let env = std::env::var("RUST_LOG").ok();
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(env.as_deref()))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter(None)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -596,5 +613,18 @@ impl Progress {
             self.draw();
             eprintln!();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn rustls_is_held_to_errors_unless_rust_log_names_it() {
+        assert_eq!(log_filter(None), "info,rustls=error");
+        assert_eq!(log_filter(Some(" ")), "info,rustls=error");
+        assert_eq!(log_filter(Some("debug")), "debug,rustls=error");
+        assert_eq!(log_filter(Some("warn,rustls=debug")), "warn,rustls=debug");
     }
 }
