@@ -12,7 +12,8 @@ use tokio::signal::unix::{signal, SignalKind};
 
 /// mimalloc instead of the system allocator: with glibc's malloc, allocation and free were
 /// about 8% of canaryd's CPU time on the HTTP/2 path (perf), and every request allocates
-/// (hyper's per-stream task and state, header maps, buffers).
+/// (hyper's per-stream task and state, header maps, buffers). Its transparent huge pages are
+/// off unless `--huge-pages` (see [`huge_pages`]).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -32,6 +33,11 @@ struct Cli {
     /// runs on a single-threaded runtime, which saves cross-thread synchronisation per request.
     #[arg(long, global = true, env = "CANARYD_THREADS")]
     threads: Option<usize>,
+    /// Let the allocator back the heap with transparent huge pages (Linux): faster (fewer TLB
+    /// misses; about 5-10% more HTTP/2 throughput measured) for about 8 MiB more resident
+    /// memory at idle and under load. Off by default: a sidecar's memory comes first.
+    #[arg(long, global = true, env = "CANARYD_HUGE_PAGES")]
+    huge_pages: bool,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -144,6 +150,7 @@ struct SimulateArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    huge_pages(cli.huge_pages);
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Route {
@@ -173,6 +180,19 @@ fn main() -> ExitCode {
         ),
     }
 }
+
+/// Allows or forbids transparent huge pages for the process (`PR_SET_THP_DISABLE`, which a
+/// parent's setting would otherwise decide): mimalloc asks for them on its heap, which costs
+/// about 8 MiB of resident memory at idle and under load.
+#[cfg(target_os = "linux")]
+fn huge_pages(allow: bool) {
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(!allow) {
+        tracing::debug!(error = %e, "could not set the transparent huge pages flag");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn huge_pages(_allow: bool) {}
 
 /// The log filter: `RUST_LOG` (default `info`), with rustls held to errors unless `RUST_LOG`
 /// names it. rustls warns once per handshake about things a client chose, such as an IP

@@ -276,3 +276,24 @@ async fn large_upload_through_the_process_keeps_memory_bounded() {
         started.elapsed()
     );
 }
+
+/// `THP_enabled` of a process's `/proc/PID/status`: whether transparent huge pages may back
+/// its memory.
+fn thp_enabled(pid: u32) -> Option<bool> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("THP_enabled:"))?;
+    Some(line.split_whitespace().nth(1)? == "1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_huge_pages_are_off_unless_asked_for() {
+    let config = static_config("10");
+    let off = CanarydProcess::spawn(&config).await;
+    let on = CanarydProcess::spawn_with_args(
+        ConfigFile::create(&config, ConfigLayout::Plain),
+        &["--huge-pages"],
+    )
+    .await;
+    assert_eq!(thp_enabled(off.pid()), Some(false), "canaryd by default");
+    assert_eq!(thp_enabled(on.pid()), Some(true), "canaryd --huge-pages");
+}

@@ -686,7 +686,8 @@ impl H1Pool {
                             _slot
                         }
                         Some(Ok(Grant::Slot(slot))) => slot,
-                        // The pool is gone (a reload replaced it mid-wait): try again.
+                        // Dropped without a grant: only by a pool being dropped, which this
+                        // request (holding it) prevents. Look again all the same.
                         Some(Err(_)) => continue,
                         None => {
                             // Anything granted in the meantime goes on to the next request.

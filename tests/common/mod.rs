@@ -1698,10 +1698,17 @@ impl CanarydProcess {
     }
 
     pub async fn spawn_with(config: ConfigFile) -> CanarydProcess {
+        Self::spawn_with_args(config, &[]).await
+    }
+
+    /// [`CanarydProcess::spawn_with`], with more command-line arguments after `run`.
+    pub async fn spawn_with_args(config: ConfigFile, args: &[&str]) -> CanarydProcess {
         let mut child = Command::new(canaryd_bin())
             .arg("run")
+            .args(args)
             .arg("--config")
             .arg(config.path())
+            .env_remove("CANARYD_HUGE_PAGES")
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .env_remove("CANARYD_CONFIG")
