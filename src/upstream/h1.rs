@@ -582,8 +582,9 @@ impl H1Pool {
             }
             let (tx, rx) = oneshot::channel();
             // Requests that gave up leave their sender behind until its turn: prune them
-            // whenever the queue has doubled since, so it stays within twice the live
-            // waiters at a cost of O(1) per request.
+            // whenever the queue has doubled since the last pruning, at a cost of O(1) per
+            // request. The queue stays within twice the most requests ever waiting at once
+            // (at least 64), which the requests in flight bound.
             if state.waiters.len() >= state.prune_at {
                 state.waiters.retain(|w| !w.is_closed());
                 state.prune_at = (2 * state.waiters.len()).max(PRUNE_MIN);
