@@ -389,7 +389,7 @@ def compare(a):
         upstream = (f"- Upstream: one HAProxy ({a.workers} thread, `conf/upstream-haproxy-h2.cfg.tmpl`, `--h2-upstream haproxy`)\n"
                     "  with two h2c frontends, `stable` and `canary`, each answering `200` with a 7-byte body\n"
                     "  (`http-request return`); the same upstream for every target. Not the nginx pair of the other\n"
-                    "  modes: nginx answers 400 to an HTTP/2 request that carries a `host` field besides `:authority`.")
+                    "  modes: a faster upstream, so that the proxies rather than the upstream set the ceiling.")
     else:
         h2c = " listening for h2c only (`listen ... http2`)" if a.proto == "h2e2e" else ""
         upstream = (f"- Upstream: one nginx ({a.workers} worker) with two server blocks{h2c}, `stable` and `canary`, each\n"
