@@ -37,7 +37,8 @@ def wrk(path):
 
 def h2load(path):
     text = open(path).read()
-    fin = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", text)
+    # h2load prints the elapsed time in the unit that suits it: "999.88ms" or "5.00s".
+    fin = re.search(r"finished in ([\d.]+)(?:us|ms|s), ([\d.]+) req/s", text)
     req = re.search(
         r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
         r"(\d+) errored, (\d+) timeout", text)
