@@ -7,9 +7,7 @@ mod common;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -423,21 +421,6 @@ async fn https_upstream_with_private_ca_and_client_certificate() {
 // ---------------------------------------------------------------------------------------------
 // gRPC over HTTP/2
 // ---------------------------------------------------------------------------------------------
-
-/// A response body fed frame by frame (data and trailers) from a channel.
-struct FrameBody(mpsc::Receiver<Frame<Bytes>>);
-
-impl http_body::Body for FrameBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|f| f.map(Ok))
-    }
-}
 
 fn grpc_message(payload: &[u8]) -> Bytes {
     let mut b = vec![0u8];

@@ -601,13 +601,6 @@ impl<'s> Reader<'s> {
         let warmup = self.warmup(t, p);
         let http2 = self.boolean(t, p, "http2", false);
         let max_connections = self.int(t, p, "max_connections", 1024, 1..=1_000_000);
-        if let (Some(true), Some(v)) = (http2, t.get("max_connections")) {
-            self.err(
-                join(p, "max_connections"),
-                Some(v.span()),
-                "only used with HTTP/1.1 upstreams (an http2 upstream carries every request on one connection)",
-            );
-        }
         let ca_file = self.opt_path(t, p, "ca_file");
         let client = self.file_pair(t, p, "client_cert", "client_key");
         let url = url?;
@@ -1797,13 +1790,9 @@ weight = {canary_weight}
         );
         assert_eq!(c.upstreams[0].max_connections, 1024);
         let h2_pooled = "[[upstream]]\nname = \"stable\"\nurl = \"http://127.0.0.1:9000\"\nweight = 100\nhttp2 = true\nmax_connections = 8\n";
-        assert_errors(
-            h2_pooled,
-            &[(
-                "upstream[0].max_connections",
-                6,
-                "only used with HTTP/1.1 upstreams",
-            )],
+        assert_eq!(
+            Config::parse(h2_pooled).expect("valid").upstreams[0].max_connections,
+            8
         );
         let baseline_warmup = "[[upstream]]\nname = \"stable\"\nurl = \"http://127.0.0.1:9000\"\nweight = 100\nwarmup = \"10s\"\n";
         assert_errors(

@@ -40,15 +40,11 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
-use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWrite;
 use tokio::sync::oneshot;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
-use tower_service::Service;
 
-use super::error::{chain, UpstreamError};
+use super::dial::{Dialer, Stream};
+use super::error::UpstreamError;
 use super::forwarded::Forwarded;
 use crate::body::RequestBody;
 use crate::body::{ClientError, ClientFault};
@@ -60,88 +56,20 @@ pub use crate::body::BoxError;
 
 /// Idle connections are closed after about this long (see [`H1Pool::sweep`]); the HTTP/2
 /// client's pool uses the same.
-pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Idle connections kept per upstream (both pools); enough for a saturated sidecar, bounded
-/// for memory.
-pub(crate) const POOL_MAX_IDLE: usize = 512;
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How many sweeps, one every `every`, a connection may go unused before it is closed as
+/// idle ([`POOL_IDLE_TIMEOUT`]).
+pub(crate) fn idle_sweeps(every: Duration) -> u64 {
+    let keep = POOL_IDLE_TIMEOUT.as_millis() / every.as_millis().max(1);
+    u64::try_from(keep).unwrap_or(u64::MAX).max(1)
+}
+
+/// Idle HTTP/1.1 connections kept per upstream; enough for a saturated sidecar, bounded for
+/// memory.
+const POOL_MAX_IDLE: usize = 512;
 /// How much room a read asks for: a response head, or a slice of a body.
 const READ_HEAD: usize = 8 * 1024;
 const READ_BODY: usize = 32 * 1024;
-
-/// The socket under an upstream connection: plain TCP or TLS over TCP.
-pub enum Stream {
-    /// `http://`
-    Plain(TcpStream),
-    /// `https://`
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl fmt::Debug for Stream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Stream::Plain(_) => "Stream::Plain",
-            Stream::Tls(_) => "Stream::Tls",
-        })
-    }
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
 
 /// One upstream connection and its buffers, kept across requests.
 struct Conn {
@@ -430,7 +358,7 @@ impl Batch {
 
 /// The client's fault behind a request body's error. Every request body canaryd forwards
 /// fails only with a [`ClientError`]; anything else is taken as the client going away.
-fn into_client_error(e: BoxError) -> ClientError {
+pub(crate) fn into_client_error(e: BoxError) -> ClientError {
     match e.downcast::<ClientError>() {
         Ok(c) => *c,
         Err(e) => ClientError::new(
@@ -438,14 +366,6 @@ fn into_client_error(e: BoxError) -> ClientError {
             format!("reading the request body: {e}"),
         ),
     }
-}
-
-/// What identifies where a pool's connections go.
-struct Target {
-    /// `scheme://authority/`, what the connector dials.
-    uri: Uri,
-    /// For `https://`: the TLS client and the name to verify (or why the host cannot be one).
-    tls: Option<(TlsConnector, Result<ServerName<'static>, String>)>,
 }
 
 /// A pool's connections and the requests waiting for one.
@@ -507,8 +427,7 @@ pub struct H1Pool {
     state: Mutex<State>,
     /// `max_connections`: connections open at once, idle and busy.
     max: usize,
-    connector: HttpConnector,
-    target: Target,
+    dialer: Dialer,
     /// Counts [`H1Pool::sweep`] calls; an idle connection remembers the one it was parked at.
     epoch: AtomicU64,
 }
@@ -516,7 +435,7 @@ pub struct H1Pool {
 impl fmt::Debug for H1Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("H1Pool")
-            .field("target", &self.target.uri)
+            .field("target", self.dialer.uri())
             .finish()
     }
 }
@@ -525,24 +444,11 @@ impl H1Pool {
     /// A pool for `uri` (`http://` or `https://` with `tls`, whose ALPN is set to HTTP/1.1
     /// here) of at most `max` connections. Connections are opened on demand with `connector`.
     pub fn new(
-        mut connector: HttpConnector,
+        connector: HttpConnector,
         uri: Uri,
         tls: Option<&rustls::ClientConfig>,
         max: usize,
     ) -> Self {
-        connector.enforce_http(false);
-        let tls = match tls {
-            None => None,
-            Some(cfg) => {
-                let mut cfg = cfg.clone();
-                cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-                let host = uri.host().unwrap_or_default();
-                let host = host.trim_start_matches('[').trim_end_matches(']');
-                let name = ServerName::try_from(host.to_owned())
-                    .map_err(|e| format!("{host:?} is not a name TLS can verify: {e}"));
-                Some((TlsConnector::from(Arc::new(cfg)), name))
-            }
-        };
         H1Pool {
             state: Mutex::new(State {
                 idle: VecDeque::new(),
@@ -551,8 +457,7 @@ impl H1Pool {
                 prune_at: PRUNE_MIN,
             }),
             max: max.max(1),
-            connector,
-            target: Target { uri, tls },
+            dialer: Dialer::new(connector, uri, tls, b"http/1.1"),
             epoch: AtomicU64::new(0),
         }
     }
@@ -636,22 +541,7 @@ impl H1Pool {
 
     /// Opens a new connection (TCP, then TLS for `https://`) in `slot`.
     async fn connect(&self, slot: Slot) -> Result<Box<Conn>, UpstreamError> {
-        let tcp = self
-            .connector
-            .clone()
-            .call(self.target.uri.clone())
-            .await
-            .map_err(|e| UpstreamError::Connect(chain(&e)))?
-            .into_inner();
-        let io = match &self.target.tls {
-            None => Stream::Plain(tcp),
-            Some((tls, name)) => Stream::Tls(Box::new(
-                tls.connect(name.clone().map_err(UpstreamError::Connect)?, tcp)
-                    .await
-                    .map_err(|e| UpstreamError::Connect(format!("TLS handshake: {e}")))?,
-            )),
-        };
-        Ok(Box::new(Conn::new(io, slot)))
+        Ok(Box::new(Conn::new(self.dialer.dial().await?, slot)))
     }
 
     /// A connection for one request, starting from what `first` found: an idle one, a new
@@ -719,8 +609,7 @@ impl H1Pool {
     /// [`POOL_IDLE_TIMEOUT`], given that this runs every `every`.
     pub fn sweep(&self, every: Duration) {
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
-        let keep = POOL_IDLE_TIMEOUT.as_millis() / every.as_millis().max(1);
-        let keep = u64::try_from(keep).unwrap_or(u64::MAX).max(1);
+        let keep = idle_sweeps(every);
         let mut closed = Vec::new();
         let mut state = self.lock();
         let idle = &mut state.idle;
@@ -850,7 +739,7 @@ impl fmt::Debug for H1Body {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("H1Body")
             .field("framing", &self.framing)
-            .field("upstream", &self.pool.target.uri)
+            .field("upstream", self.pool.dialer.uri())
             .finish()
     }
 }

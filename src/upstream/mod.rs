@@ -1,10 +1,10 @@
 //! Upstream connections, one pool per upstream, kept across reloads while the upstream is
 //! unchanged.
 //!
-//! HTTP/1.1 upstreams (plain or TLS) use canaryd's own client ([`crate::h1`]): a keep-alive
-//! pool whose connections are driven by the request that holds them. HTTP/2 upstreams
-//! multiplex many requests on one connection, which needs a task of its own: they use
-//! hyper-util's pooled client.
+//! HTTP/1.1 upstreams (plain or TLS) use canaryd's own client ([`h1`]): a keep-alive pool
+//! whose connections are driven by the request that holds them. HTTP/2 upstreams use
+//! canaryd's client on the `h2` crate ([`h2`]): a few multiplexed connections, each driven
+//! by a task of its own, and requests that wait for their responses on their own tasks.
 
 use std::fmt;
 use std::pin::Pin;
@@ -15,33 +15,32 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::ClientConfig;
 
+pub mod dial;
 pub mod error;
 pub mod forwarded;
 pub mod h1;
+pub mod h2;
 
-use self::error::{chain, UpstreamError};
+use self::error::UpstreamError;
 use self::forwarded::Forwarded;
-use self::h1::{H1Body, H1Pool, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE};
-use crate::body::{BoxError, ClientError, ClientFault, RequestBody};
+use self::h1::{H1Body, H1Pool};
+use self::h2::{H2Body, H2Pool};
+use crate::body::{BoxError, RequestBody};
 use crate::config::{UpstreamConfig, UpstreamTls};
 
 /// Request body sent upstream (see [`RequestBody`]).
 pub type UpstreamBody = RequestBody;
 
-/// A response body from an upstream: canaryd's HTTP/1.1 client or hyper's HTTP/2 one.
+/// A response body from an upstream, over HTTP/1.1 or HTTP/2.
 #[derive(Debug)]
 pub enum UpstreamResponseBody {
     /// From an HTTP/1.1 upstream; holds the connection until read.
     H1(H1Body),
-    /// From an HTTP/2 upstream.
-    H2(Incoming),
+    /// From an HTTP/2 upstream; holds its place on the connection until read.
+    H2(H2Body),
 }
 
 impl http_body::Body for UpstreamResponseBody {
@@ -54,7 +53,7 @@ impl http_body::Body for UpstreamResponseBody {
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             UpstreamResponseBody::H1(b) => Pin::new(b).poll_frame(cx),
-            UpstreamResponseBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamResponseBody::H2(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -96,11 +95,10 @@ impl UpstreamKey {
     }
 }
 
-/// A pooled client: canaryd's own for HTTP/1.1, hyper-util's for HTTP/2.
+/// A pooled client for HTTP/1.1 or HTTP/2.
 enum Pool {
     H1(Arc<H1Pool>),
-    H2Plain(Client<HttpConnector, UpstreamBody>),
-    H2Tls(Client<HttpsConnector<HttpConnector>, UpstreamBody>),
+    H2(H2Pool),
 }
 
 /// One upstream's keep-alive pool and target address.
@@ -132,33 +130,20 @@ impl Upstream {
             .authority()
             .cloned()
             .unwrap_or_else(|| Authority::from_static("invalid"));
+        let target = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .unwrap_or_else(|_| cfg.url.clone());
         let pool = if cfg.http2 {
-            let https = tls.map(|tls| {
-                connector.enforce_http(false);
-                hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config((*tls).clone())
-                    .https_only()
-                    .enable_http2()
-                    .wrap_connector(connector.clone())
-            });
-            let mut builder = Client::builder(TokioExecutor::new());
-            builder
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-                .pool_max_idle_per_host(POOL_MAX_IDLE)
-                .http2_only(true);
-            match https {
-                None => Pool::H2Plain(builder.build(connector)),
-                Some(https) => Pool::H2Tls(builder.build(https)),
-            }
+            Pool::H2(H2Pool::new(
+                connector,
+                target,
+                tls.as_deref(),
+                cfg.max_connections,
+            ))
         } else {
-            let target = Uri::builder()
-                .scheme(scheme.clone())
-                .authority(authority.clone())
-                .path_and_query("/")
-                .build()
-                .unwrap_or_else(|_| cfg.url.clone());
             Pool::H1(Arc::new(H1Pool::new(
                 connector,
                 target,
@@ -213,49 +198,31 @@ impl Upstream {
         forwarded: &Forwarded,
         timeout: Duration,
     ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
-        if let Pool::H2Plain(_) | Pool::H2Tls(_) = &self.pool {
-            forwarded.apply(req.headers_mut());
-            // HTTP/2 carries the host in `:authority`, and a `host` field that differs from
-            // it makes the request malformed (RFC 9113, section 8.3.1; nginx answers 400).
-            // The `:authority` is the upstream's own `host:port`, which hyper's client dials
-            // (one connection per upstream, whatever hosts the clients name); the client's
-            // host goes on in `X-Forwarded-Host`.
-            req.headers_mut().remove(http::header::HOST);
-        }
-        // hyper's client polls the body on a task of its own: whether the request still waits
-        // for the client's body when the time is up is asked of the body's hand-over.
-        let watch = req.body().watch();
-        let sent = match &self.pool {
+        match &self.pool {
             Pool::H1(pool) => {
                 let resp = pool.send(req, forwarded, timeout).await?;
-                return Ok(resp.map(UpstreamResponseBody::H1));
+                Ok(resp.map(UpstreamResponseBody::H1))
             }
-            Pool::H2Plain(c) => c.request(req),
-            Pool::H2Tls(c) => c.request(req),
-        };
-        match tokio::time::timeout(timeout, sent).await {
-            Ok(Ok(resp)) => Ok(resp.map(UpstreamResponseBody::H2)),
-            Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect(chain(&e))),
-            // A request body fails only by the client's fault (see `RequestBody`).
-            Ok(Err(e)) => match ClientError::find(&e) {
-                Some(c) => Err(UpstreamError::Client(c.clone())),
-                None => Err(UpstreamError::Protocol(chain(&e))),
-            },
-            Err(_) if watch.is_some_and(|w| w.waiting_on_client()) => {
-                Err(UpstreamError::Client(ClientError::new(
-                    ClientFault::Timeout,
-                    format!("the request body did not arrive within {timeout:?}"),
-                )))
+            Pool::H2(pool) => {
+                forwarded.apply(req.headers_mut());
+                // HTTP/2 carries the host in `:authority`, and a `host` field that differs
+                // from it makes the request malformed (RFC 9113, section 8.3.1; nginx answers
+                // 400). The `:authority` is the upstream's own `host:port`, where the pool's
+                // connections go whatever hosts the clients name; the client's host goes on
+                // in `X-Forwarded-Host`.
+                req.headers_mut().remove(http::header::HOST);
+                let resp = pool.send(req, timeout).await?;
+                Ok(resp.map(UpstreamResponseBody::H2))
             }
-            Err(_) => Err(UpstreamError::Timeout(timeout)),
         }
     }
 
     /// Closes idle connections the upstream has closed or that have idled for longer than
     /// the pool's idle timeout (90 s); to be called every `every` (the metrics upkeep).
     pub fn sweep(&self, every: Duration) {
-        if let Pool::H1(pool) = &self.pool {
-            pool.sweep(every);
+        match &self.pool {
+            Pool::H1(pool) => pool.sweep(every),
+            Pool::H2(pool) => pool.sweep(every),
         }
     }
 }

@@ -64,6 +64,22 @@ pub fn full(data: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// A body fed frame by frame (data and trailers) from a channel; it ends when the sender is
+/// dropped.
+pub struct FrameBody(pub mpsc::Receiver<Frame<Bytes>>);
+
+impl http_body::Body for FrameBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::convert::Infallible>>> {
+        self.0.poll_recv(cx).map(|f| f.map(Ok))
+    }
+}
+
 pub fn empty() -> Body {
     Empty::<Bytes>::new()
         .map_err(|never| match never {})
