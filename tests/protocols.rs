@@ -338,7 +338,8 @@ async fn check_rejects_a_certificate_and_key_that_do_not_match() {
 // https upstreams: private CA, mutual TLS
 // ---------------------------------------------------------------------------------------------
 
-/// An HTTPS upstream that answers "secure" and requires a client certificate from `client_ca`.
+/// An HTTPS upstream that answers "secure" and requires a client certificate from `client_ca`;
+/// it speaks HTTP/1.1 or HTTP/2 as ALPN chose, and names the version in `x-version`.
 async fn tls_upstream(server: &Leaf, client_ca: &Ca) -> SocketAddr {
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(client_ca.roots()),
@@ -346,7 +347,7 @@ async fn tls_upstream(server: &Leaf, client_ca: &Ca) -> SocketAddr {
     )
     .build()
     .expect("client verifier");
-    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("versions")
         .with_client_cert_verifier(verifier)
@@ -355,6 +356,7 @@ async fn tls_upstream(server: &Leaf, client_ca: &Ca) -> SocketAddr {
             PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).expect("key"),
         )
         .expect("server config");
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -365,10 +367,15 @@ async fn tls_upstream(server: &Leaf, client_ca: &Ca) -> SocketAddr {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let svc = service_fn(|_req: Request<Incoming>| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"secure"))))
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let version = format!("{:?}", req.version());
+                    let resp = Response::builder()
+                        .header("x-version", version)
+                        .body(Full::new(Bytes::from_static(b"secure")))
+                        .expect("response");
+                    Ok::<_, Infallible>(resp)
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tls), svc)
                     .await;
             });
@@ -400,6 +407,25 @@ async fn https_upstream_with_private_ca_and_client_certificate() {
         (reply.status, reply.body.as_str()),
         (StatusCode::OK, "secure")
     );
+    assert_eq!(reply.header("x-version"), Some("HTTP/1.1"));
+
+    // The same over HTTP/2, negotiated by ALPN (gRPC to a TLS model server).
+    let h2 = ConfigBuilder::new()
+        .upstream("stable", &url, "100")
+        .upstream_set("http2", "true")
+        .upstream_set("ca_file", &path_str(&ca_file))
+        .upstream_set("client_cert", &path_str(&client_cert))
+        .upstream_set("client_key", &path_str(&client_key))
+        .build();
+    let proxy = Proxy::start(&h2).await;
+    for client in [HttpClient::http1(), HttpClient::h2c()] {
+        let reply = client.get(proxy.addr(), "/", &[]).await;
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (StatusCode::OK, "secure")
+        );
+        assert_eq!(reply.header("x-version"), Some("HTTP/2.0"));
+    }
 
     // Without the client certificate the upstream refuses the handshake: 502 naming the arm.
     let without_cert = ConfigBuilder::new()
