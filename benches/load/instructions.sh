@@ -24,6 +24,9 @@
 #   --h2            requests over HTTP/2 (h2c, prior knowledge): h2load with 32 connections and
 #                   16 streams each instead of oha's 32 HTTP/1.1 connections (the upstreams stay
 #                   HTTP/1.1); without --peers only canaryd is measured
+#   --h2e2e         HTTP/2 end to end: as --h2, and h2c to the upstreams too (the upstream pair
+#                   listens with `http2`, canaryd has `http2 = true`); canaryd only (the peers
+#                   end to end are in compare.sh --proto h2e2e)
 #   --smoke         300 requests, no baseline, no peers
 # Environment: CANARYD_BIN=PATH measures that binary instead of building this tree;
 # CANARYD_PGO_BIN=PATH, with --pgo, that PGO binary instead of running pgo.sh;
@@ -38,7 +41,7 @@ LOAD_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib/common.sh
 source "$LOAD_DIR/lib/common.sh"
 
-REQUESTS=30000 AGAINST="" SMOKE=0 PEERS=0 PGO=0 CACHE=0 ANALYSIS=0 H2=0
+REQUESTS=30000 AGAINST="" SMOKE=0 PEERS=0 PGO=0 CACHE=0 ANALYSIS=0 H2=0 H2UP=0
 while (($#)); do
   case $1 in
     --requests) REQUESTS=$2; shift 2 ;;
@@ -48,6 +51,7 @@ while (($#)); do
     --cache) CACHE=1; shift ;;
     --analysis) ANALYSIS=1; shift ;;
     --h2) H2=1; shift ;;
+    --h2e2e) H2=1; H2UP=1; shift ;;
     --smoke) SMOKE=1; shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
@@ -55,6 +59,7 @@ while (($#)); do
 done
 [[ $REQUESTS =~ ^[1-9][0-9]*$ ]] || die "--requests must be a positive integer"
 if ((SMOKE)); then REQUESTS=300; AGAINST=""; PEERS=0; PGO=0; fi
+if ((H2UP && PEERS)); then die "--h2e2e measures canaryd only (compare.sh --proto h2e2e has the peers)"; fi
 WARM=2000
 if ((SMOKE)); then WARM=100; fi
 
@@ -106,8 +111,20 @@ canaryd_toml "$WORK/canaryd-etc/canaryd.toml" "$P_CANARYD" "$P_ADMIN" "$UP_S" "$
 CONFIG="$WORK/canaryd-etc/canaryd.toml"
 URL_PATH=/
 if ((ANALYSIS)); then URL_PATH=/predict; fi
+if ((H2UP)); then
+  # h2c only on the upstream pair (nginx 1.22 does not take HTTP/1.1 and h2c on one port)
+  sed -i -e "s|listen 127.0.0.1:$UP_S backlog=4096;|listen 127.0.0.1:$UP_S http2 backlog=4096;|" \
+    -e "s|listen 127.0.0.1:$UP_C backlog=4096;|listen 127.0.0.1:$UP_C http2 backlog=4096;|" "$WORK/upstream.conf"
+  [[ $(grep -c ' http2 backlog' "$WORK/upstream.conf") == 2 ]] || die "could not make the upstream pair speak h2c"
+  sed -i 's|^url = \(.*\)$|url = \1\nhttp2 = true|' "$CONFIG"
+  [[ $(grep -c '^http2 = true$' "$CONFIG") == 2 ]] || die "could not give canaryd's upstreams http2 = true"
+fi
 spawn upstream "$WORK/upstream.log" nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream.error.log"
-wait_http "http://127.0.0.1:$UP_S/" 10 "$SPAWN_PID" || die "the upstream nginx did not start"
+if ((H2UP)); then
+  wait_tcp "$UP_S" 10 "$SPAWN_PID" || die "the upstream nginx did not start"
+else
+  wait_http "http://127.0.0.1:$UP_S/" 10 "$SPAWN_PID" || die "the upstream nginx did not start"
+fi
 
 # count TARGET REQUESTS: sets COUNT to "instructions I1-misses D1-misses mispredicts" of one
 # run of TARGET (a canaryd binary, or `nginx` / `haproxy`) serving REQUESTS requests (the last

@@ -413,8 +413,20 @@ fn response_error(e: h2::Error) -> UpstreamError {
 }
 
 /// Removes the fields HTTP/2 forbids (RFC 9113, section 8.2.2): connection-specific ones, and
-/// `te` unless it is `trailers` (which gRPC sends).
+/// `te` unless it is `trailers` (which gRPC sends). One pass over the names finds them; the
+/// proxy has usually removed them already.
 fn strip_connection_fields(headers: &mut HeaderMap) {
+    let forbidden = |name: &header::HeaderName, value: &HeaderValue| {
+        *name == header::CONNECTION
+            || *name == header::TRANSFER_ENCODING
+            || *name == header::UPGRADE
+            || name.as_str() == "keep-alive"
+            || name.as_str() == "proxy-connection"
+            || (*name == header::TE && value != "trailers")
+    };
+    if !headers.iter().any(|(name, value)| forbidden(name, value)) {
+        return;
+    }
     for name in [
         header::CONNECTION,
         header::TRANSFER_ENCODING,
@@ -588,5 +600,51 @@ impl Body for H2Body {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| {
+                (
+                    header::HeaderName::from_static(n),
+                    HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn connection_specific_fields_go_and_te_trailers_stays() {
+        let mut h = fields(&[
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("te", "trailers"),
+            ("content-type", "application/grpc"),
+        ]);
+        strip_connection_fields(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "te"]);
+
+        let mut h = fields(&[("te", "gzip"), ("x-user-id", "u1")]);
+        strip_connection_fields(&mut h);
+        assert_eq!(
+            h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["x-user-id"]
+        );
+
+        let clean = fields(&[("te", "trailers"), ("x-user-id", "u1")]);
+        let mut h = clean.clone();
+        strip_connection_fields(&mut h);
+        assert_eq!(h, clean);
     }
 }
