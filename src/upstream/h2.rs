@@ -50,7 +50,7 @@ const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONN_WINDOW: u32 = 5 * 1024 * 1024;
 /// The largest response head (HPACK-decoded) canaryd accepts from an upstream.
 const MAX_HEADER_LIST: u32 = 64 * 1024;
-/// Request body bytes queued per connection beyond what the upstream's window admits.
+/// Request body bytes a stream queues beyond what the upstream's window admits.
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
 /// The HTTP/2 connections of one upstream, and how to make more.
@@ -212,8 +212,9 @@ impl H2Pool {
     }
 
     /// Closes connections that have ended and those without a request for longer than
-    /// [`POOL_IDLE_TIMEOUT`](super::h1::POOL_IDLE_TIMEOUT), given that this runs every `every`. A connection closes (with
-    /// GOAWAY) once the pool and its last request have let go of it.
+    /// [`POOL_IDLE_TIMEOUT`](super::h1::POOL_IDLE_TIMEOUT), given that this runs every
+    /// `every`. A connection closes (with GOAWAY) once the pool and its last request have let
+    /// go of it.
     pub fn sweep(&self, every: Duration) {
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
         let keep = idle_sweeps(every);
