@@ -517,6 +517,8 @@ impl Proxy {
             host: host.clone(),
         };
         match host {
+            // HTTP/2 upstreams get no `host` field at all (see `Upstream::send`).
+            _ if arm.upstream.http2() => {}
             Some(host) => {
                 if !has_host {
                     parts.headers.insert(header::HOST, host);
