@@ -26,9 +26,11 @@
 //! - [`control`]: owns the running config, admin overrides and trips, and publishes the
 //!   immutable snapshot requests read; the state file ([`control::state`]) and the config and
 //!   certificate reload tasks ([`control::reload`]).
-//! - `upstream/`: one client per upstream, kept across reloads: canaryd's own for HTTP/1.1
-//!   (`h1`: a pool whose connections are driven by the request that holds them),
-//!   hyper-util's for HTTP/2; the `X-Forwarded-*` fields; whose fault a failure was (`error`).
+//! - `upstream/`: one client per upstream, kept across reloads, both canaryd's own: HTTP/1.1
+//!   (`h1`: a pool whose connections are driven by the request that holds them) and HTTP/2
+//!   (`h2`, on the `h2` crate: multiplexed connections filled up to the upstream's stream
+//!   limit); how connections are opened (`dial`); the `X-Forwarded-*` fields; whose fault a
+//!   failure was (`error`).
 //! - [`metrics`]: every metric name in one place; per-arm handles resolved once.
 //! - [`tls`]: rustls for both sides: termination with hot-reloaded certificates, upstream
 //!   client configs.
