@@ -1,7 +1,8 @@
 //! End-to-end tests of canaryd's HTTP/2 upstream client (src/upstream/h2.rs): streams fill a
 //! connection up to the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS` before another opens,
 //! `max_connections` bounds the connections (further streams wait), responses larger than
-//! the flow-control windows stream through, a request body and its response stream both ways
+//! the flow-control windows stream through, clients that stop reading hold only their own
+//! streams' windows, a request body and its response stream both ways
 //! at once (bidirectional gRPC), and a connection the upstream closes (GOAWAY) after every
 //! response costs no request.
 //!
@@ -25,6 +26,8 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
@@ -32,21 +35,30 @@ use tokio::task::AbortHandle;
 
 /// How long a condition that needs no timer on canaryd's side may take.
 const QUICK: Duration = Duration::from_secs(10);
-/// `/big` answers this many bytes: more than canaryd's stream window (2 MiB) and, twice, than
-/// its connection window (5 MiB).
+/// `/big` answers this many bytes: many times canaryd's stream window (256 KiB).
 const BIG: usize = 3 * 1024 * 1024;
 
 type UpBody = BoxBody<Bytes, Infallible>;
 
 /// An HTTP/2 (h2c) upstream. `/held` waits for a permit of `gate`; `/big` streams [`BIG`]
-/// bytes; `/echo` answers at once and sends back each piece of the request body as it comes,
-/// then a trailer `x-echoed` with the byte count; anything else answers `ok`.
+/// bytes; `/stall` streams 16 KiB pieces without end, counting what hyper takes to send;
+/// `/echo` answers at once and sends back each piece of the request body as it comes, then a
+/// trailer `x-echoed` with the byte count; anything else answers `ok`.
 struct H2Upstream {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
-    held: Arc<AtomicUsize>,
-    gate: Arc<Semaphore>,
+    shared: Arc<Shared>,
     task: AbortHandle,
+}
+
+/// What the upstream's requests share with the test.
+struct Shared {
+    /// `/held` requests that arrived.
+    held: AtomicUsize,
+    /// Lets `/held` requests answer.
+    gate: Semaphore,
+    /// Bytes of `/stall` responses hyper's server has taken to send, all streams together.
+    stalled: Arc<AtomicUsize>,
 }
 
 impl Drop for H2Upstream {
@@ -60,17 +72,20 @@ impl H2Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let accepted = Arc::new(AtomicUsize::new(0));
-        let held = Arc::new(AtomicUsize::new(0));
-        let gate = Arc::new(Semaphore::new(0));
-        let (a, h, g) = (accepted.clone(), held.clone(), gate.clone());
+        let shared = Arc::new(Shared {
+            held: AtomicUsize::new(0),
+            gate: Semaphore::new(0),
+            stalled: Arc::new(AtomicUsize::new(0)),
+        });
+        let (a, sh) = (accepted.clone(), shared.clone());
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 a.fetch_add(1, Ordering::SeqCst);
-                let (h, g) = (h.clone(), g.clone());
+                let sh = sh.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (h, g) = (h.clone(), g.clone());
-                        async move { Ok::<_, Infallible>(answer(req, &h, &g).await) }
+                        let sh = sh.clone();
+                        async move { Ok::<_, Infallible>(answer(req, &sh).await) }
                     });
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .max_concurrent_streams(max_streams)
@@ -83,8 +98,7 @@ impl H2Upstream {
         H2Upstream {
             addr,
             accepted,
-            held,
-            gate,
+            shared,
             task,
         }
     }
@@ -94,7 +108,11 @@ impl H2Upstream {
     }
 
     fn held(&self) -> usize {
-        self.held.load(Ordering::SeqCst)
+        self.shared.held.load(Ordering::SeqCst)
+    }
+
+    fn release(&self, n: usize) {
+        self.shared.gate.add_permits(n);
     }
 
     /// canaryd with this upstream as its only arm, over HTTP/2, plus `extra` upstream keys.
@@ -109,14 +127,20 @@ impl H2Upstream {
     }
 }
 
-async fn answer(req: Request<Incoming>, held: &AtomicUsize, gate: &Semaphore) -> Response<UpBody> {
+async fn answer(req: Request<Incoming>, shared: &Shared) -> Response<UpBody> {
     let full = |s: &'static str| Response::new(Full::new(Bytes::from(s)).boxed());
     match req.uri().path() {
         "/held" => {
-            held.fetch_add(1, Ordering::SeqCst);
-            gate.acquire().await.expect("gate open").forget();
+            shared.held.fetch_add(1, Ordering::SeqCst);
+            shared.gate.acquire().await.expect("gate open").forget();
             full("held")
         }
+        "/stall" => Response::new(
+            Endless {
+                taken: shared.stalled.clone(),
+            }
+            .boxed(),
+        ),
         "/big" => {
             let (tx, rx) = mpsc::channel(2);
             tokio::spawn(async move {
@@ -152,6 +176,25 @@ async fn answer(req: Request<Incoming>, held: &AtomicUsize, gate: &Semaphore) ->
     }
 }
 
+/// A response body of 16 KiB pieces without end, counting the bytes taken from it.
+struct Endless {
+    taken: Arc<AtomicUsize>,
+}
+
+impl http_body::Body for Endless {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        const PIECE: usize = 16 * 1024;
+        self.taken.fetch_add(PIECE, Ordering::SeqCst);
+        std::task::Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&[b's'; PIECE])))))
+    }
+}
+
 /// `n` concurrent `GET /held` through the proxy, each on a client connection of its own.
 fn held_requests(proxy: SocketAddr, n: usize) -> Vec<tokio::task::JoinHandle<Reply>> {
     (0..n)
@@ -174,7 +217,7 @@ async fn streams_fill_a_connection_before_the_next_one_opens() {
     })
     .await;
     assert_eq!(up.accepted(), 3, "2 + 2 + 1 streams on 3 connections");
-    up.gate.add_permits(5);
+    up.release(5);
     for call in calls {
         let reply = call.await.expect("request task");
         assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
@@ -199,14 +242,14 @@ async fn max_connections_bounds_http2_connections_and_further_streams_wait() {
     })
     .await;
     // The fifth waits inside canaryd until a stream frees up: no third connection.
-    up.gate.add_permits(1);
+    up.release(1);
     poll_until(
         QUICK,
         "the fifth request follows a finished one",
         || async { (up.held() == 5).then_some(()) },
     )
     .await;
-    up.gate.add_permits(4);
+    up.release(4);
     for call in calls {
         let reply = call.await.expect("request task");
         assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
@@ -219,8 +262,7 @@ async fn responses_larger_than_the_flow_control_windows_stream_through() {
     let up = H2Upstream::start(100).await;
     let proxy = up.proxy(&[]).await;
     // Read only as each client takes it: canaryd gives the bytes back to the upstream's
-    // windows as they go, or the response stalls at the stream window (2 MiB) and the
-    // connection's (5 MiB, crossed by the second response).
+    // window as they go, or the response stalls at the stream window (256 KiB).
     for client in [HttpClient::h2c(), HttpClient::http1()] {
         let reply = client.get(proxy.addr(), "/big", &[]).await;
         assert_eq!(reply.status, StatusCode::OK);
@@ -329,4 +371,50 @@ async fn a_stream_the_upstream_refused_goes_again_on_a_new_connection() {
         0.0
     );
     task.abort();
+}
+
+/// canaryd's flow-control window per upstream stream (`STREAM_WINDOW` in src/upstream/h2.rs).
+const STREAM_WINDOW: usize = 256 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_hold_their_own_windows_not_the_connection() {
+    const STUCK: usize = 24;
+    let up = H2Upstream::start(100).await;
+    let proxy = up.proxy(&[]).await;
+    // An h2c client whose streams take no data at all (window 0): canaryd's server side never
+    // reads their responses from the upstream, so each holds what canaryd's window for it lets
+    // the upstream send. The 24 streams share one upstream connection.
+    let stuck: Client<HttpConnector, Body> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .http2_initial_stream_window_size(0)
+        .build_http();
+    let mut held = Vec::new();
+    for _ in 0..STUCK {
+        let req = request("GET", proxy.addr(), "/stall", &[], empty());
+        let resp = tokio::time::timeout(QUICK, stuck.request(req))
+            .await
+            .expect("head in time")
+            .expect("a response head");
+        assert_eq!(resp.status(), StatusCode::OK);
+        held.push(resp);
+    }
+    // Each stream fills its own window: no connection-wide window caps them all together
+    // (with 2 MiB per stream and 5 MiB per connection, the 24 would stop near 5 MiB).
+    poll_until(QUICK, "every stuck stream filled its window", || async {
+        (up.shared.stalled.load(Ordering::SeqCst) >= STUCK * STREAM_WINDOW).then_some(())
+    })
+    .await;
+    // Another request on the same connection still gets its answer.
+    let reply = HttpClient::h2c().get(proxy.addr(), "/", &[]).await;
+    assert_eq!((reply.status, reply.body.as_str()), (StatusCode::OK, "ok"));
+    assert_eq!(up.accepted(), 1, "one upstream connection");
+    // And canaryd let the upstream send little beyond the windows: per stream, a piece or two
+    // that canaryd's server side took before it saw the client's window shut, and one the
+    // upstream queued in its own buffer (16 KiB each), not a growing backlog.
+    let taken = up.shared.stalled.load(Ordering::SeqCst);
+    assert!(
+        taken <= STUCK * (STREAM_WINDOW + 4 * 16 * 1024),
+        "{taken} bytes taken for {STUCK} streams"
+    );
+    drop(held);
 }

@@ -16,8 +16,9 @@
 //! rather than open their own.
 //!
 //! Response bodies give their bytes back to the upstream's flow-control window as they are
-//! read, so a slow client holds the upstream to one window (2 MiB per stream, 5 MiB per
-//! connection), not an unbounded buffer.
+//! read, so a client that reads slowly holds at most its stream's window (256 KiB) in
+//! canaryd. The connection's window never binds first: clients that stop reading cannot
+//! stall the other streams of their connection.
 
 use std::fmt;
 use std::future::{poll_fn, Future};
@@ -44,10 +45,14 @@ use crate::body::{BoxError, ClientError, ClientFault, RequestBody};
 /// Streams a connection is taken to allow before the upstream's SETTINGS say otherwise
 /// (the common default: nginx 128, Go and HAProxy 100 and more).
 const INITIAL_STREAMS: usize = 100;
-/// Flow-control windows canaryd grants the upstream: how much of a response may be in
-/// flight for a client that reads slowly, per stream and per connection.
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-const CONN_WINDOW: u32 = 5 * 1024 * 1024;
+/// The flow-control window canaryd grants the upstream per stream: how much of a response
+/// canaryd may hold for a client that reads slowly (256 KiB: 4× nginx's and HAProxy's, and
+/// 256 KiB per round trip is gigabytes a second within a pod or a data centre).
+const STREAM_WINDOW: u32 = 256 * 1024;
+/// The connection's window: as large as HTTP/2 allows, so that it never binds before the
+/// streams' own windows do. A smaller one would let a few clients that stop reading hold it
+/// all and stall every other response on the connection; memory is bounded per stream.
+const CONN_WINDOW: u32 = (1 << 31) - 1;
 /// The largest response head (HPACK-decoded) canaryd accepts from an upstream.
 const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// Request body bytes a stream queues beyond what the upstream's window admits.
