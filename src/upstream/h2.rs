@@ -300,10 +300,24 @@ impl H2Pool {
                     "the HTTP/2 connection ended: {e}"
                 )));
             }
-            let replay = (end && tries < 2).then(|| copy_head(&head));
-            let (response, stream) = sender
-                .send_request(std::mem::replace(&mut head, Request::new(())), end)
-                .map_err(|e| UpstreamError::Protocol(format!("opening an HTTP/2 stream: {e}")))?;
+            let mut replay = (end && tries < 2).then(|| copy_head(&head));
+            let opened = sender.send_request(std::mem::replace(&mut head, Request::new(())), end);
+            let (response, stream) = match opened {
+                Ok(opened) => opened,
+                Err(e) => {
+                    // The connection ended since `poll_ready` (its task runs on another thread).
+                    if e.is_go_away() || e.is_io() {
+                        if let Some(again) = replay.take() {
+                            load.0.closed.store(true, Ordering::Relaxed);
+                            head = again;
+                            continue;
+                        }
+                    }
+                    return Err(UpstreamError::Protocol(format!(
+                        "opening an HTTP/2 stream: {e}"
+                    )));
+                }
+            };
             let mut pipe = body.take().filter(|_| !end).map(|body| Pipe {
                 body,
                 tx: stream,
