@@ -35,6 +35,11 @@ mod dashboard;
 
 /// Largest admin request body.
 pub const MAX_BODY: usize = 64 * 1024;
+/// How much of an oversized body is read and dropped, for at most [`DRAIN_TIME`], before the
+/// 413 goes out: a client still sending then reads the answer, where closing on unread bytes
+/// would reset the connection under it (the lingering close nginx and HAProxy do).
+const DRAIN_MAX: usize = 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(1);
 
 /// Shared state of the admin API.
 #[derive(Debug)]
@@ -690,23 +695,38 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let mut body = req.into_body();
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        drain(body).await;
         return Err(too_large());
     }
-    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Err(e) => {
-            return Err(ApiError::bad_request(format!(
-                "cannot read the request body: {e}"
-            )))
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if bytes.len() + data.len() > MAX_BODY {
+                drain(body).await;
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&data);
         }
-    };
+    }
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Value::Null);
     }
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// Reads and drops the rest of a refused body: at most [`DRAIN_MAX`] bytes for at most
+/// [`DRAIN_TIME`].
+async fn drain(body: Incoming) {
+    let mut body = Limited::new(body, DRAIN_MAX);
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
 }
 
 /// The analysis of one arm against the baseline, as `/status` shows it: the verdict, both
