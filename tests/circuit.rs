@@ -76,18 +76,39 @@ async fn send_as(client: &HttpClient, addr: SocketAddr, user: &str) -> Reply {
 /// many the canary served before. Every canary reply must have `canary_status`.
 async fn drive_until_tripped(
     client: &HttpClient,
-    addr: SocketAddr,
+    proxy: &Proxy,
     users: &[String],
     canary_status: u16,
 ) -> usize {
+    let admin = proxy.admin_client();
+    // Canary outcomes the circuit has taken (its analysis sample).
+    let taken = || async {
+        let s = admin.status().await;
+        canary_arm(&s)["analysis"]["arm"]["requests"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = taken().await;
     for (i, user) in users.iter().enumerate() {
-        let reply = send_as(client, addr, user).await;
+        let reply = send_as(client, proxy.addr(), user).await;
         match reply.arm() {
             Some("stable") => {
                 assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
                 return i;
             }
-            Some("canary") => assert_eq!(reply.status.as_u16(), canary_status, "{reply:?}"),
+            Some("canary") => {
+                assert_eq!(reply.status.as_u16(), canary_status, "{reply:?}");
+                // The circuit judges outcomes beside the data path. Waiting until it has
+                // taken this one routes the next request by its decision: the count measures
+                // the rule, not how soon a loaded machine runs the circuit's task.
+                let want = before + i as u64 + 1;
+                poll_until(
+                    DEADLINE,
+                    "the circuit to take the canary's outcome",
+                    || async { (taken().await >= want).then_some(()) },
+                )
+                .await;
+            }
             other => panic!("unexpected arm {other:?}: {reply:?}"),
         }
     }
@@ -148,7 +169,7 @@ async fn failing_canary_trips_after_min_requests_and_its_users_go_to_the_baselin
     let client = HttpClient::http1();
     let users = users_in(0..1000, 200, "failing");
 
-    let served = drive_until_tripped(&client, proxy.addr(), &users, 500).await;
+    let served = drive_until_tripped(&client, &proxy, &users, 500).await;
     assert!(
         (MIN_REQUESTS..=MIN_REQUESTS + SLACK).contains(&served),
         "tripped after {served} canary requests; min_requests is {MIN_REQUESTS}"
@@ -217,7 +238,7 @@ async fn canary_failing_everything_trips_within_ten_requests_with_the_defaults()
     let client = HttpClient::http1();
     warm_baseline(&client, proxy.addr(), 50).await;
     let users = users_in(0..1000, 100, "defaults");
-    let served = drive_until_tripped(&client, proxy.addr(), &users, 500).await;
+    let served = drive_until_tripped(&client, &proxy, &users, 500).await;
     assert!(
         (5..=10).contains(&served),
         "tripped after {served} canary requests; expected 5 (min_requests) to 10"
@@ -267,7 +288,7 @@ async fn canary_that_turns_bad_trips_within_a_few_requests() {
         (5..=10).contains(&expected),
         "the analysis needs {expected} errors after {HEALTHY} successes; a few are enough"
     );
-    let failed = drive_until_tripped(&client, proxy.addr(), &users[HEALTHY..], 503).await;
+    let failed = drive_until_tripped(&client, &proxy, &users[HEALTHY..], 503).await;
     assert!(
         (expected..=expected + SLACK).contains(&failed),
         "tripped after {failed} failing requests, expected the {expected}th (+{SLACK})"
@@ -483,7 +504,7 @@ async fn a_quiet_baseline_never_makes_a_canary_look_worse() {
 
     // Once the baseline is busy (2000 clean requests), the canary's next checks trip it.
     warm_baseline(&client, proxy.addr(), 2000).await;
-    let served = drive_until_tripped(&client, proxy.addr(), &users[200..], 200).await;
+    let served = drive_until_tripped(&client, &proxy, &users[200..], 200).await;
     assert!(
         served <= 1 + SLACK,
         "tripped after {served} more canary requests, expected the 1st (+{SLACK})"
@@ -567,9 +588,9 @@ fn with_state(cfg: ConfigBuilder, state: &Path) -> ConfigBuilder {
 }
 
 /// Trips the canary (which must be failing with `status`) with canary-range users.
-async fn trip(client: &HttpClient, addr: SocketAddr, tag: &str, status: u16) -> usize {
+async fn trip(client: &HttpClient, proxy: &Proxy, tag: &str, status: u16) -> usize {
     let users = users_in(0..1000, 100, tag);
-    drive_until_tripped(client, addr, &users, status).await
+    drive_until_tripped(client, proxy, &users, status).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -587,7 +608,7 @@ async fn trip_survives_reload_and_restart_until_reset() {
         Proxy::start(&with_state(circuit_config(&stable.url(), &canary.url(), 10), &state).build())
             .await;
     let admin = proxy.admin_client();
-    trip(&client, proxy.addr(), "survive", 500).await;
+    trip(&client, &proxy, "survive", 500).await;
     let tripped = admin.weights().await["tripped"]["canary"].clone();
     assert_eq!(tripped["reason"], "error_rate");
 
@@ -761,7 +782,7 @@ async fn new_canary_url_clears_the_trip() {
     let mut proxy = Proxy::start(&circuit_config(&stable.url(), &canary.url(), 10).build()).await;
     let admin = proxy.admin_client();
     let client = HttpClient::http1();
-    trip(&client, proxy.addr(), "new-build", 500).await;
+    trip(&client, &proxy, "new-build", 500).await;
 
     proxy.rewrite_config(
         &circuit_config(&stable.url(), &fixed.url(), 10).build(),
@@ -796,7 +817,7 @@ async fn naming_a_tripped_arm_is_a_conflict_with_the_reason() {
     let proxy = Proxy::start(&circuit_config(&stable.url(), &canary.url(), 10).build()).await;
     let admin = proxy.admin_client();
     let client = HttpClient::http1();
-    trip(&client, proxy.addr(), "conflict", 502).await;
+    trip(&client, &proxy, "conflict", 502).await;
     let before = admin.weights().await;
 
     for (method, path, body) in [
