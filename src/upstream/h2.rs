@@ -184,6 +184,8 @@ impl H2Pool {
             // Registered before looking, so a stream ending in between is not missed.
             room.as_mut().enable();
             if let Some(load) = self.pick() {
+                // Several streams may have ended for one wake-up: the next waiter looks too.
+                self.room.notify_one();
                 return Some(load);
             }
             within(deadline.as_mut(), room).await?;
@@ -626,6 +628,33 @@ impl Body for H2Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn streams_that_end_together_let_every_waiter_in() {
+        let uri = Uri::from_static("http://127.0.0.1:9/");
+        let pool = Arc::new(H2Pool::new(HttpConnector::new(), uri, None, 1));
+        pool.streams.store(2, Ordering::Relaxed);
+        let (a, b) = (pool.pick().expect("room"), pool.pick().expect("room"));
+        assert!(pool.pick().is_none(), "one connection of 2 streams is full");
+        let waiter = |pool: Arc<H2Pool>| {
+            tokio::spawn(async move {
+                let deadline = pin!(tokio::time::sleep(Duration::from_secs(5)));
+                pool.place(deadline).await.is_some()
+            })
+        };
+        let (w1, w2) = (waiter(pool.clone()), waiter(pool.clone()));
+        // Both wait (the spawned tasks run on this thread only when it yields).
+        tokio::task::yield_now().await;
+        // Two streams end before either waiter runs again.
+        drop((a, b));
+        for w in [w1, w2] {
+            let got = tokio::time::timeout(Duration::from_secs(2), w)
+                .await
+                .expect("a waiter left behind")
+                .expect("task");
+            assert!(got, "a waiter timed out");
+        }
+    }
 
     fn fields(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         pairs
