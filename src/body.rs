@@ -26,7 +26,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum ClientFault {
     /// A request head canaryd refuses (framing, `Host`, target, method).
     BadRequest = 0,
-    /// A malformed request body (chunked coding).
+    /// A malformed request body (its chunked coding, or HTTP/2 data beyond or short of its
+    /// `content-length`).
     Body = 1,
     /// The client closed or reset the connection in the middle of its body.
     Aborted = 2,
@@ -120,6 +121,15 @@ pub enum RequestBody {
     Tee(Box<Tee>),
 }
 
+/// Whether hyper's error is an HTTP/2 stream canaryd's side reset because the client broke
+/// HTTP/2's rules for its body (such as more or fewer bytes than its `content-length`),
+/// rather than the client going away.
+fn h2_broken_body(e: &hyper::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|h2| h2.is_reset() && !h2.is_remote())
+}
+
 /// A body and the tap copying it.
 #[derive(Debug)]
 pub struct Tee {
@@ -175,7 +185,7 @@ impl Body for RequestBody {
             RequestBody::Streamed(b) => Pin::new(b).poll_frame(cx),
             RequestBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(|e| {
                 // Reading the client's body is all hyper does here: a failure is the client's.
-                let fault = if e.is_parse() {
+                let fault = if e.is_parse() || h2_broken_body(&e) {
                     ClientFault::Body
                 } else if e.is_timeout() {
                     ClientFault::Timeout

@@ -1,0 +1,225 @@
+//! The HTTP/2 server side, end to end with a raw `h2` client: what a client sees when it
+//! resets a stream, sends a body its `content-length` contradicts, leaves a connection idle,
+//! or gets an answer canaryd makes itself.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request, StatusCode};
+use tokio::net::TcpStream;
+
+/// An h2c connection to `addr` (prior knowledge), its connection driven on a task whose
+/// handle says when the proxy closed it.
+async fn h2c(
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    (send, tokio::spawn(conn))
+}
+
+fn get(path: &str) -> Request<()> {
+    Request::builder()
+        .uri(format!("http://a.test{path}"))
+        .body(())
+        .expect("request")
+}
+
+/// Reads a response body whole.
+async fn read_body(mut body: h2::RecvStream) -> Bytes {
+    let mut out = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("body chunk");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+    Bytes::from(out)
+}
+
+async fn in_flight(proxy: &Proxy) -> f64 {
+    proxy
+        .admin_client()
+        .metrics()
+        .await
+        .sum("canaryd_requests_in_flight", &[])
+}
+
+#[tokio::test]
+async fn a_stream_the_client_resets_ends_its_upstream_request_and_the_connection_goes_on() {
+    let stable = FakeUpstream::builder("stable")
+        .on_path("/slow", 200, Duration::from_secs(60))
+        .start()
+        .await;
+    let proxy = Proxy::start(
+        &ConfigBuilder::new()
+            .upstream("stable", &stable.url(), "100")
+            .build(),
+    )
+    .await;
+    let (mut send, _conn) = h2c(proxy.addr()).await;
+    let (slow, _) = send.send_request(get("/slow"), true).expect("send");
+    poll_until(
+        Duration::from_secs(10),
+        "the request to be in flight",
+        || async { (stable.requests() == 1 && in_flight(&proxy).await == 1.0).then_some(()) },
+    )
+    .await;
+
+    // Dropping the response future resets the stream (RST_STREAM CANCEL): canaryd drops the
+    // request and its upstream exchange long before the upstream's 60 s are up.
+    drop(slow);
+    poll_until(
+        Duration::from_secs(10),
+        "the reset request to end",
+        || async { (in_flight(&proxy).await == 0.0).then_some(()) },
+    )
+    .await;
+
+    // The connection serves on.
+    let mut send = send.ready().await.expect("connection still open");
+    let (resp, _) = send.send_request(get("/fast"), true).expect("send");
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("an answer in time")
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(read_body(resp.into_body()).await, "stable");
+    let m = proxy.admin_client().metrics().await;
+    assert_eq!(
+        m.sum("canaryd_upstream_failures_total", &[("upstream", "stable")]),
+        0.0,
+        "a client's reset is not the arm's failure"
+    );
+}
+
+#[tokio::test]
+async fn a_body_longer_than_its_content_length_is_the_clients_fault_not_the_arms() {
+    let stable = FakeUpstream::builder("stable").count_body().start().await;
+    let proxy = Proxy::start(
+        &ConfigBuilder::new()
+            .upstream("stable", &stable.url(), "100")
+            .build(),
+    )
+    .await;
+    let (mut send, _conn) = h2c(proxy.addr()).await;
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("http://a.test/up")
+        .header("content-length", "10")
+        .body(())
+        .expect("request");
+    let (resp, mut body) = send.send_request(req, false).expect("send");
+    body.send_data(Bytes::from_static(b"01234"), false)
+        .expect("first bytes");
+    // The request is on its way upstream before the body breaks its own length.
+    poll_until(
+        Duration::from_secs(10),
+        "the upstream to get the request",
+        || async { (stable.requests() == 1).then_some(()) },
+    )
+    .await;
+    // 15 bytes where 10 were promised.
+    body.send_data(Bytes::from_static(b"5678901234"), true)
+        .expect("more bytes");
+    // canaryd's HTTP/2 side resets the stream (PROTOCOL_ERROR), or answers 400: either way
+    // no 2xx and no 5xx.
+    if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(10), resp).await {
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    }
+    let m = poll_until(
+        Duration::from_secs(10),
+        "the client error to count",
+        || async {
+            let m = proxy.admin_client().metrics().await;
+            (m.sum("canaryd_client_errors_total", &[("kind", "body")]) == 1.0).then_some(m)
+        },
+    )
+    .await;
+    assert_eq!(
+        m.sum("canaryd_upstream_failures_total", &[("upstream", "stable")]),
+        0.0,
+        "the client's malformed body is not the arm's failure"
+    );
+    assert_eq!(in_flight(&proxy).await, 0.0);
+}
+
+#[tokio::test]
+async fn an_idle_connection_gets_a_goaway_but_a_slow_request_finishes_first() {
+    let stable = FakeUpstream::builder("stable")
+        .on_path("/slow", 200, Duration::from_millis(1200))
+        .start()
+        .await;
+    let proxy = Proxy::start(
+        &ConfigBuilder::new()
+            .set("listen", "idle_timeout", &q("300ms"))
+            .upstream("stable", &stable.url(), "100")
+            .build(),
+    )
+    .await;
+    let (mut send, conn) = h2c(proxy.addr()).await;
+    // 1.2 s waiting on the upstream (no bytes moving) is not idleness.
+    let started = Instant::now();
+    let (resp, _) = send.send_request(get("/slow"), true).expect("send");
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("an answer in time")
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(read_body(resp.into_body()).await, "stable");
+    assert!(started.elapsed() >= Duration::from_millis(1150));
+
+    // Then nothing moves: the proxy says GOAWAY and closes, cleanly.
+    let idle_from = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the idle connection is closed by the proxy")
+        .expect("connection task");
+    assert!(closed.is_ok(), "a graceful close, got {closed:?}");
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_millis(250) && idle < Duration::from_secs(3),
+        "closed after {idle:?} idle, idle_timeout is 300ms"
+    );
+    assert_eq!(stable.requests(), 1);
+}
+
+#[tokio::test]
+async fn answers_canaryd_makes_itself_carry_date_and_length() {
+    let dead = closed_port_url().await;
+    let proxy = Proxy::start(
+        &ConfigBuilder::new()
+            .upstream("stable", &dead, "100")
+            .build(),
+    )
+    .await;
+    let (mut send, _conn) = h2c(proxy.addr()).await;
+    let (resp, _) = send.send_request(get("/"), true).expect("send");
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("an answer in time")
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let date = resp.headers().get("date").expect("a date field").clone();
+    assert!(
+        httpdate::parse_http_date(date.to_str().expect("ascii")).is_ok(),
+        "{date:?}"
+    );
+    let length: usize = resp.headers()["content-length"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("a number");
+    let body = read_body(resp.into_body()).await;
+    assert_eq!(body.len(), length);
+    assert!(
+        String::from_utf8_lossy(&body).contains("stable"),
+        "the answer names the arm: {body:?}"
+    );
+}
