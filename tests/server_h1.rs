@@ -3,7 +3,8 @@
 //! (chunked, still-arriving and `Expect: 100-continue` bodies), requests that go to hyper in
 //! the middle of a connection (HTTP/1.0),
 //! `Connection: close`, bodyless responses (HEAD, 204, 304), large, streamed and trailered
-//! response bodies, the `date` field, and request heads over `listen.max_header_bytes`.
+//! response bodies, the `date` field, request heads over `listen.max_header_bytes`, and
+//! clients that pipeline or leave while a response waits on its upstream.
 //!
 //! Every response is read off the wire and framed by the test itself (see [`RawClient`]), so a
 //! byte too many or too few in any response shows up as a broken next response.
@@ -1314,4 +1315,136 @@ async fn request_heads_over_max_header_bytes_get_431_and_are_never_forwarded() {
         assert_ok_from(&resp, "stable", "GET after the 431s"),
         "stable"
     );
+}
+
+#[tokio::test]
+async fn a_request_pipelined_while_a_streamed_response_waits_is_answered_after_it() {
+    const EVENTS: usize = 2;
+    let stable = FakeUpstream::builder("stable")
+        .sse_gated(EVENTS)
+        .start()
+        .await;
+    let canary = FakeUpstream::start("canary").await;
+    let proxy = proxy_for(&stable, &canary).await;
+    let (stable_user, canary_user) = users();
+    let mut conn = RawClient::connect(proxy.addr()).await;
+
+    conn.write(get("/events", &stable_user)).await;
+    let head = conn.head().await;
+    assert_eq!(head.status, 200, "{:?}", head.headers);
+    let mut got = Vec::new();
+    let first = stable.sse_event(0).into_bytes();
+    while got.len() < first.len() {
+        match conn.chunk().await {
+            Chunk::Data(data) => got.extend(data),
+            Chunk::End(_) => panic!("the stream ended early: {}", lossy(&got)),
+        }
+    }
+    // The response waits on its upstream while the next request arrives: it is read ahead
+    // (watching the client) and kept for after the stream.
+    conn.write(get("/after", &canary_user)).await;
+    stable.release_chunks(1);
+    let want: Vec<u8> = (0..EVENTS)
+        .flat_map(|j| stable.sse_event(j).into_bytes())
+        .collect();
+    while let Chunk::Data(data) = conn.chunk().await {
+        got.extend(data);
+    }
+    assert_eq!(lossy(&got), lossy(&want));
+    let next = conn.response(false).await;
+    assert_eq!(
+        assert_ok_from(&next, "canary", "the request pipelined during the stream"),
+        "canary"
+    );
+    assert_eq!(canary.paths(), ["/after"]);
+}
+
+/// An upstream that answers every request with a head promising 100 bytes, sends 10 of them
+/// and then sends nothing more; it counts the connections the proxy closed.
+async fn stalling_upstream() -> (SocketAddr, Arc<AtomicUsize>, AbortHandle) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let closed = Arc::new(AtomicUsize::new(0));
+    let counter = closed.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let closed = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut piece = [0u8; 4096];
+                while find(&buf, b"\r\n\r\n").is_none() {
+                    match stream.read(&mut piece).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&piece[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                    .await;
+                // Hold the connection until the proxy closes it.
+                loop {
+                    match stream.read(&mut piece).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+                closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, closed, task.abort_handle())
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_while_the_upstream_stalls_mid_body_ends_the_upstream_exchange() {
+    let (addr, closed, task) = stalling_upstream().await;
+    let proxy = Proxy::start(
+        &base_config()
+            .upstream("stable", &format!("http://{addr}"), "100")
+            .build(),
+    )
+    .await;
+    // A client that closes its side (FIN), and one that resets (RST, SO_LINGER 0).
+    for (i, reset) in [false, true].into_iter().enumerate() {
+        let mut conn = RawClient::connect(proxy.addr()).await;
+        conn.write("GET /stall HTTP/1.1\r\nHost: canaryd.test\r\n\r\n")
+            .await;
+        let head = conn.head().await;
+        assert_eq!(head.status, 200, "{:?}", head.headers);
+        // What the head's read took of the body first.
+        let mut got: Vec<u8> = conn.buf.drain(..).collect();
+        while got.len() < 10 {
+            let mut piece = [0u8; 64];
+            let n = tokio::time::timeout(DEADLINE, conn.stream.read(&mut piece))
+                .await
+                .expect("the first bytes in time")
+                .expect("read");
+            assert!(n > 0, "closed after {}", lossy(&got));
+            got.extend_from_slice(&piece[..n]);
+        }
+        assert_eq!(lossy(&got), lossy(b"0123456789"));
+        if reset {
+            // Deprecated because a lingering close blocks the thread; a zero linger resets at
+            // once instead, which is the point here.
+            #[allow(deprecated)]
+            conn.stream
+                .set_linger(Some(Duration::ZERO))
+                .expect("SO_LINGER");
+            drop(conn);
+        } else {
+            conn.stream.shutdown().await.expect("shutdown");
+        }
+        // The upstream would send nothing more, ever: the proxy closes its connection
+        // because the client left.
+        poll_until(DEADLINE, "the upstream connection to close", || async {
+            (closed.load(Ordering::SeqCst) == i + 1).then_some(())
+        })
+        .await;
+    }
+    let m = proxy.admin_client().metrics().await;
+    assert_eq!(m.sum("canaryd_requests_in_flight", &[]), 0.0);
+    task.abort();
 }

@@ -55,6 +55,9 @@ const FLUSH_AT: usize = 64 * 1024;
 /// has read the answer.
 const LINGER_BYTES: usize = 256 * 1024;
 const LINGER_TIME: Duration = Duration::from_secs(2);
+/// While a response body waits on its upstream, the client's socket is watched (for a close
+/// or a reset) by reading what it sends next, the next pipelined request, up to this much.
+const READ_AHEAD: usize = 64 * 1024;
 
 /// How the server side left a connection.
 pub(crate) enum Served<S> {
@@ -178,6 +181,24 @@ where
             c.rbuf = BytesMut::with_capacity(READ);
         }
     }
+}
+
+/// Whether the client closed its side of the connection or reset it, found by reading what it
+/// sent next into `rbuf` (kept for the next request) until it has nothing more, or until
+/// `rbuf` holds [`READ_AHEAD`] (then the question waits until the response is done).
+fn client_left<S: AsyncRead + Unpin>(
+    io: &mut S,
+    rbuf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> bool {
+    while rbuf.len() < READ_AHEAD {
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, rbuf) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return true,
+            Poll::Ready(Ok(_)) => {}
+            Poll::Pending => return false,
+        }
+    }
+    false
 }
 
 /// Makes room for more of a request head: a step of [`READ`] once less than a quarter of it
@@ -381,6 +402,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         };
         let chunked = framing.send_body && framing.body == BodyLength::Chunked;
         let mut trailers_sent = false;
+        // Once the request body is in, nothing else reads the client's socket during the
+        // response: watch it while the body waits on the upstream.
+        let watch_client = self.pump.as_ref().is_none_or(|p| p.complete);
         loop {
             let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
                 Poll::Ready(frame) => frame,
@@ -389,12 +413,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     if !self.flush(guard).await? {
                         return Ok(None);
                     }
-                    let Some(frame) = self
-                        .drive(guard, true, |_, _, _, cx| {
-                            Pin::new(&mut body).poll_frame(cx)
+                    let waited = self
+                        .drive(guard, true, |io, _, rbuf, cx| {
+                            if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
+                                return Poll::Ready(Some(frame));
+                            }
+                            if watch_client && client_left(io, rbuf, cx) {
+                                return Poll::Ready(None);
+                            }
+                            Poll::Pending
                         })
-                        .await
-                    else {
+                        .await;
+                    let Some(Some(frame)) = waited else {
+                        // A timeout expired, or the client left: the upstream exchange ends
+                        // now (dropping the body closes its connection), not whenever the
+                        // upstream sends again.
                         return Ok(None);
                     };
                     frame
