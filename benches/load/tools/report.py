@@ -209,9 +209,11 @@ def per_round(rows, key, who, higher_is_better):
     return ok, "per round: " + "; ".join(parts)
 
 
-def targets_check(s, thr, lat, who="canaryd"):
-    """PASS/FAIL lines for the issue's three targets. Throughput and p99 are judged on the
-    median of the per-round ratios to each peer; the medians over rounds are shown too."""
+def targets_check(s, thr, lat, who="canaryd", rss_target=True):
+    """PASS/FAIL lines for the targets. Throughput and p99 are judged on the median of the
+    per-round ratios to each peer; the medians over rounds are shown too. The 20 MiB peak RSS
+    is a target of the HTTP/1.1 modes (`rss_target`); over HTTP/2 the peak is only reported,
+    memory there being judged under many connections and streams (h2memory.sh)."""
     c, n, h = s[who], s["nginx"], s["haproxy"]
     lines = []
 
@@ -227,7 +229,12 @@ def targets_check(s, thr, lat, who="canaryd"):
         line(pr[0], f"p99 at the fixed rate no worse than theirs: medians {c['p99']:.3f} ms vs nginx "
              f"{n['p99']:.3f} ms and HAProxy {h['p99']:.3f} ms; {pr[1]}")
     if c.get("hwm") is not None:
-        line(c["hwm"] < 20, f"peak RSS under 20 MiB: {c['hwm']:.1f} MiB")
+        if rss_target:
+            line(c["hwm"] < 20, f"peak RSS under 20 MiB: {c['hwm']:.1f} MiB")
+        else:
+            lines.append(f"- reported ({who}): peak RSS {c['hwm']:.1f} MiB (no target in this "
+                         "mode: HTTP/2 memory is judged under 1,000 connections × 100 streams, "
+                         "benches/load/h2memory.sh)")
     return "\n".join(lines)
 
 
@@ -374,6 +381,7 @@ def compare(a):
     busy_line = f"Cores busy at saturation (CPU seconds / wall seconds): proxies {busy}; upstream {up}.\n" if busy else ""
     if a.h2 and not a.proto:  # the former `--h2 FLAGS`
         a.proto, a.h2load = "h2c", a.h2
+    http1 = (a.proto or "h1") in ("h1", "h1tls")
     p = PROTOCOLS[a.proto or "h1"]
     if a.latency_only:
         saturation = "- Saturation: not measured (`--latency-only`); peak RSS is from the fixed-rate phase."
@@ -435,9 +443,9 @@ started fresh for every measurement.
 
 {chr(10).join(peer_table(s, lat, v) + chr(10) for v in variants)}
 {pgo_note(variants)}
-{base_section(s, lat, a.versions)}## Targets of issue 7
+{base_section(s, lat, a.versions)}## Targets
 
-{chr(10).join(targets_check(s, thr, lat, v) for v in variants)}
+{chr(10).join(targets_check(s, thr, lat, v, http1) for v in variants)}
 
 Throughput and p99 are judged per round: canaryd's figure divided by the peer's in the same
 round, the median of those ratios, and its 95% interval from resampling the per-round ratios with
