@@ -1063,21 +1063,51 @@ async fn a_large_response_body_arrives_intact() {
     assert_eq!(up.requests(), 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_streamed_response_is_chunked_and_each_event_sent_as_it_comes() {
-    const EVENTS: usize = 3;
+/// A gated event stream (`events` events, the first sent at once) from the stable arm,
+/// requested on a new connection whose response head has been read.
+struct EventStream {
+    stable: FakeUpstream,
+    canary: FakeUpstream,
+    proxy: Proxy,
+    conn: RawClient,
+    head: Head,
+    /// A user the canary arm serves.
+    canary_user: String,
+}
+
+async fn event_stream(events: usize) -> EventStream {
     let stable = FakeUpstream::builder("stable")
-        .sse_gated(EVENTS)
+        .sse_gated(events)
         .start()
         .await;
     let canary = FakeUpstream::start("canary").await;
     let proxy = proxy_for(&stable, &canary).await;
     let (stable_user, canary_user) = users();
     let mut conn = RawClient::connect(proxy.addr()).await;
-
     conn.write(get("/events", &stable_user)).await;
     let head = conn.head().await;
     assert_eq!(head.status, 200, "{:?}", head.headers);
+    EventStream {
+        stable,
+        canary,
+        proxy,
+        conn,
+        head,
+        canary_user,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_response_is_chunked_and_each_event_sent_as_it_comes() {
+    const EVENTS: usize = 3;
+    let EventStream {
+        stable,
+        canary: _canary,
+        proxy: _proxy,
+        mut conn,
+        head,
+        canary_user,
+    } = event_stream(EVENTS).await;
     let field = |name: &str| {
         head.headers
             .iter()
@@ -1320,18 +1350,14 @@ async fn request_heads_over_max_header_bytes_get_431_and_are_never_forwarded() {
 #[tokio::test]
 async fn a_request_pipelined_while_a_streamed_response_waits_is_answered_after_it() {
     const EVENTS: usize = 2;
-    let stable = FakeUpstream::builder("stable")
-        .sse_gated(EVENTS)
-        .start()
-        .await;
-    let canary = FakeUpstream::start("canary").await;
-    let proxy = proxy_for(&stable, &canary).await;
-    let (stable_user, canary_user) = users();
-    let mut conn = RawClient::connect(proxy.addr()).await;
-
-    conn.write(get("/events", &stable_user)).await;
-    let head = conn.head().await;
-    assert_eq!(head.status, 200, "{:?}", head.headers);
+    let EventStream {
+        stable,
+        canary,
+        proxy: _proxy,
+        mut conn,
+        canary_user,
+        ..
+    } = event_stream(EVENTS).await;
     let mut got = Vec::new();
     let first = stable.sse_event(0).into_bytes();
     while got.len() < first.len() {

@@ -32,6 +32,27 @@ fn get(path: &str) -> Request<()> {
         .expect("request")
 }
 
+/// Sends `GET path` (no body) and waits for the response head, at most 10 s.
+async fn fetch(
+    send: &mut h2::client::SendRequest<Bytes>,
+    path: &str,
+) -> http::Response<h2::RecvStream> {
+    let (resp, _) = send.send_request(get(path), true).expect("send");
+    tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("an answer in time")
+        .expect("response")
+}
+
+/// A proxy with one arm, `stable` at `url`, and `[listen]` settings `listen`.
+async fn proxy_to(url: &str, listen: &[(&str, &str)]) -> Proxy {
+    let mut cfg = ConfigBuilder::new();
+    for (key, value) in listen {
+        cfg = cfg.set("listen", key, &q(value));
+    }
+    Proxy::start(&cfg.upstream("stable", url, "100").build()).await
+}
+
 /// Reads a response body whole.
 async fn read_body(mut body: h2::RecvStream) -> Bytes {
     let mut out = Vec::new();
@@ -57,12 +78,7 @@ async fn a_stream_the_client_resets_ends_its_upstream_request_and_the_connection
         .on_path("/slow", 200, Duration::from_secs(60))
         .start()
         .await;
-    let proxy = Proxy::start(
-        &ConfigBuilder::new()
-            .upstream("stable", &stable.url(), "100")
-            .build(),
-    )
-    .await;
+    let proxy = proxy_to(&stable.url(), &[]).await;
     let (mut send, _conn) = h2c(proxy.addr()).await;
     let (slow, _) = send.send_request(get("/slow"), true).expect("send");
     poll_until(
@@ -84,11 +100,7 @@ async fn a_stream_the_client_resets_ends_its_upstream_request_and_the_connection
 
     // The connection serves on.
     let mut send = send.ready().await.expect("connection still open");
-    let (resp, _) = send.send_request(get("/fast"), true).expect("send");
-    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
-        .await
-        .expect("an answer in time")
-        .expect("response");
+    let resp = fetch(&mut send, "/fast").await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(read_body(resp.into_body()).await, "stable");
     let m = proxy.admin_client().metrics().await;
@@ -102,12 +114,7 @@ async fn a_stream_the_client_resets_ends_its_upstream_request_and_the_connection
 #[tokio::test]
 async fn a_body_longer_than_its_content_length_is_the_clients_fault_not_the_arms() {
     let stable = FakeUpstream::builder("stable").count_body().start().await;
-    let proxy = Proxy::start(
-        &ConfigBuilder::new()
-            .upstream("stable", &stable.url(), "100")
-            .build(),
-    )
-    .await;
+    let proxy = proxy_to(&stable.url(), &[]).await;
     let (mut send, _conn) = h2c(proxy.addr()).await;
     let req = Request::builder()
         .method(Method::POST)
@@ -156,21 +163,11 @@ async fn an_idle_connection_gets_a_goaway_but_a_slow_request_finishes_first() {
         .on_path("/slow", 200, Duration::from_millis(1200))
         .start()
         .await;
-    let proxy = Proxy::start(
-        &ConfigBuilder::new()
-            .set("listen", "idle_timeout", &q("300ms"))
-            .upstream("stable", &stable.url(), "100")
-            .build(),
-    )
-    .await;
+    let proxy = proxy_to(&stable.url(), &[("idle_timeout", "300ms")]).await;
     let (mut send, conn) = h2c(proxy.addr()).await;
     // 1.2 s waiting on the upstream (no bytes moving) is not idleness.
     let started = Instant::now();
-    let (resp, _) = send.send_request(get("/slow"), true).expect("send");
-    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
-        .await
-        .expect("an answer in time")
-        .expect("response");
+    let resp = fetch(&mut send, "/slow").await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(read_body(resp.into_body()).await, "stable");
     assert!(started.elapsed() >= Duration::from_millis(1150));
@@ -193,18 +190,9 @@ async fn an_idle_connection_gets_a_goaway_but_a_slow_request_finishes_first() {
 #[tokio::test]
 async fn answers_canaryd_makes_itself_carry_date_and_length() {
     let dead = closed_port_url().await;
-    let proxy = Proxy::start(
-        &ConfigBuilder::new()
-            .upstream("stable", &dead, "100")
-            .build(),
-    )
-    .await;
+    let proxy = proxy_to(&dead, &[]).await;
     let (mut send, _conn) = h2c(proxy.addr()).await;
-    let (resp, _) = send.send_request(get("/"), true).expect("send");
-    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
-        .await
-        .expect("an answer in time")
-        .expect("response");
+    let resp = fetch(&mut send, "/").await;
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     let date = resp.headers().get("date").expect("a date field").clone();
     assert!(
