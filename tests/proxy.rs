@@ -819,17 +819,10 @@ async fn idle_keep_alive_connections_are_closed_but_slow_requests_finish() {
     assert!(started.elapsed() >= Duration::from_millis(1150));
 
     // Then the keep-alive connection sits idle: closed about 300 ms later.
-    let idle_from = Instant::now();
     let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+    closed_after_idle(stream.read_to_end(&mut rest), Duration::from_millis(300))
         .await
-        .expect("the idle connection is closed by the proxy")
         .expect("read");
-    let idle = idle_from.elapsed();
-    assert!(
-        idle >= Duration::from_millis(250) && idle < Duration::from_secs(3),
-        "closed after {idle:?} idle, idle_timeout is 300ms"
-    );
     assert_eq!(stable.requests(), 1);
 }
 

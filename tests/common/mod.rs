@@ -883,6 +883,21 @@ pub async fn closed_port_url() -> String {
 // Polling
 // ---------------------------------------------------------------------------------------------
 
+/// Waits (at most 5 s) for `closing`, the proxy's close of a connection left idle from now, and
+/// checks that it came about `idle_timeout` later (from 5/6 of it to 3 s): its output.
+pub async fn closed_after_idle<T>(closing: impl Future<Output = T>, idle_timeout: Duration) -> T {
+    let idle_from = Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(5), closing)
+        .await
+        .expect("the idle connection is closed by the proxy");
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= idle_timeout * 5 / 6 && idle < Duration::from_secs(3),
+        "closed after {idle:?} idle, idle_timeout is {idle_timeout:?}"
+    );
+    out
+}
+
 /// Call `f` until it returns `Some`, at most until `timeout` has passed; panics naming `what`
 /// on timeout.
 pub async fn poll_until<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
