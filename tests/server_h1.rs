@@ -1385,19 +1385,28 @@ async fn a_request_pipelined_while_a_streamed_response_waits_is_answered_after_i
     assert_eq!(canary.paths(), ["/after"]);
 }
 
-/// An upstream that answers every request with a head promising 100 bytes, sends 10 of them
-/// and then sends nothing more; it counts the connections the proxy closed.
-async fn stalling_upstream() -> (SocketAddr, Arc<AtomicUsize>, AbortHandle) {
+/// An upstream that never finishes an answer: to `GET /quiet` it sends nothing at all, to any
+/// other request a head promising 100 bytes and 10 of them. It counts the request heads it
+/// read and the connections the proxy closed.
+struct StallingUpstream {
+    addr: SocketAddr,
+    heads: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
+    task: AbortHandle,
+}
+
+async fn stalling_upstream() -> StallingUpstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let heads = Arc::new(AtomicUsize::new(0));
     let closed = Arc::new(AtomicUsize::new(0));
-    let counter = closed.clone();
+    let (head_count, close_count) = (heads.clone(), closed.clone());
     let task = tokio::spawn(async move {
         loop {
             let Ok((mut stream, _)) = listener.accept().await else {
                 return;
             };
-            let closed = counter.clone();
+            let (heads, closed) = (head_count.clone(), close_count.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut piece = [0u8; 4096];
@@ -1407,9 +1416,12 @@ async fn stalling_upstream() -> (SocketAddr, Arc<AtomicUsize>, AbortHandle) {
                         Ok(n) => buf.extend_from_slice(&piece[..n]),
                     }
                 }
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
-                    .await;
+                heads.fetch_add(1, Ordering::SeqCst);
+                if !buf.starts_with(b"GET /quiet ") {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                        .await;
+                }
                 // Hold the connection until the proxy closes it.
                 loop {
                     match stream.read(&mut piece).await {
@@ -1421,18 +1433,65 @@ async fn stalling_upstream() -> (SocketAddr, Arc<AtomicUsize>, AbortHandle) {
             });
         }
     });
-    (addr, closed, task.abort_handle())
+    StallingUpstream {
+        addr,
+        heads,
+        closed,
+        task: task.abort_handle(),
+    }
+}
+
+/// One proxied arm, `stable`, at `addr`; `request_timeout` far beyond the test's deadlines, so
+/// only the client's leaving can end a request in time.
+async fn patient_proxy_to(addr: SocketAddr) -> Proxy {
+    Proxy::start(
+        &base_config()
+            .set("listen", "request_timeout", &q("120s"))
+            .upstream("stable", &format!("http://{addr}"), "100")
+            .build(),
+    )
+    .await
+}
+
+impl StallingUpstream {
+    /// The client leaves the proxy: it closes its sending side (FIN), or resets (RST). The
+    /// proxy then closes its `closed`th connection to this upstream, because the client left.
+    async fn sees_the_client_leave(&self, mut conn: RawClient, reset: bool, closed: usize) {
+        if reset {
+            // Deprecated because a lingering close blocks the thread; a zero linger resets at
+            // once instead, which is the point here.
+            #[allow(deprecated)]
+            conn.stream
+                .set_linger(Some(Duration::ZERO))
+                .expect("SO_LINGER");
+            drop(conn);
+        } else {
+            conn.stream.shutdown().await.expect("shutdown");
+        }
+        poll_until(DEADLINE, "the upstream connection to close", || async {
+            (self.closed.load(Ordering::SeqCst) == closed).then_some(())
+        })
+        .await;
+    }
+
+    /// Once the clients left, `proxy` has no request in flight and counted no failure of
+    /// this upstream; then it stops.
+    async fn nothing_left_in(self, proxy: &Proxy) {
+        let m = proxy.admin_client().metrics().await;
+        assert_eq!(m.sum("canaryd_requests_in_flight", &[]), 0.0);
+        assert_eq!(
+            m.sum("canaryd_upstream_failures_total", &[]),
+            0.0,
+            "a client that leaves is not the arm's failure"
+        );
+        self.task.abort();
+    }
 }
 
 #[tokio::test]
 async fn a_client_that_leaves_while_the_upstream_stalls_mid_body_ends_the_upstream_exchange() {
-    let (addr, closed, task) = stalling_upstream().await;
-    let proxy = Proxy::start(
-        &base_config()
-            .upstream("stable", &format!("http://{addr}"), "100")
-            .build(),
-    )
-    .await;
+    let upstream = stalling_upstream().await;
+    let proxy = patient_proxy_to(upstream.addr).await;
     // A client that closes its side (FIN), and one that resets (RST, SO_LINGER 0).
     for (i, reset) in [false, true].into_iter().enumerate() {
         let mut conn = RawClient::connect(proxy.addr()).await;
@@ -1452,25 +1511,26 @@ async fn a_client_that_leaves_while_the_upstream_stalls_mid_body_ends_the_upstre
             got.extend_from_slice(&piece[..n]);
         }
         assert_eq!(lossy(&got), lossy(b"0123456789"));
-        if reset {
-            // Deprecated because a lingering close blocks the thread; a zero linger resets at
-            // once instead, which is the point here.
-            #[allow(deprecated)]
-            conn.stream
-                .set_linger(Some(Duration::ZERO))
-                .expect("SO_LINGER");
-            drop(conn);
-        } else {
-            conn.stream.shutdown().await.expect("shutdown");
-        }
-        // The upstream would send nothing more, ever: the proxy closes its connection
-        // because the client left.
-        poll_until(DEADLINE, "the upstream connection to close", || async {
-            (closed.load(Ordering::SeqCst) == i + 1).then_some(())
+        // The upstream would send nothing more, ever.
+        upstream.sees_the_client_leave(conn, reset, i + 1).await;
+    }
+    upstream.nothing_left_in(&proxy).await;
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_the_response_head_ends_the_upstream_exchange() {
+    let upstream = stalling_upstream().await;
+    let proxy = patient_proxy_to(upstream.addr).await;
+    for (i, reset) in [false, true].into_iter().enumerate() {
+        let mut conn = RawClient::connect(proxy.addr()).await;
+        conn.write("GET /quiet HTTP/1.1\r\nHost: canaryd.test\r\n\r\n")
+            .await;
+        poll_until(DEADLINE, "the upstream to hold the request", || async {
+            (upstream.heads.load(Ordering::SeqCst) == i + 1).then_some(())
         })
         .await;
+        // No head would ever come, and request_timeout is minutes away.
+        upstream.sees_the_client_leave(conn, reset, i + 1).await;
     }
-    let m = proxy.admin_client().metrics().await;
-    assert_eq!(m.sum("canaryd_requests_in_flight", &[]), 0.0);
-    task.abort();
+    upstream.nothing_left_in(&proxy).await;
 }

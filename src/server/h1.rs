@@ -149,9 +149,10 @@ where
         *req.headers_mut() = head.headers;
         let mut handling = pin!(proxy.handle(req));
         let Some(resp) = c
-            .drive(guard, true, |_, _, _, cx| handling.as_mut().poll(cx))
+            .wait_upstream(guard, |cx| handling.as_mut().poll(cx))
             .await
         else {
+            // A timeout expired, or the client left: dropping the exchange ends it upstream.
             return Ok(Served::Closed);
         };
         let close = !head.keep_alive || guard.draining();
@@ -233,6 +234,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         &mut self,
         guard: &mut Guard<'_>,
         in_request: bool,
+        op: impl FnMut(&mut S, &mut BytesMut, &mut BytesMut, &mut Context<'_>) -> Poll<T>,
+    ) -> Option<T> {
+        self.drive_watching(guard, in_request, false, op).await
+    }
+
+    /// Runs `op`, something that waits on the upstream (the response head, or more of its
+    /// body), as [`Conn::drive`] does, and once the request body is in, watches the client's
+    /// socket meanwhile: `None` also when the client closed or reset its connection (see
+    /// [`client_left`]). Watching costs no system call while the client sends nothing: the
+    /// socket is only read once the reactor has seen it become readable again.
+    async fn wait_upstream<T>(
+        &mut self,
+        guard: &mut Guard<'_>,
+        mut op: impl FnMut(&mut Context<'_>) -> Poll<T>,
+    ) -> Option<T> {
+        self.drive_watching(guard, true, true, |_, _, _, cx| op(cx))
+            .await
+    }
+
+    /// [`Conn::drive`], watching the client's socket too if `watch_client`.
+    async fn drive_watching<T>(
+        &mut self,
+        guard: &mut Guard<'_>,
+        in_request: bool,
+        watch_client: bool,
         mut op: impl FnMut(&mut S, &mut BytesMut, &mut BytesMut, &mut Context<'_>) -> Poll<T>,
     ) -> Option<T> {
         poll_fn(|cx| {
@@ -248,6 +274,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 if !fed {
                     break;
                 }
+            }
+            // While the request body still arrives, its reader notices a client that leaves.
+            if watch_client
+                && self.pump.as_ref().is_none_or(|p| p.complete)
+                && client_left(&mut self.io, &mut self.rbuf, cx)
+            {
+                return Poll::Ready(None);
             }
             while let Poll::Ready(event) = guard.poll_event(cx) {
                 match event {
@@ -402,9 +435,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         };
         let chunked = framing.send_body && framing.body == BodyLength::Chunked;
         let mut trailers_sent = false;
-        // Once the request body is in, nothing else reads the client's socket during the
-        // response: watch it while the body waits on the upstream.
-        let watch_client = self.pump.as_ref().is_none_or(|p| p.complete);
         loop {
             let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
                 Poll::Ready(frame) => frame,
@@ -414,17 +444,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                         return Ok(None);
                     }
                     let waited = self
-                        .drive(guard, true, |io, _, rbuf, cx| {
-                            if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
-                                return Poll::Ready(Some(frame));
-                            }
-                            if watch_client && client_left(io, rbuf, cx) {
-                                return Poll::Ready(None);
-                            }
-                            Poll::Pending
-                        })
+                        .wait_upstream(guard, |cx| Pin::new(&mut body).poll_frame(cx))
                         .await;
-                    let Some(Some(frame)) = waited else {
+                    let Some(frame) = waited else {
                         // A timeout expired, or the client left: the upstream exchange ends
                         // now (dropping the body closes its connection), not whenever the
                         // upstream sends again.
