@@ -1,6 +1,6 @@
 //! The HTTP/2 server side, end to end with a raw `h2` client: what a client sees when it
-//! resets a stream, sends a body its `content-length` contradicts, leaves a connection idle,
-//! or gets an answer canaryd makes itself.
+//! resets a stream, closes its connection, sends a body its `content-length` contradicts,
+//! leaves a connection idle, or gets an answer canaryd makes itself.
 
 mod common;
 
@@ -109,6 +109,45 @@ async fn a_stream_the_client_resets_ends_its_upstream_request_and_the_connection
         0.0,
         "a client's reset is not the arm's failure"
     );
+}
+
+#[tokio::test]
+async fn a_client_that_closes_its_connection_ends_the_requests_it_left_waiting() {
+    let stable = FakeUpstream::builder("stable")
+        .on_path("/slow", 200, Duration::from_secs(60))
+        .start()
+        .await;
+    let proxy = proxy_to(&stable.url(), &[("request_timeout", "120s")]).await;
+    let (mut send, conn) = h2c(proxy.addr()).await;
+    let waiting: Vec<_> = (0..3)
+        .map(|_| send.send_request(get("/slow"), true).expect("send").0)
+        .collect();
+    poll_until(
+        Duration::from_secs(10),
+        "the requests to be in flight",
+        || async { (stable.requests() == 3 && in_flight(&proxy).await == 3.0).then_some(()) },
+    )
+    .await;
+
+    // The connection's task owns the socket: ending it closes the connection, with no
+    // GOAWAY and no reset (the streams' handles live on, so none is reset). canaryd drops
+    // every request that was waiting on it, long before the upstream's 60 s (or
+    // request_timeout) are up.
+    conn.abort();
+    assert!(conn.await.is_err_and(|e| e.is_cancelled()));
+    poll_until(
+        Duration::from_secs(10),
+        "the abandoned requests to end",
+        || async { (in_flight(&proxy).await == 0.0).then_some(()) },
+    )
+    .await;
+    let m = proxy.admin_client().metrics().await;
+    assert_eq!(
+        m.sum("canaryd_upstream_failures_total", &[("upstream", "stable")]),
+        0.0,
+        "a client that leaves is not the arm's failure"
+    );
+    drop(waiting);
 }
 
 #[tokio::test]
