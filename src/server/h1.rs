@@ -275,7 +275,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     break;
                 }
             }
-            // While the request body still arrives, its reader notices a client that leaves.
+            // Only once the request body is in: until then, the body's reader (the pump above)
+            // notices a client that leaves.
             if watch_client
                 && self.pump.as_ref().is_none_or(|p| p.complete)
                 && client_left(&mut self.io, &mut self.rbuf, cx)
