@@ -72,62 +72,63 @@ async fn in_flight(proxy: &Proxy) -> f64 {
         .sum("canaryd_requests_in_flight", &[])
 }
 
-#[tokio::test]
-async fn a_stream_the_client_resets_ends_its_upstream_request_and_the_connection_goes_on() {
-    let stable = FakeUpstream::builder("stable")
+/// `stable`, answering `/slow` after 60 s and anything else at once.
+async fn slow_upstream() -> FakeUpstream {
+    FakeUpstream::builder("stable")
         .on_path("/slow", 200, Duration::from_secs(60))
         .start()
-        .await;
+        .await
+}
+
+/// Waits (at most 10 s) until `n` requests are in flight and `stable` has received `received`.
+async fn until_in_flight(proxy: &Proxy, stable: &FakeUpstream, n: usize, received: usize) {
+    let what = format!("{n} requests in flight, {received} received upstream");
+    poll_until(Duration::from_secs(10), &what, || async {
+        (stable.requests() == received && in_flight(proxy).await == n as f64).then_some(())
+    })
+    .await;
+}
+
+/// `stable` was never counted as failing: what the client did is not the arm's failure.
+async fn assert_no_failure_of_stable(proxy: &Proxy, why: &str) {
+    let m = proxy.admin_client().metrics().await;
+    assert_eq!(
+        m.sum("canaryd_upstream_failures_total", &[("upstream", "stable")]),
+        0.0,
+        "{why}"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_the_client_resets_ends_its_upstream_request_and_the_connection_goes_on() {
+    let stable = slow_upstream().await;
     let proxy = proxy_to(&stable.url(), &[]).await;
     let (mut send, _conn) = h2c(proxy.addr()).await;
     let (slow, _) = send.send_request(get("/slow"), true).expect("send");
-    poll_until(
-        Duration::from_secs(10),
-        "the request to be in flight",
-        || async { (stable.requests() == 1 && in_flight(&proxy).await == 1.0).then_some(()) },
-    )
-    .await;
+    until_in_flight(&proxy, &stable, 1, 1).await;
 
     // Dropping the response future resets the stream (RST_STREAM CANCEL): canaryd drops the
     // request and its upstream exchange long before the upstream's 60 s are up.
     drop(slow);
-    poll_until(
-        Duration::from_secs(10),
-        "the reset request to end",
-        || async { (in_flight(&proxy).await == 0.0).then_some(()) },
-    )
-    .await;
+    until_in_flight(&proxy, &stable, 0, 1).await;
 
     // The connection serves on.
     let mut send = send.ready().await.expect("connection still open");
     let resp = fetch(&mut send, "/fast").await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(read_body(resp.into_body()).await, "stable");
-    let m = proxy.admin_client().metrics().await;
-    assert_eq!(
-        m.sum("canaryd_upstream_failures_total", &[("upstream", "stable")]),
-        0.0,
-        "a client's reset is not the arm's failure"
-    );
+    assert_no_failure_of_stable(&proxy, "a client's reset is not the arm's failure").await;
 }
 
 #[tokio::test]
 async fn a_client_that_closes_its_connection_ends_the_requests_it_left_waiting() {
-    let stable = FakeUpstream::builder("stable")
-        .on_path("/slow", 200, Duration::from_secs(60))
-        .start()
-        .await;
+    let stable = slow_upstream().await;
     let proxy = proxy_to(&stable.url(), &[("request_timeout", "120s")]).await;
     let (mut send, conn) = h2c(proxy.addr()).await;
     let waiting: Vec<_> = (0..3)
         .map(|_| send.send_request(get("/slow"), true).expect("send").0)
         .collect();
-    poll_until(
-        Duration::from_secs(10),
-        "the requests to be in flight",
-        || async { (stable.requests() == 3 && in_flight(&proxy).await == 3.0).then_some(()) },
-    )
-    .await;
+    until_in_flight(&proxy, &stable, 3, 3).await;
 
     // The connection's task owns the socket: ending it closes the connection, with no
     // GOAWAY and no reset (the streams' handles live on, so none is reset). canaryd drops
@@ -135,18 +136,8 @@ async fn a_client_that_closes_its_connection_ends_the_requests_it_left_waiting()
     // request_timeout) are up.
     conn.abort();
     assert!(conn.await.is_err_and(|e| e.is_cancelled()));
-    poll_until(
-        Duration::from_secs(10),
-        "the abandoned requests to end",
-        || async { (in_flight(&proxy).await == 0.0).then_some(()) },
-    )
-    .await;
-    let m = proxy.admin_client().metrics().await;
-    assert_eq!(
-        m.sum("canaryd_upstream_failures_total", &[("upstream", "stable")]),
-        0.0,
-        "a client that leaves is not the arm's failure"
-    );
+    until_in_flight(&proxy, &stable, 0, 3).await;
+    assert_no_failure_of_stable(&proxy, "a client that leaves is not the arm's failure").await;
     drop(waiting);
 }
 
@@ -179,20 +170,20 @@ async fn a_body_longer_than_its_content_length_is_the_clients_fault_not_the_arms
     if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(10), resp).await {
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     }
-    let m = poll_until(
+    poll_until(
         Duration::from_secs(10),
         "the client error to count",
         || async {
             let m = proxy.admin_client().metrics().await;
-            (m.sum("canaryd_client_errors_total", &[("kind", "body")]) == 1.0).then_some(m)
+            (m.sum("canaryd_client_errors_total", &[("kind", "body")]) == 1.0).then_some(())
         },
     )
     .await;
-    assert_eq!(
-        m.sum("canaryd_upstream_failures_total", &[("upstream", "stable")]),
-        0.0,
-        "the client's malformed body is not the arm's failure"
-    );
+    assert_no_failure_of_stable(
+        &proxy,
+        "the client's malformed body is not the arm's failure",
+    )
+    .await;
     assert_eq!(in_flight(&proxy).await, 0.0);
 }
 
